@@ -1,0 +1,52 @@
+"""Registry events on a Redis stream: the registry publishes, gateways and workers follow.
+
+Events are hints to refresh caches and reconcile deployments; followers must still work
+after missing some (the stream is trimmed), so they also refresh periodically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from services.common import keys
+
+MAX_EVENTS = 10_000
+"""Approximate length the events stream is trimmed to (events are hints, not requests)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One registry event."""
+
+    id: str
+    kind: str
+    """model_created, model_deleted, version_uploaded, deployed or undeployed."""
+    model: str
+
+
+async def publish(redis: aioredis.Redis, kind: str, model: str) -> None:
+    """Append an event to the events stream."""
+    await redis.xadd(keys.EVENTS, {"kind": kind, "model": model}, maxlen=MAX_EVENTS, approximate=True)
+
+
+async def follow(redis: aioredis.Redis, *, block_ms: int = 1000) -> AsyncIterator[Event]:
+    """Yield events published from now on; the caller owns retries on Redis errors.
+
+    Args:
+        redis: Client whose socket timeout exceeds ``block_ms``.
+        block_ms: How long one XREAD blocks (the loop then checks for cancellation).
+    """
+    last_id = "$"
+    while True:
+        batches = await redis.xread({keys.EVENTS: last_id}, block=block_ms, count=100)
+        for _stream, entries in batches or []:
+            for entry_id, fields in entries:
+                last_id = entry_id.decode()
+                yield Event(
+                    id=last_id,
+                    kind=fields.get(b"kind", b"").decode(),
+                    model=fields.get(b"model", b"").decode(),
+                )

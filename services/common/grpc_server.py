@@ -1,0 +1,145 @@
+"""Server bootstrap shared by every service: interceptors, health, reflection, metrics, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.common.interceptors import ErrorInterceptor, RequestContextInterceptor
+from services.common.settings import ServiceSettings
+
+log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""Largest gRPC message accepted or sent (tensors and artifact chunks)."""
+
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class GrpcServer:
+    """A started-or-not gRPC server with its health servicer and bound port."""
+
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    port: int
+    service_names: Sequence[str]
+    metrics_port: int | None = None
+    _metrics_httpd: Any = field(default=None, repr=False)
+
+    async def set_serving(self, is_serving: bool) -> None:
+        """Report SERVING (or NOT_SERVING) for the server and each of its services."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if is_serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+
+def create_grpc_server(
+    settings: ServiceSettings,
+    service_names: Sequence[str],
+    add_servicers: Callable[[grpc.aio.Server], None],
+) -> GrpcServer:
+    """Build a ``grpc.aio`` server with MaaS interceptors, health and reflection, and bind it.
+
+    Args:
+        settings: Host and port to bind (port 0 picks a free one).
+        service_names: Full names of the services ``add_servicers`` registers.
+        add_servicers: Registers the service's servicers on the server.
+
+    Returns:
+        The server (not started) with its health servicer and the bound port.
+    """
+    server = grpc.aio.server(
+        interceptors=[RequestContextInterceptor(), ErrorInterceptor()], options=_SERVER_OPTIONS
+    )
+    add_servicers(server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    return GrpcServer(server=server, health=health, port=port, service_names=list(service_names))
+
+
+def start_metrics(handle: GrpcServer, settings: ServiceSettings) -> None:
+    """Start the Prometheus HTTP endpoint if ``settings.metrics_port`` is set."""
+    if settings.metrics_port is None:
+        return
+    httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host)
+    handle._metrics_httpd = httpd
+    handle.metrics_port = int(httpd.server_port)
+
+
+async def stop_metrics(handle: GrpcServer) -> None:
+    """Stop the Prometheus HTTP endpoint if it runs."""
+    if handle._metrics_httpd is not None:
+        await asyncio.get_running_loop().run_in_executor(None, handle._metrics_httpd.shutdown)
+        handle._metrics_httpd.server_close()
+
+
+def write_ready_file(path: Path, handle: GrpcServer, **extra: object) -> None:
+    """Atomically write the bound ports (and ``extra``) as JSON, for supervisors and tests."""
+    payload = {"port": handle.port, "metrics_port": handle.metrics_port, "pid": os.getpid(), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
+
+
+def stop_signal_event() -> asyncio.Event:
+    """Return an event set on SIGTERM or SIGINT (Python as PID 1 needs explicit handlers)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_until_signal(
+    handle: GrpcServer,
+    settings: ServiceSettings,
+    *,
+    service: str,
+    before_stop: Callable[[], Awaitable[None]] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down in the documented order.
+
+    Health goes SERVING once the server has started; on a signal it goes NOT_SERVING, then
+    ``before_stop`` runs (drain), then the server stops with ``settings.shutdown_grace_s``.
+    """
+    stop = stop or stop_signal_event()
+    await handle.server.start()
+    start_metrics(handle, settings)
+    await handle.set_serving(True)
+    if settings.ready_file is not None:
+        write_ready_file(settings.ready_file, handle)
+    log.info("server_started", service=service, port=handle.port, metrics_port=handle.metrics_port)
+    await stop.wait()
+    log.info("server_stopping", service=service, grace_s=settings.shutdown_grace_s)
+    await handle.set_serving(False)
+    if before_stop is not None:
+        await before_stop()
+    await handle.server.stop(settings.shutdown_grace_s)
+    await stop_metrics(handle)
+    log.info("server_stopped", service=service)

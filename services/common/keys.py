@@ -1,0 +1,50 @@
+"""Every Redis key and stream name used by MaaS, under one versioned prefix.
+
+Model names are restricted to ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}`` (registry), so a name
+can never contain the ``:`` separator.
+"""
+
+from __future__ import annotations
+
+PREFIX = "maas:v1:"
+
+MODELS = f"{PREFIX}models"
+"""Sorted set of model names (score: creation time in ms)."""
+DEPLOYMENTS = f"{PREFIX}deployments"
+"""Hash: model name -> deployment JSON (the desired state)."""
+EVENTS = f"{PREFIX}events"
+"""Stream of registry events (model created, version uploaded, deployed, ...)."""
+QUEUE_GROUP = "workers"
+"""Consumer group every inference worker of a queue reads through."""
+WORKER_PREFIX = f"{PREFIX}worker:"
+"""Prefix of worker heartbeat keys."""
+
+
+def model(name: str) -> str:
+    """Hash of one model's fields."""
+    return f"{PREFIX}model:{name}"
+
+
+def versions(name: str) -> str:
+    """Hash: version number -> version JSON, for one model."""
+    return f"{PREFIX}model:{name}:versions"
+
+
+def queue(name: str, version: int) -> str:
+    """Request stream of one model version."""
+    return f"{PREFIX}queue:{name}:{version}"
+
+
+def dead_letter(name: str, version: int) -> str:
+    """Dead-letter stream of one model version (poison requests)."""
+    return f"{PREFIX}dlq:{name}:{version}"
+
+
+def replies(gateway_id: str) -> str:
+    """Reply stream of one gateway process."""
+    return f"{PREFIX}replies:{gateway_id}"
+
+
+def worker(worker_id: str) -> str:
+    """Heartbeat key of one inference worker (expires when the worker stops beating)."""
+    return f"{WORKER_PREFIX}{worker_id}"

@@ -1,0 +1,33 @@
+"""Settings shared by every service; each service subclasses ``ServiceSettings``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """What every MaaS server needs: where to listen, Redis, logging and shutdown."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds."""
+    port: int = 0
+    """gRPC port; 0 picks a free one (reported in the log and the ready file)."""
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="maas_redis_url")
+    """Redis URL, shared by all services (env ``MAAS_REDIS_URL``)."""
+    redis_timeout_s: float = 5.0
+    """Timeout of one Redis command (blocking reads add their block time)."""
+    log_json: bool = True
+    """JSON log lines (False: human-readable console lines)."""
+    log_level: str = "info"
+    """Lowest level logged: debug, info, warning, error."""
+    shutdown_grace_s: float = 10.0
+    """How long in-flight RPCs may run after SIGTERM before they are cancelled."""
+    metrics_port: int | None = None
+    """Port of the Prometheus metrics HTTP endpoint; 0 picks a free one, unset disables it."""
+    ready_file: Path | None = None
+    """If set, a JSON file with the bound ports, written once the server is SERVING."""

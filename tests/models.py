@@ -1,0 +1,45 @@
+"""Tiny ONNX models the tests build with onnx.helper (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+
+def _finish(graph: onnx.GraphProto, opset: int = 13) -> bytes:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def affine_model(width: int = 4, scale: float = 2.0, bias: float = 1.0) -> bytes:
+    """y = scale * x + bias on FP32 [-1, width] (input "x", output "y")."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
+    nodes = [
+        helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "bias"], ["y"]),
+    ]
+    inits = [
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
+        helper.make_tensor("bias", TensorProto.FLOAT, [], [bias]),
+    ]
+    return _finish(helper.make_graph(nodes, "affine", [x], [y], inits))
+
+
+def two_io_model() -> bytes:
+    """sum = a + b (INT64 [-1, 3]) and prod = a * b, plus neg = -c (FP64 [2])."""
+    a = helper.make_tensor_value_info("a", TensorProto.INT64, ["batch", 3])
+    b = helper.make_tensor_value_info("b", TensorProto.INT64, ["batch", 3])
+    s = helper.make_tensor_value_info("sum", TensorProto.INT64, ["batch", 3])
+    p = helper.make_tensor_value_info("prod", TensorProto.INT64, ["batch", 3])
+    nodes = [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Mul", ["a", "b"], ["prod"])]
+    return _finish(helper.make_graph(nodes, "two_io", [a, b], [s, p]))
+
+
+def identity_model(elem_type: int, shape: list[int | str]) -> bytes:
+    """out = Identity(inp) for any element type and shape."""
+    inp = helper.make_tensor_value_info("inp", elem_type, shape)
+    out = helper.make_tensor_value_info("out", elem_type, shape)
+    return _finish(helper.make_graph([helper.make_node("Identity", ["inp"], ["out"])], "ident", [inp], [out]))
