@@ -1,0 +1,103 @@
+"""Domain records of the registry (models, versions, deployments), shared by every service.
+
+They are stored in Redis as JSON by the registry and travel as ``maas.registry.v1`` messages;
+conversion to and from protobuf lives in the registry's convert.py and in registry_client.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""Valid model names: 1-64 of letters, digits, '.', '_', '-', starting with a letter or digit."""
+PLATFORM = "onnxruntime_onnx"
+
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_WAIT_MS = 2
+DEFAULT_POOL = "default"
+DEFAULT_MAX_QUEUE_LENGTH = 1000
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor of a model's signature; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def is_batchable(self) -> bool:
+        """Whether the first dimension is variable (requests can be stacked along it)."""
+        return len(self.shape) > 0 and self.shape[0] == -1
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One immutable uploaded artifact of a model."""
+
+    model: str
+    version: int
+    sha256: str
+    size_bytes: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    created_at_ms: int
+    platform: str = PLATFORM
+
+    @property
+    def is_batchable(self) -> bool:
+        """Whether every input and output has a variable first dimension."""
+        return all(t.is_batchable for t in (*self.inputs, *self.outputs))
+
+    def to_json(self) -> str:
+        """Serialize for storage."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> VersionRecord:
+        """Deserialize what ``to_json`` wrote."""
+        data: dict[str, Any] = json.loads(raw)
+        data["inputs"] = tuple(_spec(t) for t in data["inputs"])
+        data["outputs"] = tuple(_spec(t) for t in data["outputs"])
+        return cls(**data)
+
+
+def _spec(data: dict[str, Any]) -> TensorSpec:
+    return TensorSpec(name=data["name"], datatype=data["datatype"], shape=tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    """The desired serving state of one model: which version, how to batch, which pool."""
+
+    model: str
+    version: int
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_wait_ms: int = DEFAULT_MAX_WAIT_MS
+    pool: str = DEFAULT_POOL
+    max_queue_length: int = DEFAULT_MAX_QUEUE_LENGTH
+    updated_at_ms: int = 0
+
+    def to_json(self) -> str:
+        """Serialize for storage."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> DeploymentRecord:
+        """Deserialize what ``to_json`` wrote."""
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A named series of versions, with its current deployment if any."""
+
+    name: str
+    description: str = ""
+    latest_version: int = 0
+    created_at_ms: int = 0
+    deployment: DeploymentRecord | None = field(default=None)
