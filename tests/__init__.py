@@ -1,0 +1,1 @@
+"""MaaS test suite."""

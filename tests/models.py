@@ -14,7 +14,7 @@ def _finish(graph: onnx.GraphProto, opset: int = 13) -> bytes:
 
 
 def affine_model(width: int = 4, scale: float = 2.0, bias: float = 1.0) -> bytes:
-    """y = scale * x + bias on FP32 [-1, width] (input "x", output "y")."""
+    """Y = scale * x + bias on FP32 [-1, width] (input "x", output "y")."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
     nodes = [
@@ -29,7 +29,7 @@ def affine_model(width: int = 4, scale: float = 2.0, bias: float = 1.0) -> bytes
 
 
 def two_io_model() -> bytes:
-    """sum = a + b (INT64 [-1, 3]) and prod = a * b, plus neg = -c (FP64 [2])."""
+    """Sum = a + b (INT64 [-1, 3]) and prod = a * b, plus neg = -c (FP64 [2])."""
     a = helper.make_tensor_value_info("a", TensorProto.INT64, ["batch", 3])
     b = helper.make_tensor_value_info("b", TensorProto.INT64, ["batch", 3])
     s = helper.make_tensor_value_info("sum", TensorProto.INT64, ["batch", 3])
@@ -39,7 +39,7 @@ def two_io_model() -> bytes:
 
 
 def identity_model(elem_type: int, shape: list[int | str]) -> bytes:
-    """out = Identity(inp) for any element type and shape."""
+    """Out = Identity(inp) for any element type and shape."""
     inp = helper.make_tensor_value_info("inp", elem_type, shape)
     out = helper.make_tensor_value_info("out", elem_type, shape)
     return _finish(helper.make_graph([helper.make_node("Identity", ["inp"], ["out"])], "ident", [inp], [out]))

@@ -1,0 +1,1 @@
+"""Code two or more services use: settings, logging, errors, Redis, protocol codecs."""

@@ -11,6 +11,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -82,7 +83,8 @@ def from_ort(ort_type: str) -> DataType:
     try:
         return _BY_ORT[ort_type]
     except KeyError:
-        raise InvalidArgument(f"ONNX type {ort_type} is not supported; expected tensors of {SUPPORTED}") from None
+        message = f"ONNX type {ort_type} is not supported; expected tensors of {SUPPORTED}"
+        raise InvalidArgument(message) from None
 
 
 def from_onnx(elem_type: int) -> DataType:
@@ -169,7 +171,7 @@ def encode_raw(array: npt.NDArray[np.generic]) -> bytes:
     if array.dtype.kind in "OSU":
         parts: list[bytes] = []
         for item in array.reshape(-1):
-            data = item.encode() if isinstance(item, str) else bytes(item)
+            data = item.encode() if isinstance(item, str) else bytes(cast(bytes, item))
             parts.append(_LENGTH.pack(len(data)))
             parts.append(data)
         return b"".join(parts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -41,7 +42,7 @@ async def follow(redis: aioredis.Redis, *, block_ms: int = 1000) -> AsyncIterato
     """
     last_id = "$"
     while True:
-        batches = await redis.xread({keys.EVENTS: last_id}, block=block_ms, count=100)
+        batches: Any = await redis.xread({keys.EVENTS: last_id}, block=block_ms, count=100)
         for _stream, entries in batches or []:
             for entry_id, fields in entries:
                 last_id = entry_id.decode()

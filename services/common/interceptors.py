@@ -72,7 +72,7 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException 
         return "CANCELLED"
     code = context.code()
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return str(code.name)
     return "UNKNOWN"
 
 

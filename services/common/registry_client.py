@@ -116,9 +116,25 @@ class RegistryClient:
         reply = await self._call(self._stub.ListVersions, registry_pb2.ListVersionsRequest(model=model))
         return [version_from_proto(v) for v in reply.versions]
 
-    async def deploy(self, model: str, version: int = 0, **options: int | str) -> DeploymentRecord:
-        """Deploy a version (0: the latest); options: max_batch_size, max_wait_ms, pool, max_queue_length."""
-        req = registry_pb2.DeployRequest(model=model, version=version, **options)
+    async def deploy(
+        self,
+        model: str,
+        version: int = 0,
+        *,
+        max_batch_size: int | None = None,
+        max_wait_ms: int | None = None,
+        pool: str | None = None,
+        max_queue_length: int | None = None,
+    ) -> DeploymentRecord:
+        """Deploy a version (0: the latest); unset options take the registry's defaults."""
+        req = registry_pb2.DeployRequest(
+            model=model,
+            version=version,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            pool=pool,
+            max_queue_length=max_queue_length,
+        )
         return deployment_from_proto((await self._call(self._stub.Deploy, req)).deployment)
 
     async def undeploy(self, model: str) -> None:
@@ -167,7 +183,8 @@ class RegistryClient:
         except grpc.aio.AioRpcError as exc:
             raise map_rpc_error(exc, "registry") from exc
         if record is None or digest.hexdigest() != record.sha256:
-            raise InvalidArgument(f"download of model '{model}' version {version} is corrupt (sha256 mismatch)")
+            message = f"download of model '{model}' version {version} is corrupt (sha256 mismatch)"
+            raise InvalidArgument(message)
         await asyncio.get_running_loop().run_in_executor(None, _write_atomic, dest, b"".join(chunks))
         return record
 

@@ -1,0 +1,1 @@
+"""Integration tests: real Redis, real gRPC servers, real processes."""
