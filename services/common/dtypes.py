@@ -160,9 +160,7 @@ def decode_bytes(raw: bytes, count: int, *, name: str) -> npt.NDArray[np.object_
         out[i] = raw[offset : offset + length]
         offset += length
     if offset != len(raw):
-        raise InvalidArgument(
-            f"input '{name}': BYTES contents have {len(raw) - offset} bytes after {count} elements"
-        )
+        raise InvalidArgument(f"input '{name}': BYTES contents have {len(raw) - offset} bytes after {count} elements")
     return out
 
 

@@ -46,11 +46,7 @@ class GrpcServer:
 
     async def set_serving(self, is_serving: bool) -> None:
         """Report SERVING (or NOT_SERVING) for the server and each of its services."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if is_serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -70,9 +66,7 @@ def create_grpc_server(
     Returns:
         The server (not started) with its health servicer and the bound port.
     """
-    server = grpc.aio.server(
-        interceptors=[RequestContextInterceptor(), ErrorInterceptor()], options=_SERVER_OPTIONS
-    )
+    server = grpc.aio.server(interceptors=[RequestContextInterceptor(), ErrorInterceptor()], options=_SERVER_OPTIONS)
     add_servicers(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
