@@ -1,0 +1,149 @@
+"""Pure conversions between the KServe v2 messages and the gateway's domain types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from inference import grpc_service_pb2 as pb
+from inference import model_config_pb2 as mc
+from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
+from services.gateway.router import InferCall, InputView, ModelStats
+
+SERVER_NAME = "maas"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _content_count(tensor: pb.ModelInferRequest.InferInputTensor) -> int | None:
+    if not tensor.HasField("contents"):
+        return None
+    field = _CONTENTS_FIELD.get(tensor.datatype)
+    return len(getattr(tensor.contents, field)) if field else 0
+
+
+def infer_call(request: pb.ModelInferRequest) -> InferCall:
+    """Extract what the router validates; the serialized request travels on untouched."""
+    raw = request.raw_input_contents
+    inputs = tuple(
+        InputView(
+            name=tensor.name,
+            datatype=tensor.datatype,
+            shape=tuple(tensor.shape),
+            raw_bytes=len(raw[i]) if i < len(raw) else None,
+            content_count=None if i < len(raw) else _content_count(tensor),
+        )
+        for i, tensor in enumerate(request.inputs)
+    )
+    return InferCall(
+        model=request.model_name,
+        version=request.model_version,
+        inputs=inputs,
+        outputs=tuple(output.name for output in request.outputs),
+        raw_count=len(raw),
+        payload=request.SerializeToString(),
+    )
+
+
+def infer_response(payload: bytes) -> pb.ModelInferResponse:
+    """Parse a worker's serialized response."""
+    response = pb.ModelInferResponse()
+    response.ParseFromString(payload)
+    return response
+
+
+def _tensor_metadata(specs: Iterable[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
+
+
+def model_metadata(model: ModelRecord, version: VersionRecord) -> pb.ModelMetadataResponse:
+    """Describe a model version's signature."""
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=[str(version.version)],
+        platform=version.platform,
+        inputs=_tensor_metadata(version.inputs),
+        outputs=_tensor_metadata(version.outputs),
+    )
+
+
+def server_metadata() -> pb.ServerMetadataResponse:
+    """Describe this server."""
+    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+
+def _data_type(datatype: str) -> int:
+    return int(mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"))
+
+
+def _dims(spec: TensorSpec, batched: bool) -> list[int]:
+    return list(spec.shape[1:] if batched else spec.shape)
+
+
+def model_config(version: VersionRecord, deployment: DeploymentRecord | None) -> pb.ModelConfigResponse:
+    """Describe a version as a Triton model configuration (batch dimension excluded when batched)."""
+    max_batch = deployment.max_batch_size if deployment and version.is_batchable else 0
+    config = mc.ModelConfig(
+        name=version.model,
+        platform=version.platform,
+        backend="onnxruntime",
+        max_batch_size=max_batch,
+        input=[
+            mc.ModelInput(name=s.name, data_type=_data_type(s.datatype), dims=_dims(s, max_batch > 0))
+            for s in version.inputs
+        ],
+        output=[
+            mc.ModelOutput(name=s.name, data_type=_data_type(s.datatype), dims=_dims(s, max_batch > 0))
+            for s in version.outputs
+        ],
+    )
+    if max_batch > 0 and deployment is not None:
+        config.dynamic_batching.max_queue_delay_microseconds = deployment.max_wait_ms * 1000
+    return pb.ModelConfigResponse(config=config)
+
+
+def model_statistics(stats: dict[tuple[str, int], ModelStats]) -> pb.ModelStatisticsResponse:
+    """Report this gateway's cumulative statistics."""
+    response = pb.ModelStatisticsResponse()
+    for (name, version), item in sorted(stats.items()):
+        entry = response.model_stats.add(
+            name=name,
+            version=str(version),
+            last_inference=item.last_inference_ms,
+            inference_count=item.success,
+            execution_count=item.success,
+        )
+        entry.inference_stats.success.count = item.success
+        entry.inference_stats.success.ns = item.success_ns
+        entry.inference_stats.fail.count = item.fail
+        entry.inference_stats.fail.ns = item.fail_ns
+    return response
+
+
+def repository_index(models: Iterable[ModelRecord]) -> pb.RepositoryIndexResponse:
+    """List models with their deployed version and state."""
+    return pb.RepositoryIndexResponse(
+        models=[
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=m.name,
+                version=str(m.deployment.version) if m.deployment else "",
+                state="READY" if m.deployment else "UNAVAILABLE",
+                reason="" if m.deployment else "not deployed",
+            )
+            for m in models
+        ]
+    )

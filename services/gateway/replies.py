@@ -1,0 +1,129 @@
+"""The gateway's reply stream: one reader resolves every waiting call by its id."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from services.common.queue import MalformedEntry, Reply
+
+log = structlog.get_logger(__name__)
+
+_MAX_BACKOFF_S = 5.0
+
+
+class ReplyReader:
+    """Owns this gateway's reply stream: keeps it alive and routes replies to waiting calls.
+
+    A reply whose call is no longer waiting (late or duplicate) is dropped: each client gets
+    at most one reply.
+    """
+
+    def __init__(self, redis: aioredis.Redis, stream: str, *, ttl_s: float, block_ms: int) -> None:
+        self.stream = stream
+        self._redis = redis
+        self._ttl_s = ttl_s
+        self._block_ms = block_ms
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._last_id = "0-0"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Number of calls waiting for a reply."""
+        return len(self._waiting)
+
+    async def start(self) -> None:
+        """Create the stream and start the reader and keep-alive tasks."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        await self._create_stream()
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name="reply-reader"),
+            asyncio.create_task(self._keepalive_loop(), name="reply-keepalive"),
+        ]
+
+    async def stop(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for in-flight calls, then stop and delete the stream."""
+        if self._idle is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self._redis.delete(self.stream)
+        except redis.exceptions.RedisError as exc:
+            log.warning("reply_stream_delete_failed", error=str(exc))
+
+    def expect(self, call_id: str) -> asyncio.Future[Reply]:
+        """Register a call before its request is enqueued; await the returned future."""
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[call_id] = future
+        if self._idle is not None:
+            self._idle.clear()
+        return future
+
+    def forget(self, call_id: str) -> None:
+        """Stop waiting for a call (answered, timed out or cancelled)."""
+        self._waiting.pop(call_id, None)
+        if not self._waiting and self._idle is not None:
+            self._idle.set()
+
+    async def _create_stream(self) -> None:
+        # An empty stream key must exist so workers' XADD NOMKSTREAM can reach it.
+        entry_id = await self._redis.xadd(self.stream, {"hello": "1"})
+        await self._redis.xdel(self.stream, entry_id)
+        await self._redis.expire(self.stream, int(self._ttl_s))
+        self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_s / 3)
+            try:
+                if not await self._redis.expire(self.stream, int(self._ttl_s)):
+                    await self._create_stream()
+            except redis.exceptions.RedisError as exc:
+                log.warning("reply_stream_keepalive_failed", error=str(exc))
+
+    async def _read_loop(self) -> None:
+        backoff_s = 0.1
+        while True:
+            try:
+                await self._read_once()
+                backoff_s = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a supervised loop: log, back off, go on
+                log.warning("reply_reader_failed", error=str(exc), retry_in_s=backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+
+    async def _read_once(self) -> None:
+        batches: Any = await self._redis.xread({self.stream: self._last_id}, block=self._block_ms, count=512)
+        ids: list[bytes] = []
+        for _stream, entries in batches or []:
+            for entry_id, fields in entries:
+                ids.append(entry_id)
+                self._last_id = entry_id.decode()
+                self._resolve(fields)
+        if ids:
+            await self._redis.xdel(self.stream, *ids)
+
+    def _resolve(self, fields: dict[bytes, bytes]) -> None:
+        try:
+            reply = Reply.from_fields(fields)
+        except MalformedEntry as exc:
+            log.warning("reply_malformed", error=str(exc))
+            return
+        future = self._waiting.pop(reply.id, None)
+        if future is None or future.done():
+            log.debug("reply_dropped", call_id=reply.id)
+            return
+        future.set_result(reply)

@@ -1,0 +1,296 @@
+"""The request path: validate against the model's signature, admit, enqueue, await the reply."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common import dtypes
+from services.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    code_from_value,
+    error_for_code,
+)
+from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
+from services.common.queue import ENQUEUE_LUA, QueuedRequest, now_ms
+from services.common.redis_conn import redis_errors
+from services.gateway.clients import ModelCatalog, Target, parse_version
+from services.gateway.replies import ReplyReader
+
+log = structlog.get_logger(__name__)
+
+REQUESTS = Counter("maas_gateway_requests_total", "Inference calls by model and final code", ["model", "code"])
+LATENCY = Histogram(
+    "maas_gateway_request_duration_seconds",
+    "Inference call latency inside the gateway",
+    ["model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+IN_FLIGHT = Gauge("maas_gateway_in_flight_requests", "Calls waiting for a worker's reply")
+
+
+@dataclass(frozen=True)
+class InputView:
+    """What the gateway needs of an input tensor to validate it, without decoding its data."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw_bytes: int | None
+    """Size of its raw_input_contents entry, if raw contents are used."""
+    content_count: int | None
+    """Number of elements in its typed ``contents`` field, if that is used."""
+
+
+@dataclass(frozen=True)
+class InferCall:
+    """An inference call as the router sees it; ``payload`` is the serialized request."""
+
+    model: str
+    version: str
+    inputs: tuple[InputView, ...]
+    outputs: tuple[str, ...]
+    raw_count: int
+    payload: bytes = field(repr=False)
+
+
+@dataclass
+class ModelStats:
+    """Cumulative call statistics of one model version in this gateway."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    last_inference_ms: int = 0
+
+
+def _names(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"'{s.name}'" for s in specs)
+
+
+def _check_shape(view: InputView, spec: TensorSpec) -> None:
+    expected = list(spec.shape)
+    if len(view.shape) != len(spec.shape):
+        raise InvalidArgument(
+            f"input '{view.name}': shape {list(view.shape)} has rank {len(view.shape)}, "
+            f"expected rank {len(spec.shape)} (model shape {expected})"
+        )
+    for axis, (got, want) in enumerate(zip(view.shape, spec.shape, strict=True)):
+        if got < 0:
+            raise InvalidArgument(f"input '{view.name}': dimension {axis} is {got}, expected a size >= 0")
+        if want >= 0 and got != want:
+            raise InvalidArgument(
+                f"input '{view.name}': dimension {axis} is {got}, expected {want} (model shape {expected})"
+            )
+
+
+def _check_data(view: InputView, dt: dtypes.DataType) -> None:
+    count = math.prod(view.shape)
+    if view.raw_bytes is not None:
+        if dt.itemsize is not None and view.raw_bytes != count * dt.itemsize:
+            raise InvalidArgument(
+                f"input '{view.name}': raw_input_contents has {view.raw_bytes} bytes, expected "
+                f"{count * dt.itemsize} ({count} x {dt.name} of {dt.itemsize} bytes for shape {list(view.shape)})"
+            )
+        if dt.itemsize is None and view.raw_bytes < 4 * count:
+            raise InvalidArgument(
+                f"input '{view.name}': raw_input_contents has {view.raw_bytes} bytes, too few for "
+                f"{count} length-prefixed BYTES elements"
+            )
+    elif view.content_count is not None:
+        if view.content_count != count:
+            raise InvalidArgument(
+                f"input '{view.name}': contents has {view.content_count} elements, expected {count} "
+                f"for shape {list(view.shape)}"
+            )
+    else:
+        raise InvalidArgument(f"input '{view.name}' has no data: set raw_input_contents or contents")
+
+
+def _check_input(view: InputView, spec: TensorSpec) -> None:
+    dt = dtypes.datatype(view.datatype)
+    if view.datatype != spec.datatype:
+        raise InvalidArgument(
+            f"input '{view.name}': datatype {view.datatype} does not match the model, expected {spec.datatype}"
+        )
+    _check_shape(view, spec)
+    _check_data(view, dt)
+
+
+def validate(call: InferCall, version: VersionRecord) -> None:
+    """Check a call's inputs and requested outputs against the version's signature.
+
+    Raises:
+        InvalidArgument: The first problem found, naming the tensor and what was expected.
+    """
+    if call.raw_count and call.raw_count != len(call.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {call.raw_count} entries, expected one per input ({len(call.inputs)})"
+        )
+    given = {view.name: view for view in call.inputs}
+    if len(given) != len(call.inputs):
+        raise InvalidArgument("inputs: each input name may appear only once")
+    specs = {spec.name: spec for spec in version.inputs}
+    for name in given.keys() - specs.keys():
+        raise InvalidArgument(f"unknown input '{name}': model '{call.model}' expects {_names(version.inputs)}")
+    for spec in version.inputs:
+        if spec.name not in given:
+            raise InvalidArgument(f"missing input '{spec.name}': model '{call.model}' expects {_names(version.inputs)}")
+        _check_input(given[spec.name], spec)
+    outputs = {spec.name for spec in version.outputs}
+    for name in call.outputs:
+        if name not in outputs:
+            raise InvalidArgument(f"unknown output '{name}': model '{call.model}' has {_names(version.outputs)}")
+
+
+class Router:
+    """Sends validated calls to their model version's queue and waits for the reply."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        catalog: ModelCatalog,
+        replies: ReplyReader,
+        *,
+        default_timeout_s: float,
+    ) -> None:
+        self._redis = redis
+        self._catalog = catalog
+        self._replies = replies
+        self._default_timeout_s = default_timeout_s
+        self._enqueue = redis.register_script(ENQUEUE_LUA)
+        self.stats: dict[tuple[str, int], ModelStats] = {}
+
+    async def server_ready(self) -> bool:
+        """Whether this gateway can take calls: Redis answers."""
+        try:
+            return bool(await self._redis.ping())
+        except Exception:  # any failure means not ready; readiness must never raise
+            return False
+
+    async def model_ready(self, name: str, version: str) -> bool:
+        """Whether calls to the model can be served now: deployed and loaded by a live worker."""
+        try:
+            target = await self._catalog.resolve(name, version)
+        except (NotFound, FailedPrecondition):
+            return False
+        return await self._catalog.ready_workers(name, target.version.version) > 0
+
+    async def model_metadata(self, name: str, version: str) -> tuple[ModelRecord, VersionRecord]:
+        """Return a model and the version its metadata describes."""
+        return await self._catalog.metadata_version(name, version)
+
+    async def model_config(self, name: str, version: str) -> tuple[VersionRecord, DeploymentRecord | None]:
+        """Return the version a config describes and the model's deployment, if any."""
+        model, record = await self._catalog.metadata_version(name, version)
+        return record, model.deployment
+
+    def model_statistics(self, name: str, version: str) -> dict[tuple[str, int], ModelStats]:
+        """Return this gateway's statistics, of one model (and version) if ``name`` is given."""
+        number = parse_version(name, version) if name else 0
+        return {
+            key: stats
+            for key, stats in self.stats.items()
+            if (not name or key[0] == name) and (number == 0 or key[1] == number)
+        }
+
+    async def repository_index(self) -> list[ModelRecord]:
+        """List the registry's models."""
+        return await self._catalog.list_models()
+
+    async def load(self, name: str) -> None:
+        """Deploy a model's latest version unless it is deployed already."""
+        await self._catalog.load(name)
+
+    async def unload(self, name: str) -> None:
+        """Undeploy a model."""
+        await self._catalog.unload(name)
+
+    async def infer(self, call: InferCall, time_remaining_s: float | None) -> bytes:
+        """Run one call; return the worker's serialized ``ModelInferResponse``.
+
+        Raises:
+            NotFound, FailedPrecondition, InvalidArgument: From resolution and validation.
+            ResourceExhausted: The model's queue is full.
+            DeadlineExceeded: No reply by the deadline.
+            Unavailable: Redis cannot be reached.
+        """
+        target = await self._catalog.resolve(call.model, call.version)
+        validate(call, target.version)
+        started = time.perf_counter_ns()
+        code = "OK"
+        try:
+            return await self._send(call, target, time_remaining_s)
+        except Exception as exc:
+            code = getattr(exc, "grpc_code", grpc.StatusCode.INTERNAL).name
+            raise
+        finally:
+            self._record(target, code, time.perf_counter_ns() - started)
+
+    async def _send(self, call: InferCall, target: Target, time_remaining_s: float | None) -> bytes:
+        timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
+        entry = QueuedRequest(
+            id=uuid.uuid4().hex,
+            reply_to=self._replies.stream,
+            deadline_ms=now_ms() + int(timeout_s * 1000),
+            payload=call.payload,
+            request_id=str(structlog.contextvars.get_contextvars().get("request_id", "")),
+        )
+        future = self._replies.expect(entry.id)
+        IN_FLIGHT.inc()
+        try:
+            await self._admit(target, entry)
+            reply = await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            raise await self._deadline_error(target, timeout_s) from None
+        finally:
+            IN_FLIGHT.dec()
+            self._replies.forget(entry.id)
+        if reply.code != 0:
+            raise error_for_code(code_from_value(reply.code), reply.message)
+        return reply.payload
+
+    async def _admit(self, target: Target, entry: QueuedRequest) -> None:
+        fields = [item for pair in entry.to_fields().items() for item in pair]
+        with redis_errors("request queue"):
+            entry_id = await self._enqueue(keys=[target.queue], args=[target.deployment.max_queue_length, *fields])
+        if entry_id is None:
+            raise ResourceExhausted(
+                f"model '{target.model.name}' is overloaded: {target.deployment.max_queue_length} requests "
+                "are already queued; retry with backoff"
+            )
+
+    async def _deadline_error(self, target: Target, timeout_s: float) -> DeadlineExceeded:
+        name, version = target.model.name, target.version.version
+        try:
+            workers = await self._catalog.ready_workers(name, version)
+        except Exception:  # the hint is best effort; the deadline error stands either way
+            workers = -1
+        hint = f"; no live worker has model '{name}' version {version} loaded" if workers == 0 else ""
+        return DeadlineExceeded(f"no reply from a worker within {timeout_s:g} s{hint}")
+
+    def _record(self, target: Target, code: str, duration_ns: int) -> None:
+        stats = self.stats.setdefault((target.model.name, target.version.version), ModelStats())
+        if code == "OK":
+            stats.success += 1
+            stats.success_ns += duration_ns
+        else:
+            stats.fail += 1
+            stats.fail_ns += duration_ns
+        stats.last_inference_ms = now_ms()
+        REQUESTS.labels(model=target.model.name, code=code).inc()
+        LATENCY.labels(model=target.model.name).observe(duration_ns / 1e9)

@@ -1,0 +1,72 @@
+"""Gateway wiring: the only module that builds concrete objects."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from services.common import keys
+from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal
+from services.common.redis_conn import create_redis
+from services.common.registry_client import RegistryClient
+from services.gateway.clients import ModelCatalog
+from services.gateway.replies import ReplyReader
+from services.gateway.router import Router
+from services.gateway.servicer import GRPCInferenceServiceServicer
+from services.gateway.settings import GatewaySettings
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def create_server(settings: GatewaySettings, router: Router) -> GrpcServer:
+    """Build the gateway's gRPC server (not started) and bind it."""
+
+    def add(server: object) -> None:
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GRPCInferenceServiceServicer(router), server)
+
+    return create_grpc_server(settings, [SERVICE_NAME], add)
+
+
+async def _wait_for_redis(client: aioredis.Redis) -> None:
+    delay_s = 0.2
+    while True:
+        try:
+            await client.ping()
+            return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("redis_unreachable", error=str(exc), retry_in_s=delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 5.0)
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Run the gateway until SIGTERM/SIGINT, then drain (see DESIGN.md, drain order)."""
+    redis = create_redis(settings.redis_url, settings.redis_timeout_s)
+    registry = RegistryClient(settings.registry_address, timeout_s=settings.registry_timeout_s)
+    catalog = ModelCatalog(registry, redis, ttl_s=settings.metadata_cache_ttl_s)
+    replies = ReplyReader(
+        redis, keys.replies(settings.gateway_id), ttl_s=settings.reply_stream_ttl_s, block_ms=settings.block_ms
+    )
+    router = Router(redis, catalog, replies, default_timeout_s=settings.default_timeout_s)
+    handle = create_server(settings, router)
+
+    async def before_stop() -> None:
+        # Endpoints are removed concurrently with SIGTERM: keep serving while that happens.
+        await asyncio.sleep(settings.drain_delay_s)
+
+    await _wait_for_redis(redis)
+    await catalog.start()
+    await replies.start()
+    try:
+        await run_until_signal(handle, settings, service="gateway", before_stop=before_stop)
+    finally:
+        await replies.stop(timeout_s=settings.shutdown_grace_s)
+        await catalog.stop()
+        await registry.close()
+        await redis.aclose()

@@ -1,0 +1,41 @@
+"""Gateway settings (env prefix ``MAAS_GATEWAY_``; ``MAAS_REDIS_URL`` for Redis)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+def _default_gateway_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class GatewaySettings(ServiceSettings):
+    """Settings of one gateway process."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_GATEWAY_", extra="ignore", populate_by_name=True)
+
+    port: int = 8001
+    """gRPC port of the public inference endpoint."""
+    registry_address: str = "127.0.0.1:8002"
+    """host:port of the registry's gRPC endpoint."""
+    gateway_id: str = Field(default_factory=_default_gateway_id)
+    """Unique id of this process; names its reply stream."""
+    default_timeout_s: float = 60.0
+    """Deadline of a call whose client set none (also the cap on client deadlines)."""
+    registry_timeout_s: float = 5.0
+    """Timeout of one registry call."""
+    metadata_cache_ttl_s: float = 30.0
+    """How long model metadata is cached; registry events invalidate it sooner."""
+    reply_stream_ttl_s: float = 60.0
+    """TTL kept alive on the reply stream; it expires if this process dies."""
+    block_ms: int = 1000
+    """How long one XREAD on the reply stream blocks."""
+    drain_delay_s: float = 2.0
+    """After SIGTERM, keep serving this long while load balancers remove the endpoint."""
