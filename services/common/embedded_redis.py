@@ -7,8 +7,11 @@ same directory keeps every model and queued request.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -20,6 +23,14 @@ _MIN_VERSION = (6, 2)
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 15.0
 _PORT_ATTEMPTS = 5
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies (Linux), so nothing is orphaned."""
+    # Not Linux: no libc.so.6; the parent's own shutdown still stops its children.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _version_of(binary: str) -> tuple[int, ...]:
@@ -93,7 +104,9 @@ class EmbeddedRedis:
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
             "--daemonize", "no", "--logfile", "redis.log", "--protected-mode", "yes",
         ]  # fmt: skip
-        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
+        )
         deadline = time.monotonic() + _START_TIMEOUT_S
         client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)
         try:

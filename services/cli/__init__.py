@@ -1,0 +1,1 @@
+"""The `maas` command line: run the suite, manage models, call them."""

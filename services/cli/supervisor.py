@@ -1,0 +1,233 @@
+"""``maas up``: embedded Redis + registry + gateway + N workers as supervised child processes.
+
+Children run in their own sessions so a terminal's Ctrl-C reaches only the supervisor, which
+then stops them in drain order: gateway, workers, registry, Redis. Each child also gets
+SIGTERM if the supervisor dies (Linux ``PR_SET_PDEATHSIG``), so nothing is left orphaned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from services.common.embedded_redis import EmbeddedRedis, die_with_parent
+
+log = structlog.get_logger(__name__)
+
+_READY_TIMEOUT_S = 90.0
+_POLL_S = 0.1
+_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass
+class UpOptions:
+    """What ``maas up`` runs and where."""
+
+    data_dir: Path
+    workers: int = 1
+    host: str = "127.0.0.1"
+    gateway_port: int = 8001
+    registry_port: int = 8002
+    redis_url: str | None = None
+    redis_port: int = 0
+    log_json: bool = False
+    log_level: str = "info"
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass
+class Child:
+    """One supervised service process."""
+
+    name: str
+    module: str
+    env: dict[str, str]
+    ready_file: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    info: dict[str, object] = field(default_factory=dict)
+
+    def start(self) -> None:
+        """Start (or restart) the process."""
+        self.ready_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env={**os.environ, **self.env},
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        log.info("child_started", child=self.name, pid=self.process.pid)
+
+    def is_running(self) -> bool:
+        """Whether the process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, timeout_s: float) -> dict[str, object]:
+        """Wait for the child's ready file and return it.
+
+        Raises:
+            RuntimeError: The child exited or did not get ready in time.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                self.info = json.loads(self.ready_file.read_text())
+                return self.info
+            if not self.is_running():
+                raise RuntimeError(f"{self.name} exited during start-up (code {self.process and self.process.poll()})")
+            time.sleep(_POLL_S)
+        raise RuntimeError(f"{self.name} was not ready after {timeout_s:g} s")
+
+    def terminate(self) -> None:
+        """Send SIGTERM (the service drains, then exits)."""
+        if self.is_running() and self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout_s: float) -> None:
+        """Wait for the process to exit, killing it after ``timeout_s``."""
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("child_killed", child=self.name, after_s=timeout_s)
+            self.process.kill()
+            self.process.wait()
+
+
+class Supervisor:
+    """Starts the suite, restarts children that die, and stops everything in order."""
+
+    def __init__(self, options: UpOptions) -> None:
+        self.options = options
+        self.run_dir = options.data_dir / "run"
+        self.redis: EmbeddedRedis | None = None
+        self.redis_url = options.redis_url or ""
+        self.registry: Child | None = None
+        self.gateway: Child | None = None
+        self.workers: list[Child] = []
+        self._stopping = False
+
+    def _common_env(self) -> dict[str, str]:
+        opts = self.options
+        return {"MAAS_REDIS_URL": self.redis_url, "PYTHONUNBUFFERED": "1"} | {
+            f"MAAS_{svc}_{key}": value
+            for svc in ("REGISTRY", "GATEWAY", "INFERENCE")
+            for key, value in (
+                ("HOST", opts.host),
+                ("LOG_JSON", str(opts.log_json).lower()),
+                ("LOG_LEVEL", opts.log_level),
+                ("SHUTDOWN_GRACE_S", str(opts.shutdown_grace_s)),
+            )
+        }
+
+    def _child(self, name: str, module: str, prefix: str, extra: dict[str, str]) -> Child:
+        ready = self.run_dir / f"{name}.json"
+        env = self._common_env() | {f"{prefix}_READY_FILE": str(ready)} | extra
+        return Child(name=name, module=module, env=env, ready_file=ready)
+
+    def start(self) -> dict[str, object]:
+        """Start Redis (unless external), the registry, the workers and the gateway.
+
+        Returns:
+            The endpoints, also written to ``<data_dir>/run/endpoints.json``.
+        """
+        opts = self.options
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not opts.redis_url:
+            self.redis = EmbeddedRedis(opts.data_dir / "redis", port=opts.redis_port, host=opts.host).start()
+            self.redis_url = self.redis.url
+        self.registry = self._child(
+            "registry",
+            "services.registry",
+            "MAAS_REGISTRY",
+            {"MAAS_REGISTRY_PORT": str(opts.registry_port), "MAAS_REGISTRY_DATA_DIR": str(opts.data_dir / "registry")},
+        )
+        self.registry.start()
+        registry_address = f"{opts.host}:{self.registry.wait_ready(_READY_TIMEOUT_S)['port']}"
+        for index in range(opts.workers):
+            self.workers.append(self._worker(index, registry_address))
+        self.gateway = self._child(
+            "gateway",
+            "services.gateway",
+            "MAAS_GATEWAY",
+            {"MAAS_GATEWAY_PORT": str(opts.gateway_port), "MAAS_GATEWAY_REGISTRY_ADDRESS": registry_address},
+        )
+        for child in (*self.workers, self.gateway):
+            child.start()
+        for child in (*self.workers, self.gateway):
+            child.wait_ready(_READY_TIMEOUT_S)
+        return self._write_endpoints(registry_address)
+
+    def _worker(self, index: int, registry_address: str) -> Child:
+        opts = self.options
+        return self._child(
+            f"worker-{index}",
+            "services.inference",
+            "MAAS_INFERENCE",
+            {
+                "MAAS_INFERENCE_REGISTRY_ADDRESS": registry_address,
+                "MAAS_INFERENCE_CACHE_DIR": str(opts.data_dir / "inference-cache"),
+                "MAAS_INFERENCE_WORKER_ID": f"{os.uname().nodename}-up-{index}",
+            },
+        )
+
+    def _write_endpoints(self, registry_address: str) -> dict[str, object]:
+        assert self.gateway is not None
+        endpoints: dict[str, object] = {
+            "gateway": f"{self.options.host}:{self.gateway.info['port']}",
+            "registry": registry_address,
+            "redis_url": self.redis_url,
+            "pids": {c.name: c.process.pid for c in self._children() if c.process is not None}
+            | ({"redis": self.redis.pid} if self.redis and self.redis.pid else {}),
+        }
+        tmp = self.run_dir / "endpoints.json.tmp"
+        tmp.write_text(json.dumps(endpoints, indent=2))
+        tmp.replace(self.run_dir / "endpoints.json")
+        return endpoints
+
+    def _children(self) -> list[Child]:
+        return [c for c in (self.gateway, *self.workers, self.registry) if c is not None]
+
+    def request_stop(self, *_args: object) -> None:
+        """Ask the supervision loop to stop (signal handler)."""
+        self._stopping = True
+
+    def supervise(self) -> None:
+        """Restart children that die, until a stop is requested."""
+        while not self._stopping:
+            for child in self._children():
+                if not child.is_running() and not self._stopping:
+                    self._restart(child)
+            time.sleep(_POLL_S)
+
+    def _restart(self, child: Child) -> None:
+        code = child.process.poll() if child.process else None
+        backoff_s = _RESTART_BACKOFF_S[min(child.restarts, len(_RESTART_BACKOFF_S) - 1)]
+        log.warning("child_exited", child=child.name, code=code, restart_in_s=backoff_s)
+        time.sleep(backoff_s)
+        child.restarts += 1
+        child.start()
+
+    def stop(self) -> None:
+        """Stop in drain order: gateway, workers, registry, then Redis."""
+        self._stopping = True
+        grace_s = self.options.shutdown_grace_s + 10.0
+        for group in ([self.gateway], self.workers, [self.registry]):
+            children = [c for c in group if c is not None]
+            for child in children:
+                child.terminate()
+            for child in children:
+                child.wait_stopped(grace_s)
+        if self.redis is not None:
+            self.redis.stop()
+        (self.run_dir / "endpoints.json").unlink(missing_ok=True)
+        log.info("maas_stopped")
