@@ -5,27 +5,16 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from services.cli.examples import affine_model
+
+__all__ = ["affine_model", "identity_model", "two_io_model"]
+
 
 def _finish(graph: onnx.GraphProto, opset: int = 13) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
-
-
-def affine_model(width: int = 4, scale: float = 2.0, bias: float = 1.0) -> bytes:
-    """Y = scale * x + bias on FP32 [-1, width] (input "x", output "y")."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
-    nodes = [
-        helper.make_node("Mul", ["x", "scale"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "bias"], ["y"]),
-    ]
-    inits = [
-        helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
-        helper.make_tensor("bias", TensorProto.FLOAT, [], [bias]),
-    ]
-    return _finish(helper.make_graph(nodes, "affine", [x], [y], inits))
 
 
 def two_io_model() -> bytes:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from inference import grpc_service_pb2_grpc
 from services.cli import convert
+from services.cli.examples import affine_model
 from services.cli.supervisor import Supervisor, UpOptions
 from services.common.errors import MaasError, NotFound, map_rpc_error
 from services.common.logging import configure_logging
@@ -205,6 +206,15 @@ def models_push(
             out.print(f"deployed '{name}' version {dep.version} on pool {dep.pool}")
 
     _run(_with_registry(push))
+
+
+@models_app.command("example")
+def models_example(
+    path: Annotated[Path, typer.Argument(dir_okay=False, help="Where to write the .onnx file.")],
+) -> None:
+    """Write a tiny example model: y = 2x + 1 on FP32 [-1, 4] (input "x", output "y")."""
+    path.write_bytes(affine_model())
+    out.print(f"wrote {path}: y = 2x + 1, input x FP32 [-1, 4], output y FP32 [-1, 4]")
 
 
 @models_app.command("ls")

@@ -1,0 +1,73 @@
+"""Drive an unmodified tritonclient (gRPC) against a server; print what it saw as JSON.
+
+Runs in its own process: tritonclient bundles its own ``inference.*`` protobuf descriptors,
+which cannot share a process with MaaS's generated ones (duplicate symbols).
+
+Usage: python tests/triton_probe.py URL  <  [{"op": "infer", "model": ..., "inputs": {...}}, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+
+def _infer(client: grpcclient.InferenceServerClient, call: dict[str, Any]) -> Any:
+    inputs = []
+    for name, spec in call["inputs"].items():
+        array = np.array(spec["data"], dtype=spec["dtype"])
+        tensor = grpcclient.InferInput(name, list(array.shape), spec.get("datatype") or np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    outputs = [grpcclient.InferRequestedOutput(name) for name in call.get("outputs", [])]
+    result = client.infer(
+        call["model"], inputs, model_version=call.get("version", ""), outputs=outputs or None,
+        client_timeout=call.get("timeout_s"), request_id=call.get("request_id", ""),
+    )  # fmt: skip
+    response = result.get_response(as_json=True)
+    arrays = {out["name"]: result.as_numpy(out["name"]).tolist() for out in response["outputs"]}
+    return {"response": response, "outputs": arrays}
+
+
+def _run(client: grpcclient.InferenceServerClient, call: dict[str, Any]) -> Any:
+    op = call["op"]
+    if op == "live":
+        return client.is_server_live()
+    if op == "ready":
+        return client.is_server_ready()
+    if op == "model_ready":
+        return client.is_model_ready(call["model"])
+    if op == "metadata":
+        return client.get_model_metadata(call["model"], as_json=True)
+    if op == "server_metadata":
+        return client.get_server_metadata(as_json=True)
+    if op == "config":
+        return client.get_model_config(call["model"], as_json=True)
+    if op == "statistics":
+        return client.get_inference_statistics(call.get("model", ""), as_json=True)
+    if op == "index":
+        return client.get_model_repository_index(as_json=True)
+    if op == "infer":
+        return _infer(client, call)
+    raise ValueError(f"unknown op {op}")
+
+
+def main() -> None:
+    client = grpcclient.InferenceServerClient(sys.argv[1])
+    results = []
+    for call in json.load(sys.stdin):
+        try:
+            results.append({"ok": _run(client, call)})
+        except InferenceServerException as exc:
+            results.append({"error": {"status": str(exc.status()), "message": exc.message()}})
+    client.close()
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Gateway unit tests."""
