@@ -1,0 +1,1 @@
+"""The MaaS model registry: models, versions and deployments (``maas.registry.v1``)."""

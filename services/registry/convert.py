@@ -1,0 +1,102 @@
+"""Pure conversions between ``maas.registry.v1`` messages and the registry's domain records."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from maas.registry.v1 import registry_pb2
+from services.common.errors import InvalidArgument
+from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
+from services.registry.store import DeploySpec, UploadHeader
+
+
+def tensor_to_pb(spec: TensorSpec) -> registry_pb2.TensorSpec:
+    """Convert a signature tensor."""
+    return registry_pb2.TensorSpec(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+
+
+def deployment_to_pb(record: DeploymentRecord) -> registry_pb2.Deployment:
+    """Convert a deployment."""
+    return registry_pb2.Deployment(
+        model=record.model,
+        version=record.version,
+        max_batch_size=record.max_batch_size,
+        max_wait_ms=record.max_wait_ms,
+        pool=record.pool,
+        max_queue_length=record.max_queue_length,
+        updated_at_ms=record.updated_at_ms,
+    )
+
+
+def model_to_pb(record: ModelRecord) -> registry_pb2.Model:
+    """Convert a model; ``deployment`` stays unset while it is not deployed."""
+    model = registry_pb2.Model(
+        name=record.name,
+        description=record.description,
+        latest_version=record.latest_version,
+        created_at_ms=record.created_at_ms,
+    )
+    if record.deployment is not None:
+        model.deployment.CopyFrom(deployment_to_pb(record.deployment))
+    return model
+
+
+def version_to_pb(record: VersionRecord) -> registry_pb2.Version:
+    """Convert a version with its signature."""
+    return registry_pb2.Version(
+        model=record.model,
+        version=record.version,
+        sha256=record.sha256,
+        size_bytes=record.size_bytes,
+        inputs=[tensor_to_pb(spec) for spec in record.inputs],
+        outputs=[tensor_to_pb(spec) for spec in record.outputs],
+        created_at_ms=record.created_at_ms,
+        platform=record.platform,
+    )
+
+
+def download_part_to_pb(part: VersionRecord | bytes) -> registry_pb2.DownloadVersionResponse:
+    """Convert one item of a download: the version first, then chunks."""
+    if isinstance(part, VersionRecord):
+        return registry_pb2.DownloadVersionResponse(version=version_to_pb(part))
+    return registry_pb2.DownloadVersionResponse(chunk=part)
+
+
+def deploy_spec(request: registry_pb2.DeployRequest) -> DeploySpec:
+    """Convert a deploy request; an unset optional field becomes None (its documented default)."""
+    has = request.HasField
+    return DeploySpec(
+        model=request.model,
+        version=request.version,
+        max_batch_size=request.max_batch_size if has("max_batch_size") else None,
+        max_wait_ms=request.max_wait_ms if has("max_wait_ms") else None,
+        pool=request.pool if has("pool") else None,
+        max_queue_length=request.max_queue_length if has("max_queue_length") else None,
+    )
+
+
+def upload_header(header: registry_pb2.UploadVersionHeader) -> UploadHeader:
+    """Convert an upload's header."""
+    return UploadHeader(model=header.model, sha256=header.sha256, size_bytes=header.size_bytes)
+
+
+async def upload_stream(
+    requests: AsyncIterator[registry_pb2.UploadVersionRequest],
+) -> tuple[UploadHeader, AsyncIterator[bytes]]:
+    """Split an upload's request stream into its header and its chunks.
+
+    Raises:
+        InvalidArgument: The first message is not a header (here), or a later one is (while
+            the chunks are read).
+    """
+    first = await anext(requests, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidArgument("the first UploadVersion message must carry the header")
+    return upload_header(first.header), _chunks(requests)
+
+
+async def _chunks(requests: AsyncIterator[registry_pb2.UploadVersionRequest]) -> AsyncIterator[bytes]:
+    async for request in requests:
+        if request.WhichOneof("part") == "header":
+            raise InvalidArgument("only the first UploadVersion message may carry a header")
+        yield request.chunk

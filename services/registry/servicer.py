@@ -1,0 +1,94 @@
+"""The ``maas.registry.v1.ModelRegistry`` servicer: convert, call the store, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.registry import convert
+from services.registry.store import ModelStore
+
+_Context = Any
+"""``grpc.aio.ServicerContext``; unused here (errors reach clients through ErrorInterceptor)."""
+
+
+class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
+    """Serves the registry API from a ``ModelStore``."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self._store = store
+
+    async def CreateModel(
+        self, request: registry_pb2.CreateModelRequest, context: _Context
+    ) -> registry_pb2.CreateModelResponse:
+        """Create a model."""
+        model = await self._store.create_model(request.name, request.description)
+        return registry_pb2.CreateModelResponse(model=convert.model_to_pb(model))
+
+    async def GetModel(self, request: registry_pb2.GetModelRequest, context: _Context) -> registry_pb2.GetModelResponse:
+        """Get one model with its deployment."""
+        model = await self._store.get_model(request.name)
+        return registry_pb2.GetModelResponse(model=convert.model_to_pb(model))
+
+    async def ListModels(
+        self, request: registry_pb2.ListModelsRequest, context: _Context
+    ) -> registry_pb2.ListModelsResponse:
+        """List the models by name."""
+        models = await self._store.list_models()
+        return registry_pb2.ListModelsResponse(models=[convert.model_to_pb(m) for m in models])
+
+    async def DeleteModel(
+        self, request: registry_pb2.DeleteModelRequest, context: _Context
+    ) -> registry_pb2.DeleteModelResponse:
+        """Delete a model with its versions and deployment."""
+        await self._store.delete_model(request.name)
+        return registry_pb2.DeleteModelResponse()
+
+    async def UploadVersion(
+        self, request_iterator: AsyncIterator[registry_pb2.UploadVersionRequest], context: _Context
+    ) -> registry_pb2.UploadVersionResponse:
+        """Upload a version: a header, then chunks."""
+        header, chunks = await convert.upload_stream(request_iterator)
+        version = await self._store.upload_version(header, chunks)
+        return registry_pb2.UploadVersionResponse(version=convert.version_to_pb(version))
+
+    async def GetVersion(
+        self, request: registry_pb2.GetVersionRequest, context: _Context
+    ) -> registry_pb2.GetVersionResponse:
+        """Get one version (0: the latest)."""
+        version = await self._store.get_version(request.model, request.version)
+        return registry_pb2.GetVersionResponse(version=convert.version_to_pb(version))
+
+    async def ListVersions(
+        self, request: registry_pb2.ListVersionsRequest, context: _Context
+    ) -> registry_pb2.ListVersionsResponse:
+        """List a model's versions, oldest first."""
+        versions = await self._store.list_versions(request.model)
+        return registry_pb2.ListVersionsResponse(versions=[convert.version_to_pb(v) for v in versions])
+
+    async def DownloadVersion(
+        self, request: registry_pb2.DownloadVersionRequest, context: _Context
+    ) -> AsyncIterator[registry_pb2.DownloadVersionResponse]:
+        """Stream a version: its record, then its artifact's chunks."""
+        async with aclosing(self._store.download_version(request.model, request.version)) as parts:
+            async for part in parts:
+                yield convert.download_part_to_pb(part)
+
+    async def Deploy(self, request: registry_pb2.DeployRequest, context: _Context) -> registry_pb2.DeployResponse:
+        """Set a model's deployment."""
+        deployment = await self._store.deploy(convert.deploy_spec(request))
+        return registry_pb2.DeployResponse(deployment=convert.deployment_to_pb(deployment))
+
+    async def Undeploy(self, request: registry_pb2.UndeployRequest, context: _Context) -> registry_pb2.UndeployResponse:
+        """Remove a model's deployment."""
+        await self._store.undeploy(request.model)
+        return registry_pb2.UndeployResponse()
+
+    async def ListDeployments(
+        self, request: registry_pb2.ListDeploymentsRequest, context: _Context
+    ) -> registry_pb2.ListDeploymentsResponse:
+        """List the deployments, optionally of one pool."""
+        deployments = await self._store.list_deployments(request.pool)
+        return registry_pb2.ListDeploymentsResponse(deployments=[convert.deployment_to_pb(d) for d in deployments])

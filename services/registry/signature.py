@@ -1,0 +1,61 @@
+"""Validate an uploaded artifact in ONNX Runtime and read its input/output signature."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from services.common import dtypes
+from services.common.errors import InvalidArgument
+from services.common.metadata import TensorSpec
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The inputs and outputs of a model, as ONNX Runtime reports them."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def read_signature(path: Path) -> Signature:
+    """Load the ONNX model at ``path`` on the CPU and return its signature.
+
+    Blocks for as long as ONNX Runtime takes to load the model: call it in an executor.
+
+    Raises:
+        InvalidArgument: ONNX Runtime cannot load the file, or a tensor's type has no KServe v2
+            datatype.
+    """
+    options = ort.SessionOptions()
+    # NOTE: only loading is checked here; optimising the graph would only cost time.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises one pybind class per status code, with no common base.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # NOTE: ORT's message names the staging file; that path is an internal detail.
+        reason = reason.replace(str(path), "the artifact")
+        raise InvalidArgument(f"artifact is not a loadable ONNX model: {reason}") from exc
+    return Signature(
+        inputs=_specs("input", session.get_inputs()),
+        outputs=_specs("output", session.get_outputs()),
+    )
+
+
+def _specs(kind: str, args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    return tuple(_spec(kind, arg) for arg in args)
+
+
+def _spec(kind: str, arg: Any) -> TensorSpec:
+    try:
+        datatype = dtypes.from_ort(arg.type)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{kind} '{arg.name}': {exc.message}") from None
+    # Symbolic dimensions are strings ('batch'), unknown ones None: both are variable (-1).
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape or ())
+    return TensorSpec(name=str(arg.name), datatype=datatype.name, shape=shape)

@@ -1,0 +1,611 @@
+"""The registry's domain logic: models, versions and deployments in Redis, artifacts in a blob store.
+
+Redis layout (names from ``services.common.keys``):
+
+- ``keys.MODELS``: sorted set of model names.
+- ``keys.model(name)``: hash with ``description``, ``created_at_ms``, ``next_version`` (the
+  counter versions are allocated from) and ``latest_version`` (the newest stored version).
+- ``keys.versions(name)``: hash, version number -> ``VersionRecord`` JSON.
+- ``keys.DEPLOYMENTS``: hash, model name -> ``DeploymentRecord`` JSON.
+
+Writes that must see the model still exist run as Lua scripts, so a model deleted in the
+middle of an upload or a deploy leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+from prometheus_client import Counter
+
+from services.common import events, keys
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    Unavailable,
+)
+from services.common.metadata import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_LENGTH,
+    DEFAULT_MAX_WAIT_MS,
+    DEFAULT_POOL,
+    MODEL_NAME_RE,
+    DeploymentRecord,
+    ModelRecord,
+    VersionRecord,
+)
+from services.common.queue import MalformedEntry, QueuedRequest, Reply, now_ms
+from services.common.redis_conn import redis_errors
+from services.registry.blobs import BlobStore, BlobUpload
+from services.registry.signature import Signature, read_signature
+
+log = structlog.get_logger(__name__)
+
+UPLOADS = Counter("maas_registry_uploads", "Version uploads by result (ok, invalid, failed).", ["result"])
+UPLOAD_BYTES = Counter("maas_registry_upload_bytes", "Artifact bytes received by uploads.")
+DOWNLOAD_BYTES = Counter("maas_registry_download_bytes", "Artifact bytes sent by downloads.")
+
+_WHAT = "model store"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RULE = "expected 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+_SHOWN_CHARS = 80
+_FAIL_PAGE = 500
+"""Queue entries failed per Redis transaction when a deployment goes away."""
+
+_RANGES: dict[str, tuple[int, int]] = {
+    "max_batch_size": (1, 1024),
+    "max_wait_ms": (0, 1000),
+    "max_queue_length": (1, 1_000_000),
+}
+
+_CREATE_MODEL_LUA = """
+-- KEYS[1]: model hash, KEYS[2]: models set; ARGV: name, description, created_at_ms
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'description', ARGV[2], 'created_at_ms', ARGV[3],
+           'next_version', 0, 'latest_version', 0)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+_ALLOCATE_VERSION_LUA = """
+-- KEYS[1]: model hash. Returns the new version number, nil if the model is gone.
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('HINCRBY', KEYS[1], 'next_version', 1)
+"""
+_ADD_VERSION_LUA = """
+-- KEYS[1]: model hash, KEYS[2]: versions hash; ARGV: version, version JSON.
+-- latest_version only moves forward: concurrent uploads may finish out of order.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if tonumber(redis.call('HGET', KEYS[1], 'latest_version')) < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'latest_version', ARGV[1])
+end
+return 1
+"""
+_PUT_DEPLOYMENT_LUA = """
+-- KEYS[1]: model hash, KEYS[2]: deployments hash; ARGV: model name, deployment JSON
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """What an upload announces before its chunks."""
+
+    model: str
+    sha256: str
+    """Lower-case hex sha256 of the whole artifact."""
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    """A deploy request; None means the documented default."""
+
+    model: str
+    version: int = 0
+    """0 means the latest version."""
+    max_batch_size: int | None = None
+    max_wait_ms: int | None = None
+    pool: str | None = None
+    max_queue_length: int | None = None
+
+
+def _shown(value: str) -> str:
+    """Return ``value`` cut short enough to echo in an error message."""
+    return value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
+
+
+def _check_name(name: str, what: str = "model name") -> None:
+    if not MODEL_NAME_RE.match(name):
+        raise InvalidArgument(f"{what} '{_shown(name)}' is invalid: {_NAME_RULE}")
+
+
+def _check_version(version: int) -> None:
+    if version < 0:
+        raise InvalidArgument(f"version must be >= 0 (0 means the latest), got {version}")
+
+
+def _model_not_found(name: str) -> NotFound:
+    return NotFound(f"model '{name}' not found")
+
+
+def _in_range(field: str, value: int | None, default: int) -> int:
+    if value is None:
+        return default
+    low, high = _RANGES[field]
+    if not low <= value <= high:
+        raise InvalidArgument(f"{field} must be {low}..{high}, got {value}")
+    return value
+
+
+def _deployment(spec: DeploySpec) -> DeploymentRecord:
+    """Validate ``spec`` and fill in the defaults (the version is resolved later).
+
+    Raises:
+        InvalidArgument: A value is out of its documented range.
+    """
+    pool = DEFAULT_POOL if spec.pool is None else spec.pool
+    _check_name(pool, "pool")
+    return DeploymentRecord(
+        model=spec.model,
+        version=spec.version,
+        max_batch_size=_in_range("max_batch_size", spec.max_batch_size, DEFAULT_MAX_BATCH_SIZE),
+        max_wait_ms=_in_range("max_wait_ms", spec.max_wait_ms, DEFAULT_MAX_WAIT_MS),
+        pool=pool,
+        max_queue_length=_in_range("max_queue_length", spec.max_queue_length, DEFAULT_MAX_QUEUE_LENGTH),
+    )
+
+
+def _check_header(header: UploadHeader, max_artifact_bytes: int) -> None:
+    _check_name(header.model)
+    if not _SHA256_RE.match(header.sha256):
+        raise InvalidArgument(f"sha256 must be 64 lower-case hex characters, got '{_shown(header.sha256)}'")
+    if not 1 <= header.size_bytes <= max_artifact_bytes:
+        raise InvalidArgument(f"size_bytes must be 1..{max_artifact_bytes}, got {header.size_bytes}")
+
+
+def _check_received(header: UploadHeader, sha256: str, size_bytes: int) -> None:
+    if size_bytes != header.size_bytes:
+        raise InvalidArgument(
+            f"artifact has {size_bytes} bytes, but the header announced size_bytes {header.size_bytes}"
+        )
+    if sha256 != header.sha256:
+        raise InvalidArgument(f"sha256 mismatch: the header announced {header.sha256}, the artifact has {sha256}")
+
+
+def _model_record(name: str, fields: dict[bytes, bytes], deployment: bytes | None) -> ModelRecord:
+    return ModelRecord(
+        name=name,
+        description=fields.get(b"description", b"").decode(),
+        latest_version=int(fields.get(b"latest_version", 0)),
+        created_at_ms=int(fields.get(b"created_at_ms", 0)),
+        deployment=DeploymentRecord.from_json(deployment) if deployment is not None else None,
+    )
+
+
+_Entry = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry as redis-py returns it (bytes replies): id and fields."""
+
+
+def _waiting_requests(entries: Iterable[_Entry]) -> list[QueuedRequest]:
+    requests = []
+    for entry_id, fields in entries:
+        try:
+            requests.append(QueuedRequest.from_fields(fields))
+        except MalformedEntry as exc:
+            log.warning("queue_entry_malformed", entry_id=entry_id.decode(), reason=str(exc))
+    return requests
+
+
+class ModelStore:
+    """Models, versions and deployments: every rule of the registry, independent of gRPC.
+
+    Args:
+        redis: Client for metadata, events and queues.
+        blobs: Where artifacts are kept.
+        max_artifact_bytes: Largest artifact an upload may announce.
+        chunk_bytes: Size of one download chunk.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        blobs: BlobStore,
+        *,
+        max_artifact_bytes: int = 2 * 1024**3,
+        chunk_bytes: int = 1024**2,
+    ) -> None:
+        self._redis = redis
+        self._blobs = blobs
+        self._max_artifact_bytes = max_artifact_bytes
+        self._chunk_bytes = chunk_bytes
+        # Script objects reload themselves after NOSCRIPT (e.g. a Redis restart).
+        self._create_model = redis.register_script(_CREATE_MODEL_LUA)
+        self._allocate_version = redis.register_script(_ALLOCATE_VERSION_LUA)
+        self._add_version = redis.register_script(_ADD_VERSION_LUA)
+        self._put_deployment = redis.register_script(_PUT_DEPLOYMENT_LUA)
+
+    # Models
+
+    async def create_model(self, name: str, description: str = "") -> ModelRecord:
+        """Create a model with no versions.
+
+        Raises:
+            InvalidArgument: The name is invalid.
+            AlreadyExists: The name is taken.
+            Unavailable: Redis cannot be reached.
+        """
+        _check_name(name)
+        created_at_ms = now_ms()
+        with redis_errors(_WHAT):
+            is_created = await self._create_model(
+                keys=[keys.model(name), keys.MODELS], args=[name, description, created_at_ms]
+            )
+        if not is_created:
+            raise AlreadyExists(f"model '{name}' already exists")
+        log.info("model_created", model=name)
+        await self._publish("model_created", name)
+        return ModelRecord(name=name, description=description, created_at_ms=created_at_ms)
+
+    async def get_model(self, name: str) -> ModelRecord:
+        """Return one model with its latest version number and deployment.
+
+        Raises:
+            InvalidArgument: The name is invalid.
+            NotFound: No such model.
+            Unavailable: Redis cannot be reached.
+        """
+        _check_name(name)
+        with redis_errors(_WHAT):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(keys.model(name))
+                pipe.hget(keys.DEPLOYMENTS, name)
+                fields, deployment = await pipe.execute()
+        if not fields:
+            raise _model_not_found(name)
+        return _model_record(name, fields, deployment)
+
+    async def list_models(self) -> list[ModelRecord]:
+        """Return every model, ordered by name.
+
+        Raises:
+            Unavailable: Redis cannot be reached.
+        """
+        with redis_errors(_WHAT):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zrange(keys.MODELS, 0, -1)
+                pipe.hgetall(keys.DEPLOYMENTS)
+                raw_names, deployments = await pipe.execute()
+            names = sorted(raw.decode() for raw in raw_names)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(keys.model(name))
+                hashes = await pipe.execute()
+        # A model deleted between the two round trips has an empty hash: it is left out.
+        return [
+            _model_record(name, fields, deployments.get(name.encode()))
+            for name, fields in zip(names, hashes, strict=True)
+            if fields
+        ]
+
+    async def delete_model(self, name: str) -> None:
+        """Delete a model, its versions, its artifacts and its deployment.
+
+        Requests still queued for the deployed version fail with UNAVAILABLE.
+
+        Raises:
+            InvalidArgument: The name is invalid.
+            NotFound: No such model.
+            Unavailable: Redis cannot be reached.
+        """
+        _check_name(name)
+        with redis_errors(_WHAT):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hget(keys.DEPLOYMENTS, name)
+                pipe.delete(keys.model(name), keys.versions(name))
+                pipe.hdel(keys.DEPLOYMENTS, name)
+                pipe.zrem(keys.MODELS, name)
+                deployment, deleted_keys, _undeployed, is_listed = await pipe.execute()
+        if not deleted_keys and not is_listed:
+            raise _model_not_found(name)
+        failed = 0
+        if deployment is not None:
+            failed = await self._fail_queue(DeploymentRecord.from_json(deployment), "deleted")
+        await self._blobs.delete_model(name)
+        log.info("model_deleted", model=name, failed_requests=failed)
+        await self._publish("model_deleted", name)
+
+    # Versions
+
+    async def upload_version(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> VersionRecord:
+        """Store a new version from a stream of chunks, once it matches ``header`` and loads.
+
+        Raises:
+            InvalidArgument: The header is invalid, or the artifact does not match it or does not
+                load in ONNX Runtime.
+            NotFound: No such model.
+            Unavailable: Redis cannot be reached.
+        """
+        try:
+            record = await self._upload(header, chunks)
+        except InvalidArgument as exc:
+            UPLOADS.labels(result="invalid").inc()
+            log.info("upload_rejected", model=_shown(header.model), reason=exc.message)
+            raise
+        except BaseException:
+            UPLOADS.labels(result="failed").inc()
+            raise
+        UPLOADS.labels(result="ok").inc()
+        log.info(
+            "version_uploaded",
+            model=record.model,
+            version=record.version,
+            size_bytes=record.size_bytes,
+            sha256=record.sha256,
+        )
+        await self._publish("version_uploaded", record.model)
+        return record
+
+    async def _upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> VersionRecord:
+        _check_header(header, self._max_artifact_bytes)
+        await self._require_model(header.model)
+        async with self._blobs.upload() as staged:
+            sha256, size_bytes = await self._receive(header, chunks, staged)
+            _check_received(header, sha256, size_bytes)
+            path = await staged.finish()
+            loop = asyncio.get_running_loop()
+            signature = await loop.run_in_executor(None, partial(read_signature, path))
+            version = await self._next_version(header.model)
+            await staged.commit(header.model, version)
+        record = self._version_record(header, version, signature)
+        await self._store_version(record)
+        return record
+
+    async def _receive(self, header: UploadHeader, chunks: AsyncIterator[bytes], staged: BlobUpload) -> tuple[str, int]:
+        """Write ``chunks`` to ``staged``; return their sha256 and total size."""
+        loop = asyncio.get_running_loop()
+        digest = hashlib.sha256()
+        size_bytes = 0
+        async for chunk in chunks:
+            size_bytes += len(chunk)
+            UPLOAD_BYTES.inc(len(chunk))
+            if size_bytes > header.size_bytes:
+                raise InvalidArgument(
+                    f"artifact is larger than the announced size_bytes {header.size_bytes} "
+                    f"({size_bytes} bytes received so far)"
+                )
+            # hashlib releases the GIL on large buffers: hashing runs beside the event loop.
+            await loop.run_in_executor(None, digest.update, chunk)
+            await staged.write(chunk)
+        return digest.hexdigest(), size_bytes
+
+    @staticmethod
+    def _version_record(header: UploadHeader, version: int, signature: Signature) -> VersionRecord:
+        return VersionRecord(
+            model=header.model,
+            version=version,
+            sha256=header.sha256,
+            size_bytes=header.size_bytes,
+            inputs=signature.inputs,
+            outputs=signature.outputs,
+            created_at_ms=now_ms(),
+        )
+
+    async def _require_model(self, name: str) -> None:
+        with redis_errors(_WHAT):
+            if not await self._redis.exists(keys.model(name)):
+                raise _model_not_found(name)
+
+    async def _next_version(self, name: str) -> int:
+        """Allocate a version number; numbers are never reused, even after a failed upload."""
+        with redis_errors(_WHAT):
+            version = await self._allocate_version(keys=[keys.model(name)])
+        if version is None:
+            raise _model_not_found(name)
+        return int(version)
+
+    async def _store_version(self, record: VersionRecord) -> None:
+        """Store the record of a committed artifact, deleting the artifact if that fails."""
+        try:
+            with redis_errors(_WHAT):
+                is_stored = await self._add_version(
+                    keys=[keys.model(record.model), keys.versions(record.model)],
+                    args=[record.version, record.to_json()],
+                )
+            if not is_stored:
+                raise _model_not_found(record.model)
+        except BaseException:
+            await self._blobs.delete_version(record.model, record.version)
+            raise
+
+    async def get_version(self, model: str, version: int) -> VersionRecord:
+        """Return one version (0: the latest).
+
+        Raises:
+            InvalidArgument: The name or version is invalid.
+            NotFound: No such model or version, or the model has no versions.
+            Unavailable: Redis cannot be reached.
+        """
+        _check_name(model)
+        _check_version(version)
+        return await self._find_version(model, version, no_versions=NotFound)
+
+    async def _find_version(self, model: str, version: int, *, no_versions: type[MaasError]) -> VersionRecord:
+        with redis_errors(_WHAT):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hget(keys.model(model), "latest_version")
+                pipe.hget(keys.versions(model), str(version))
+                latest, raw = await pipe.execute()
+        if latest is None:
+            raise _model_not_found(model)
+        if version == 0:
+            if int(latest) == 0:
+                raise no_versions(f"model '{model}' has no versions")
+            return await self._find_version(model, int(latest), no_versions=no_versions)
+        if raw is None:
+            raise NotFound(f"model '{model}' has no version {version}")
+        return VersionRecord.from_json(raw)
+
+    async def list_versions(self, model: str) -> list[VersionRecord]:
+        """Return a model's versions, oldest first (empty while none was uploaded).
+
+        Raises:
+            InvalidArgument: The name is invalid.
+            NotFound: No such model.
+            Unavailable: Redis cannot be reached.
+        """
+        _check_name(model)
+        with redis_errors(_WHAT):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.exists(keys.model(model))
+                pipe.hvals(keys.versions(model))
+                exists, raw_versions = await pipe.execute()
+        if not exists:
+            raise _model_not_found(model)
+        return sorted((VersionRecord.from_json(raw) for raw in raw_versions), key=lambda r: r.version)
+
+    async def download_version(self, model: str, version: int) -> AsyncGenerator[VersionRecord | bytes, None]:
+        """Yield the version's record (0: the latest), then its artifact in chunks.
+
+        Raises:
+            InvalidArgument: The name or version is invalid.
+            NotFound: No such model, version or artifact.
+            Unavailable: Redis cannot be reached.
+        """
+        record = await self.get_version(model, version)
+        yield record
+        async with aclosing(self._blobs.read(model, record.version, self._chunk_bytes)) as chunks:
+            async for chunk in chunks:
+                DOWNLOAD_BYTES.inc(len(chunk))
+                yield chunk
+
+    # Deployments
+
+    async def deploy(self, spec: DeploySpec) -> DeploymentRecord:
+        """Set the deployment of a model, replacing the previous one.
+
+        Raises:
+            InvalidArgument: A value is invalid or out of its documented range.
+            NotFound: No such model or version.
+            FailedPrecondition: The latest version is asked for, but the model has none.
+            Unavailable: Redis cannot be reached.
+        """
+        _check_name(spec.model)
+        _check_version(spec.version)
+        wanted = _deployment(spec)
+        version = await self._find_version(spec.model, spec.version, no_versions=FailedPrecondition)
+        record = replace(wanted, version=version.version, updated_at_ms=now_ms())
+        with redis_errors(_WHAT):
+            is_stored = await self._put_deployment(
+                keys=[keys.model(spec.model), keys.DEPLOYMENTS], args=[spec.model, record.to_json()]
+            )
+        if not is_stored:
+            raise _model_not_found(spec.model)
+        log.info("deployed", model=record.model, version=record.version, pool=record.pool)
+        await self._publish("deployed", record.model)
+        return record
+
+    async def undeploy(self, model: str) -> None:
+        """Remove a model's deployment; requests still queued for it fail with UNAVAILABLE.
+
+        Raises:
+            InvalidArgument: The name is invalid.
+            NotFound: No such model, or it is not deployed.
+            Unavailable: Redis cannot be reached.
+        """
+        _check_name(model)
+        with redis_errors(_WHAT):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.exists(keys.model(model))
+                pipe.hget(keys.DEPLOYMENTS, model)
+                pipe.hdel(keys.DEPLOYMENTS, model)
+                exists, raw, _ = await pipe.execute()
+        if not exists:
+            raise _model_not_found(model)
+        if raw is None:
+            raise NotFound(f"model '{model}' is not deployed")
+        deployment = DeploymentRecord.from_json(raw)
+        await self._publish("undeployed", model)
+        failed = await self._fail_queue(deployment, "undeployed")
+        log.info("undeployed", model=model, version=deployment.version, failed_requests=failed)
+
+    async def list_deployments(self, pool: str = "") -> list[DeploymentRecord]:
+        """Return the deployments ordered by model name, only those of ``pool`` unless it is empty.
+
+        Raises:
+            Unavailable: Redis cannot be reached.
+        """
+        with redis_errors(_WHAT):
+            raw = await self._redis.hvals(keys.DEPLOYMENTS)
+        records = (DeploymentRecord.from_json(value) for value in raw)
+        return sorted((r for r in records if not pool or r.pool == pool), key=lambda r: r.model)
+
+    async def _fail_queue(self, deployment: DeploymentRecord, reason: str) -> int:
+        """Answer every request in the deployment's queue with UNAVAILABLE, then delete the queue.
+
+        Returns:
+            How many requests were answered.
+        """
+        key = keys.queue(deployment.model, deployment.version)
+        message = f"model '{deployment.model}' version {deployment.version} was {reason}"
+        failed = 0
+        is_done = False
+        while not is_done:
+            with redis_errors(_WHAT):
+                is_done, count = await self._fail_page(key, message)
+            failed += count
+        return failed
+
+    async def _fail_page(self, key: str, message: str) -> tuple[bool, int]:
+        """Fail up to one page of the queue; delete the queue with the last page.
+
+        WATCH makes the replies and the deletion one transaction with the read, so a request
+        enqueued meanwhile is never deleted unanswered: the page is read again instead.
+
+        Returns:
+            Whether the queue is gone, and how many requests were answered.
+        """
+        code: int = Unavailable.grpc_code.value[0]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            entries = cast(list[_Entry], await pipe.xrange(key, count=_FAIL_PAGE))
+            requests = _waiting_requests(entries)
+            pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            for request in requests:
+                fields: dict[Any, Any] = Reply(id=request.id, code=code, message=message).to_fields()
+                # NOMKSTREAM: a gateway that is gone must not get its reply stream recreated.
+                pipe.xadd(request.reply_to, fields, nomkstream=True)
+            is_last = len(entries) < _FAIL_PAGE
+            if is_last:
+                pipe.delete(key)
+            else:
+                pipe.xdel(key, *(entry_id for entry_id, _ in entries))
+            try:
+                await pipe.execute()
+            except redis.exceptions.WatchError:
+                return False, 0
+        return is_last, len(requests)
+
+    async def _publish(self, kind: str, model: str) -> None:
+        # NOTE: events are hints (followers also refresh periodically), and the change they
+        # announce is already stored: failing the call now would make clients retry a done change.
+        try:
+            with redis_errors(_WHAT):
+                await events.publish(self._redis, kind, model)
+        except MaasError as exc:
+            log.warning("event_not_published", kind=kind, model=model, reason=exc.message)
