@@ -8,5 +8,5 @@ from services.gateway.settings import GatewaySettings
 
 if __name__ == "__main__":
     settings = GatewaySettings()
-    configure_logging(settings.log_level, json=settings.log_json)
+    configure_logging(settings.log_level, json=settings.log_json, service="gateway")
     asyncio.run(serve(settings))

@@ -12,7 +12,7 @@ from services.registry.settings import RegistrySettings
 def main() -> None:
     """Build the settings, configure logging and serve until SIGTERM."""
     settings = RegistrySettings()
-    configure_logging(settings.log_level, json=settings.log_json)
+    configure_logging(settings.log_level, json=settings.log_json, service="registry")
     asyncio.run(serve(settings))
 
 
