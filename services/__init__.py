@@ -1,0 +1,1 @@
+"""MaaS services: registry, gateway, inference workers, and what they share."""
