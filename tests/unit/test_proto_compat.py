@@ -26,6 +26,7 @@ from google.protobuf.descriptor_pb2 import (
     FileDescriptorProto,
     MethodDescriptorProto,
 )
+
 from inference import grpc_service_pb2, model_config_pb2
 
 _REFERENCE_SCRIPT = """
@@ -209,9 +210,7 @@ def _add_message(schema: _Schema, full_name: str, message: DescriptorProto, pack
         message: The message descriptor.
         package: The proto package of the declaring file.
     """
-    schema.messages[full_name] = {
-        proto.name: _field_signature(proto, message, package) for proto in message.field
-    }
+    schema.messages[full_name] = {proto.name: _field_signature(proto, message, package) for proto in message.field}
     if message.options.map_entry:
         schema.map_entries.add(full_name)
     for enum in message.enum_type:
@@ -331,15 +330,9 @@ def test_all_reference_messages_defined(reference: _Schema, ours: _Schema) -> No
 def test_message_fields_match(reference: _Schema, ours: _Schema) -> None:
     """Shared messages have identical fields and map-entry flags."""
     shared = sorted(reference.messages.keys() & ours.messages.keys())
-    diffs = [
-        line
-        for name in shared
-        for line in _mapping_diffs(name, reference.messages[name], ours.messages[name])
-    ]
+    diffs = [line for name in shared for line in _mapping_diffs(name, reference.messages[name], ours.messages[name])]
     diffs += [
-        f"{name}: map_entry differs"
-        for name in shared
-        if (name in reference.map_entries) != (name in ours.map_entries)
+        f"{name}: map_entry differs" for name in shared if (name in reference.map_entries) != (name in ours.map_entries)
     ]
     assert not diffs, _report(diffs)
 

@@ -1,0 +1,1 @@
+"""Benchmarks against raw ONNX Runtime, measured in the same run."""

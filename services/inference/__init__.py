@@ -1,0 +1,1 @@
+"""Inference worker: pulls requests from Redis Streams, runs ONNX Runtime, writes replies."""

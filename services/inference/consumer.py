@@ -1,0 +1,473 @@
+"""The queue consumer of one model version: read batches, run them, reply, ack; reclaim the dead's work.
+
+Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
+
+- Read with ``XREADGROUP ... BLOCK block_ms`` (<= 1 s, so a drain is seen), then top the batch
+  up until ``max_batch_size`` or ``max_wait_ms``; the batch runs in a task so the next read
+  overlaps it, bounded by a semaphore of ``max_concurrent_batches``.
+- Each reply is one MULTI: ``XADD reply NOMKSTREAM`` + ``XACK`` + ``XDEL``, so XLEN is the backlog
+  and a dead gateway's reply stream is never recreated.
+- Every ``reclaim_interval_s`` entries idle longer than ``reclaim_idle_ms`` are claimed with
+  XAUTOCLAIM and run one by one; those delivered more than ``max_deliveries`` times go to the
+  dead-letter stream with an INTERNAL reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+from prometheus_client import Counter, Histogram
+from redis.typing import EncodableT, FieldT
+
+from services.common import keys
+from services.common.errors import InvalidArgument, MaasError
+from services.common.metadata import DeploymentRecord
+from services.common.queue import MalformedEntry, QueuedRequest, Reply, now_ms
+from services.inference import batcher, convert
+from services.inference.runtime import InferRequest, InferResult, ModelRuntime
+from services.inference.settings import InferenceSettings
+
+log = structlog.get_logger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""One stream entry: its id and fields."""
+
+REQUESTS = Counter(
+    "maas_inference_requests", "Queued requests answered by this worker, by status code.", ["model", "version", "code"]
+)
+BATCH_SIZE = Histogram(
+    "maas_inference_batch_size_requests",
+    "Requests per model run (stacked batches and single runs).",
+    ["model", "version"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+RUN_SECONDS = Histogram("maas_inference_run_seconds", "Duration of one model run, in seconds.", ["model", "version"])
+
+_BACKOFF_INITIAL_S = 0.5
+_BACKOFF_MAX_S = 5.0
+_CLAIM_COUNT = 100
+_CANCEL_ATTEMPTS = 50
+_CANCEL_RETRY_S = 0.1
+_DEAD_LETTER_MAXLEN = 10_000
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def _stream_fields(fields: Mapping[Any, Any]) -> dict[FieldT, EncodableT]:
+    return dict(fields)
+
+
+def stream_entries(reply: Any) -> list[Entry]:
+    """Flatten an XREAD/XREADGROUP reply: RESP2 ``[[stream, entries]]``, RESP3 ``{stream: entries}``, or None."""
+    streams = reply.items() if isinstance(reply, dict) else reply or []
+    return [(entry_id, fields) for _stream, entries in streams for entry_id, fields in entries]
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis's NOGROUP error (the stream or group vanished: restart or flush)."""
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("NOGROUP")
+
+
+async def sleep_unless(stop: asyncio.Event, delay_s: float) -> bool:
+    """Sleep ``delay_s`` or until ``stop`` is set; return whether it is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), delay_s)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def supervise(name: str, run: Callable[[], Awaitable[None]], stop: asyncio.Event, **fields: object) -> None:
+    """Run ``run`` until it returns or ``stop`` is set, restarting it when it fails.
+
+    Redis trouble is logged at warning and retried with a backoff (0.5 s doubling to 5 s);
+    NOGROUP restarts at once (the loop recreates its group); anything else is a bug, logged
+    with its traceback, then restarted. Cancellation ends it.
+    """
+    backoff_s = _BACKOFF_INITIAL_S
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            await run()
+            return
+        except _REDIS_ERRORS as exc:
+            log.warning("redis_unreachable", loop=name, error=str(exc), retry_in_s=backoff_s, **fields)
+        except redis.exceptions.ResponseError as exc:
+            if not is_nogroup(exc):
+                log.exception("loop_crashed", loop=name, **fields)
+            else:
+                log.warning("queue_group_missing", loop=name, **fields)
+                continue
+        except Exception:
+            log.exception("loop_crashed", loop=name, **fields)
+        if time.monotonic() - started > _BACKOFF_MAX_S:
+            backoff_s = _BACKOFF_INITIAL_S
+        if await sleep_unless(stop, backoff_s):
+            return
+        backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
+
+
+async def finish_tasks(tasks: Iterable[asyncio.Task[None]], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for ``tasks``, then cancel those still running until they end."""
+    tasks = list(tasks)
+    pending = {task for task in tasks if not task.done()}
+    if pending:
+        _done, pending = await asyncio.wait(pending, timeout=timeout_s)
+    for _attempt in range(_CANCEL_ATTEMPTS):
+        if not pending:
+            break
+        # NOTE: on Python 3.11 asyncio.wait_for (redis-py wraps every socket write in it) can
+        # swallow a cancellation that lands as the write completes; the task then runs on, so
+        # cancel again until it ends.
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=_CANCEL_RETRY_S)
+    if pending:
+        log.error("tasks_not_cancelled", tasks=sorted(task.get_name() for task in pending))
+    await asyncio.gather(*(task for task in tasks if task.done()), return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A decoded, valid request ready to run."""
+
+    entry_id: bytes
+    queued: QueuedRequest
+    request: InferRequest
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What to do with an entry: reply (if a reply stream is known), then ack and delete it."""
+
+    entry_id: bytes
+    reply_to: str | None
+    reply: Reply | None
+    code: grpc.StatusCode
+
+
+def _error_answer(entry_id: bytes, queued: QueuedRequest, error: MaasError) -> _Answer:
+    reply = Reply(id=queued.id, code=error.grpc_code.value[0], message=error.message)
+    return _Answer(entry_id, queued.reply_to, reply, error.grpc_code)
+
+
+def _malformed_answer(entry_id: bytes, fields: dict[bytes, bytes], exc: MalformedEntry) -> _Answer:
+    call_id, reply_to = fields.get(b"id"), fields.get(b"reply")
+    log.info("malformed_entry", entry_id=entry_id.decode(), reason=str(exc))
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    if call_id is None or reply_to is None:
+        return _Answer(entry_id, None, None, code)
+    reply = Reply(id=call_id.decode(errors="replace"), code=code.value[0], message=f"malformed queue entry: {exc}")
+    return _Answer(entry_id, reply_to.decode(errors="replace"), reply, code)
+
+
+class QueueConsumer:
+    """Consumes one model version's queue as ``settings.worker_id`` in group ``keys.QUEUE_GROUP``."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        runtime: ModelRuntime,
+        deployment: DeploymentRecord,
+        settings: InferenceSettings,
+        *,
+        progress: asyncio.Event | None = None,
+    ) -> None:
+        """Create a consumer; ``progress`` is set whenever entries were answered (run_until_empty)."""
+        self.deployment = deployment
+        """The deployment served; the worker replaces it when batching options change."""
+        self.queue = keys.queue(deployment.model, deployment.version)
+        self.dead_letter = keys.dead_letter(deployment.model, deployment.version)
+        self._redis = redis
+        self._runtime = runtime
+        self._settings = settings
+        self._labels = {"model": deployment.model, "version": str(deployment.version)}
+        self._in_flight: set[bytes] = set()
+        self._batches: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stop: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._progress = progress
+
+    def start(self) -> None:
+        """Start the read and reclaim loops (the group is created by the loops, retried)."""
+        self._stop = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._settings.max_concurrent_batches)
+        self._loops = [
+            asyncio.create_task(supervise("read", self._read_loop, self._stop, queue=self.queue)),
+            asyncio.create_task(supervise("reclaim", self._reclaim_loop, self._stop, queue=self.queue)),
+        ]
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop reading, finish in-flight batches (reply + ack); cancel what outlives ``timeout_s``."""
+        if self._stop is None:
+            return
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        await finish_tasks(self._loops, timeout_s)
+        await finish_tasks(list(self._batches), max(0.0, deadline - time.monotonic()))
+
+    async def delete_consumer(self) -> bool:
+        """Delete this worker's consumer from the group if its pending list is empty.
+
+        Returns:
+            Whether the consumer is gone (a consumer with pending entries is kept, or they
+            could never be reclaimed).
+        """
+        try:
+            pending = await self._redis.xpending_range(
+                self.queue, keys.QUEUE_GROUP, "-", "+", 10, consumername=self._settings.worker_id
+            )
+            if pending:
+                log.warning("consumer_kept", queue=self.queue, pending=len(pending))
+                return False
+            await self._redis.xgroup_delconsumer(self.queue, keys.QUEUE_GROUP, self._settings.worker_id)
+        except redis.exceptions.ResponseError as exc:
+            if not is_nogroup(exc):
+                raise
+        return True
+
+    async def is_idle(self) -> bool:
+        """Whether the queue is empty and nothing read is unanswered."""
+        return not self._in_flight and await self._redis.xlen(self.queue) == 0
+
+    async def ensure_group(self) -> None:
+        """Create the queue's consumer group (and stream) if missing; an existing one is kept."""
+        try:
+            await self._redis.xgroup_create(self.queue, keys.QUEUE_GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # Reading -----------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        assert self._stop is not None and self._slots is not None
+        await self.ensure_group()
+        while not self._stop.is_set():
+            await self._slots.acquire()
+            try:
+                entries = [] if self._stop.is_set() else await self._read_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if entries:
+                self._spawn(entries)
+            else:
+                self._slots.release()
+
+    async def _read_batch(self) -> list[Entry]:
+        size = max(1, self.deployment.max_batch_size)
+        entries = await self._read(size, self._settings.block_ms)
+        if not entries or len(entries) >= size or self.deployment.max_wait_ms <= 0:
+            return entries
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deployment.max_wait_ms / 1000
+        while len(entries) < size:
+            # NOTE: BLOCK 0 means forever in Redis; stop before the remaining time rounds to 0.
+            remaining_ms = int((deadline - loop.time()) * 1000)
+            if remaining_ms < 1:
+                break
+            entries += await self._read(size - len(entries), remaining_ms)
+        return entries
+
+    async def _read(self, count: int, block_ms: int) -> list[Entry]:
+        reply = await self._redis.xreadgroup(
+            keys.QUEUE_GROUP, self._settings.worker_id, {self.queue: ">"}, count=count, block=block_ms
+        )
+        return stream_entries(reply)
+
+    def _spawn(self, entries: list[Entry]) -> None:
+        ids = [entry_id for entry_id, _fields in entries]
+        self._in_flight.update(ids)
+        task = asyncio.create_task(self._process(entries))
+        self._batches.add(task)
+        task.add_done_callback(lambda done: self._batch_done(done, ids))
+
+    def _notify(self) -> None:
+        if self._progress is not None:
+            self._progress.set()
+
+    def _batch_done(self, task: asyncio.Task[None], ids: Sequence[bytes]) -> None:
+        assert self._slots is not None
+        self._batches.discard(task)
+        self._in_flight.difference_update(ids)
+        self._slots.release()
+        self._notify()
+        error = None if task.cancelled() else task.exception()
+        # NOTE: a failed batch's entries stay pending; reclaim runs them again one by one.
+        if isinstance(error, _REDIS_ERRORS) or (error is not None and is_nogroup(error)):
+            log.warning("reply_failed", queue=self.queue, error=str(error))
+        elif error is not None:
+            log.error("batch_failed", queue=self.queue, exc_info=error)
+
+    # Processing --------------------------------------------------------------------------
+
+    async def _process(self, entries: Sequence[Entry]) -> None:
+        now = now_ms()
+        answers: list[_Answer] = []
+        jobs: list[_Job] = []
+        for entry_id, fields in entries:
+            admitted = self._admit(entry_id, fields, now)
+            if isinstance(admitted, _Job):
+                jobs.append(admitted)
+            else:
+                answers.append(admitted)
+        answers += await self._run_jobs(jobs)
+        await self._send_all(answers)
+
+    def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now: int) -> _Job | _Answer:
+        try:
+            queued = QueuedRequest.from_fields(fields)
+        except MalformedEntry as exc:
+            return _malformed_answer(entry_id, fields, exc)
+        if queued.deadline_ms <= now:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            reply = Reply(id=queued.id, code=code.value[0], message="deadline exceeded before the request ran")
+            return _Answer(entry_id, queued.reply_to, reply, code)
+        try:
+            request = convert.decode_infer_request(queued.payload)
+            self._runtime.signature.validate(request)
+        except InvalidArgument as exc:
+            log.info("request_rejected", request_id=queued.request_id, reason=exc.message)
+            return _error_answer(entry_id, queued, exc)
+        return _Job(entry_id, queued, request)
+
+    async def _run_jobs(self, jobs: Sequence[_Job]) -> list[_Answer]:
+        requests = [job.request for job in jobs]
+        outcomes: dict[int, batcher.Outcome] = {}
+        for group in batcher.plan_groups(requests, self._runtime.signature):
+            results = await self._run_group([requests[index] for index in group])
+            outcomes.update(zip(group, results, strict=True))
+        return [self._answer(job, outcomes[index]) for index, job in enumerate(jobs)]
+
+    async def _run_group(self, group: Sequence[InferRequest]) -> list[batcher.Outcome]:
+        started = time.perf_counter()
+        results = await batcher.run_group(self._runtime.run, group, self._runtime.signature)
+        run_s = time.perf_counter() - started
+        BATCH_SIZE.labels(**self._labels).observe(len(group))
+        RUN_SECONDS.labels(**self._labels).observe(run_s)
+        log.debug("batch_ran", queue=self.queue, size=len(group), run_ms=round(run_s * 1000, 3))
+        return results
+
+    def _answer(self, job: _Job, outcome: batcher.Outcome) -> _Answer:
+        if isinstance(outcome, MaasError):
+            return _error_answer(job.entry_id, job.queued, outcome)
+        result = InferResult(self._runtime.model, self._runtime.version, job.request.id, outcome)
+        reply = Reply(id=job.queued.id, code=0, payload=convert.encode_infer_response(result))
+        return _Answer(job.entry_id, job.queued.reply_to, reply, grpc.StatusCode.OK)
+
+    async def _send_all(self, answers: Sequence[_Answer]) -> None:
+        results = await asyncio.gather(*(self._send(answer) for answer in answers), return_exceptions=True)
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            raise failures[0]
+
+    async def _send(self, answer: _Answer) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if answer.reply is not None and answer.reply_to is not None:
+                pipe.xadd(answer.reply_to, _stream_fields(answer.reply.to_fields()), nomkstream=True)
+            pipe.xack(self.queue, keys.QUEUE_GROUP, answer.entry_id)
+            pipe.xdel(self.queue, answer.entry_id)
+            await pipe.execute()
+        REQUESTS.labels(code=answer.code.name, **self._labels).inc()
+
+    # Reclaiming --------------------------------------------------------------------------
+
+    async def _reclaim_loop(self) -> None:
+        assert self._stop is not None
+        await self.ensure_group()
+        while not await sleep_unless(self._stop, self._settings.reclaim_interval_s):
+            await self.reclaim()
+
+    async def reclaim(self) -> int:
+        """Claim entries idle longer than ``reclaim_idle_ms`` and answer them one by one.
+
+        Returns:
+            How many claimed entries were answered or dead-lettered.
+        """
+        cursor: bytes | str = "0-0"
+        handled = 0
+        while self._stop is None or not self._stop.is_set():
+            reply = await self._redis.xautoclaim(
+                self.queue,
+                keys.QUEUE_GROUP,
+                self._settings.worker_id,
+                min_idle_time=self._settings.reclaim_idle_ms,
+                start_id=cursor,
+                count=_CLAIM_COUNT,
+            )
+            # NOTE: Redis >= 7 appends the ids of deleted entries (already dropped from the
+            # pending list); 6.2 returns nil in their place and keeps them pending.
+            cursor, claimed = reply[0], reply[1]
+            entries = [(i, f) for i, f in claimed if i is not None and i not in self._in_flight]
+            if any(entry_id is None for entry_id, _fields in claimed):
+                await self._ack_vanished({entry_id for entry_id, _fields in entries})
+            handled += await self._handle_claimed(entries)
+            if cursor in (b"0-0", "0-0"):
+                break
+        return handled
+
+    async def _ack_vanished(self, claimed: set[bytes]) -> None:
+        """Ack this consumer's pending entries whose stream entry was deleted (Redis 6.2)."""
+        pending: list[dict[str, Any]] = await self._redis.xpending_range(
+            self.queue, keys.QUEUE_GROUP, "-", "+", 10 * _CLAIM_COUNT, consumername=self._settings.worker_id
+        )
+        for item in pending:
+            entry_id: bytes = item["message_id"]
+            if entry_id in claimed or entry_id in self._in_flight:
+                continue
+            if not await self._redis.xrange(self.queue, entry_id, entry_id, count=1):
+                await self._redis.xack(self.queue, keys.QUEUE_GROUP, entry_id)
+
+    async def _delivery_counts(self, ids: Sequence[bytes]) -> dict[bytes, int]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(self.queue, keys.QUEUE_GROUP, entry_id, entry_id, 1)
+            replies = await pipe.execute()
+        return {item["message_id"]: int(item["times_delivered"]) for reply in replies for item in reply}
+
+    async def _handle_claimed(self, entries: Sequence[Entry]) -> int:
+        if not entries:
+            return 0
+        assert self._slots is not None
+        counts = await self._delivery_counts([entry_id for entry_id, _fields in entries])
+        for entry_id, fields in entries:
+            deliveries = counts.get(entry_id, 0)
+            log.info("entry_reclaimed", queue=self.queue, entry_id=entry_id.decode(), deliveries=deliveries)
+            if deliveries > self._settings.max_deliveries:
+                await self._move_to_dead_letter(entry_id, fields, deliveries)
+                continue
+            # NOTE: after a crash the whole batch is redelivered; one by one, only poison fails.
+            async with self._slots:
+                self._in_flight.add(entry_id)
+                try:
+                    await self._process([(entry_id, fields)])
+                finally:
+                    self._in_flight.discard(entry_id)
+                    self._notify()
+        return len(entries)
+
+    async def _move_to_dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
+        code = grpc.StatusCode.INTERNAL
+        message = f"request failed {self._settings.max_deliveries} times; moved to dead-letter stream"
+        dead = {**fields, b"dlq_entry_id": entry_id, b"dlq_deliveries": str(deliveries).encode()}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dead_letter, _stream_fields(dead), maxlen=_DEAD_LETTER_MAXLEN, approximate=True)
+            call_id, reply_to = fields.get(b"id"), fields.get(b"reply")
+            if call_id is not None and reply_to is not None:
+                reply = Reply(id=call_id.decode(errors="replace"), code=code.value[0], message=message)
+                pipe.xadd(reply_to.decode(errors="replace"), _stream_fields(reply.to_fields()), nomkstream=True)
+            pipe.xack(self.queue, keys.QUEUE_GROUP, entry_id)
+            pipe.xdel(self.queue, entry_id)
+            await pipe.execute()
+        REQUESTS.labels(code=code.name, **self._labels).inc()
+        self._notify()
+        log.warning("request_dead_lettered", queue=self.queue, entry_id=entry_id.decode(), deliveries=deliveries)

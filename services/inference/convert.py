@@ -1,0 +1,138 @@
+"""KServe v2 messages <-> the worker's domain objects; the only protobuf user besides servicer.py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from inference import grpc_service_pb2 as pb
+from services.common.dtypes import DataType, datatype, decode_raw, element_count, encode_raw, from_numpy
+from services.common.errors import InvalidArgument
+from services.common.metadata import PLATFORM, TensorSpec
+from services.inference.runtime import Array, InferRequest, InferResult, ModelRuntime
+
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+"""``InferTensorContents`` field of each datatype (FP16 has none: raw contents only)."""
+
+
+def decode_infer_request(payload: bytes) -> InferRequest:
+    """Decode a serialized ``ModelInferRequest`` (as queued by the gateway).
+
+    Raises:
+        InvalidArgument: The payload is not a valid request (the message names the field).
+    """
+    try:
+        message = pb.ModelInferRequest.FromString(payload)
+    except DecodeError:
+        raise InvalidArgument("request payload is not a serialized ModelInferRequest") from None
+    return infer_request_from_proto(message)
+
+
+def infer_request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
+    """Decode a ``ModelInferRequest`` into numpy inputs and requested output names.
+
+    Raises:
+        InvalidArgument: A tensor's datatype, shape or contents are malformed.
+    """
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
+            "send one entry per input or none"
+        )
+    inputs: dict[str, Array] = {}
+    for index, tensor in enumerate(message.inputs):
+        if not tensor.name:
+            raise InvalidArgument(f"inputs[{index}].name is empty")
+        if tensor.name in inputs:
+            raise InvalidArgument(f"input '{tensor.name}' appears more than once")
+        inputs[tensor.name] = _decode_input(tensor, raw[index] if raw else None)
+    outputs = tuple(dict.fromkeys(output.name for output in message.outputs))
+    if "" in outputs:
+        raise InvalidArgument("outputs[].name is empty")
+    return InferRequest(
+        id=message.id,
+        inputs=inputs,
+        outputs=outputs,
+        model=message.model_name,
+        version=message.model_version,
+    )
+
+
+def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Array:
+    name = tensor.name
+    try:
+        dt = datatype(tensor.datatype)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"input '{name}': {exc.message}") from None
+    shape = tuple(tensor.shape)
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
+    if raw is not None:
+        return decode_raw(dt, shape, raw, name=name)
+    return _decode_contents(dt, shape, tensor)
+
+
+def _decode_contents(dt: DataType, shape: tuple[int, ...], tensor: pb.ModelInferRequest.InferInputTensor) -> Array:
+    name = tensor.name
+    field = _CONTENTS_FIELD.get(dt.name)
+    if field is None:
+        raise InvalidArgument(f"input '{name}': {dt.name} tensors must be sent in raw_input_contents")
+    values = list(getattr(tensor.contents, field))
+    count = element_count(shape)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{name}': contents.{field} has {len(values)} elements, expected {count} for shape {list(shape)}"
+        )
+    if dt.itemsize is None:
+        array = np.empty(count, dtype=object)
+        array[:] = values
+        return array.reshape(shape)
+    try:
+        return np.array(values, dtype=dt.numpy).reshape(shape)
+    except OverflowError:
+        raise InvalidArgument(f"input '{name}': a value in contents.{field} does not fit {dt.name}") from None
+
+
+def infer_response_to_proto(result: InferResult) -> pb.ModelInferResponse:
+    """Build a ``ModelInferResponse`` with raw output contents, in the result's output order."""
+    response = pb.ModelInferResponse(model_name=result.model, model_version=str(result.version), id=result.id)
+    for name, array in result.outputs.items():
+        response.outputs.add(name=name, datatype=from_numpy(array.dtype).name, shape=list(array.shape))
+        response.raw_output_contents.append(encode_raw(array))
+    return response
+
+
+def encode_infer_response(result: InferResult) -> bytes:
+    """Serialize ``infer_response_to_proto(result)`` (the payload of a queue reply)."""
+    return bytes(infer_response_to_proto(result).SerializeToString())
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+
+
+def model_metadata_to_proto(runtime: ModelRuntime, versions: Sequence[int]) -> pb.ModelMetadataResponse:
+    """Describe a loaded model: its loaded versions, platform and signature."""
+    return pb.ModelMetadataResponse(
+        name=runtime.model,
+        versions=[str(v) for v in versions],
+        platform=PLATFORM,
+        inputs=[_tensor_metadata(t) for t in runtime.signature.inputs],
+        outputs=[_tensor_metadata(t) for t in runtime.signature.outputs],
+    )

@@ -1,0 +1,243 @@
+"""ONNX Runtime sessions: load off the event loop, validate requests, run on a sized thread pool.
+
+Also holds the domain objects a run works on (``InferRequest``, ``InferResult``), so that
+convert.py, batcher.py and the worker share them without protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
+
+from services.common.dtypes import from_numpy, from_ort
+from services.common.errors import InvalidArgument, MaasError
+from services.common.metadata import TensorSpec
+from services.inference.settings import ProviderSetting
+
+Array = npt.NDArray[np.generic]
+
+_CPU = "CPUExecutionProvider"
+_CUDA = "CUDAExecutionProvider"
+_GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/proc/driver/nvidia")
+
+
+def parse_version(text: str) -> int:
+    """Parse a ``model_version`` string ("" is 0: whichever version is loaded).
+
+    Raises:
+        InvalidArgument: The version is not a non-negative integer.
+    """
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise InvalidArgument(f"model_version '{text}' is not a version number")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """One decoded inference request: numpy inputs by name and the outputs it wants."""
+
+    id: str
+    """The client's request id (``ModelInferRequest.id``), echoed in the response."""
+    inputs: Mapping[str, Array]
+    outputs: tuple[str, ...] = ()
+    """Requested output names; empty means every output of the model."""
+    model: str = ""
+    version: str = ""
+    """Version as the client sent it ("" for the default)."""
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """The outputs of one request, in the order they are returned."""
+
+    model: str
+    version: int
+    id: str
+    outputs: Mapping[str, Array]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model's inputs and outputs; -1 marks a variable dimension."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Every output name, in the model's order."""
+        return tuple(t.name for t in self.outputs)
+
+    @property
+    def is_batchable(self) -> bool:
+        """Whether every input and output has a variable first dimension."""
+        return all(t.is_batchable for t in (*self.inputs, *self.outputs))
+
+    def validate(self, request: InferRequest) -> None:
+        """Check a request's input names, datatypes and shapes and its requested outputs.
+
+        Raises:
+            InvalidArgument: The request does not fit the signature (the message names the tensor).
+        """
+        specs = {t.name: t for t in self.inputs}
+        for name, array in request.inputs.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise InvalidArgument(f"unknown input '{name}'; the model's inputs are {_names(self.inputs)}")
+            _check_tensor(spec, array)
+        missing = [name for name in specs if name not in request.inputs]
+        if missing:
+            raise InvalidArgument(f"missing input '{missing[0]}'; the model's inputs are {_names(self.inputs)}")
+        known = set(self.output_names)
+        for name in request.outputs:
+            if name not in known:
+                raise InvalidArgument(
+                    f"unknown requested output '{name}'; the model's outputs are {_names(self.outputs)}"
+                )
+
+
+def _names(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"'{t.name}'" for t in specs)
+
+
+def _check_tensor(spec: TensorSpec, array: Array) -> None:
+    datatype = from_numpy(array.dtype).name
+    if datatype != spec.datatype:
+        raise InvalidArgument(f"input '{spec.name}': datatype {datatype}, expected {spec.datatype}")
+    shape = list(array.shape)
+    if len(shape) != len(spec.shape):
+        raise InvalidArgument(f"input '{spec.name}': shape {shape} has rank {len(shape)}, expected {list(spec.shape)}")
+    for index, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
+        if want >= 0 and got != want:
+            raise InvalidArgument(
+                f"input '{spec.name}': dimension {index} is {got}, expected {want} (shape {list(spec.shape)})"
+            )
+
+
+def has_gpu_driver() -> bool:
+    """Whether an NVIDIA driver is present (so the CUDA provider can work at all)."""
+    return any(os.path.exists(path) for path in _GPU_DRIVER_PATHS)
+
+
+def select_providers(setting: ProviderSetting, available: Sequence[str], *, has_gpu: bool) -> list[str]:
+    """Return the ONNX Runtime providers to ask for, in priority order.
+
+    Args:
+        setting: ``auto`` (CUDA only if ORT has it and a GPU driver is present), ``cpu`` or ``cuda``.
+        available: ``onnxruntime.get_available_providers()``.
+        has_gpu: Whether a GPU driver is present.
+    """
+    # NOTE: onnxruntime-gpu lists CUDA as available even on machines without a GPU; asking for
+    # it there costs a failed library load and an error log on every session, so "auto" does not.
+    is_cuda = setting == "cuda" or (setting == "auto" and _CUDA in available and has_gpu)
+    return [_CUDA, _CPU] if is_cuda else [_CPU]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _translate(exc: Exception) -> MaasError:
+    message = f"model run failed: {_first_line(exc)}"
+    if isinstance(exc, OrtInvalidArgument) or "INVALID_ARGUMENT" in str(exc):
+        return InvalidArgument(message)
+    return MaasError(message)
+
+
+def _ort_feed(name: str, array: Array) -> Array:
+    """Return ``array`` as ONNX Runtime takes it: BYTES elements become text."""
+    if array.dtype != np.dtype(object):
+        return array
+    # NOTE: ORT builds string tensors with str(element), so bytes would arrive as "b'...'".
+    try:
+        text = [item.decode() if isinstance(item, bytes) else str(item) for item in array.reshape(-1)]
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"input '{name}': BYTES elements must be UTF-8 text for this model") from None
+    out = np.empty(len(text), dtype=object)
+    out[:] = text
+    return out.reshape(array.shape)
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    dims = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(name=arg.name, datatype=from_ort(arg.type).name, shape=dims)
+
+
+def _create_session(path: Path, providers: list[str], intra_op_threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+@dataclass
+class ModelRuntime:
+    """One loaded model version: an ``InferenceSession`` and the executor its runs use."""
+
+    model: str
+    version: int
+    signature: Signature
+    providers: list[str]
+    """The providers the session actually got (CPU when CUDA failed to load)."""
+    _session: ort.InferenceSession = field(repr=False)
+    _executor: Executor = field(repr=False)
+
+    @classmethod
+    async def load(
+        cls,
+        path: Path,
+        *,
+        model: str,
+        version: int,
+        providers: ProviderSetting,
+        intra_op_threads: int,
+        executor: Executor,
+    ) -> ModelRuntime:
+        """Create a session for the ONNX file at ``path`` in a thread (never on the event loop).
+
+        Raises:
+            InvalidArgument: The model uses a type KServe v2 cannot carry.
+            MaasError: ONNX Runtime could not load the file.
+        """
+        wanted = select_providers(providers, ort.get_available_providers(), has_gpu=has_gpu_driver())
+        try:
+            session = await asyncio.to_thread(_create_session, path, wanted, intra_op_threads)
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise MaasError(f"model '{model}' version {version} failed to load: {_first_line(exc)}") from exc
+        signature = Signature(
+            inputs=tuple(_spec(arg) for arg in session.get_inputs()),
+            outputs=tuple(_spec(arg) for arg in session.get_outputs()),
+        )
+        return cls(model, version, signature, list(session.get_providers()), session, executor)
+
+    async def run(self, feeds: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        """Run the model on the executor and return the outputs by name.
+
+        Args:
+            feeds: Input arrays by name (already validated against the signature).
+            output_names: Outputs to compute; empty computes every output.
+
+        Raises:
+            InvalidArgument: ONNX Runtime rejected the inputs.
+            MaasError: The run failed otherwise.
+        """
+        names = list(output_names) or list(self.signature.output_names)
+        ort_feeds = {name: _ort_feed(name, array) for name, array in feeds.items()}
+        loop = asyncio.get_running_loop()
+        try:
+            values = await loop.run_in_executor(self._executor, self._session.run, names, ort_feeds)
+        except Exception as exc:  # ORT's exception types share no base class but Exception
+            raise _translate(exc) from exc
+        return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}

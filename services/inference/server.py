@@ -1,0 +1,49 @@
+"""Wiring of an inference worker: Redis, the registry, the worker and its direct gRPC service."""
+
+from __future__ import annotations
+
+import grpc
+
+from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal, stop_signal_event
+from services.common.redis_conn import create_redis
+from services.common.registry_client import RegistryClient
+from services.inference.servicer import GRPCInferenceServiceServicer
+from services.inference.settings import InferenceSettings
+from services.inference.worker import InferenceWorker
+
+SERVICE_NAME: str = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def create_server(settings: InferenceSettings, worker: InferenceWorker) -> GrpcServer:
+    """Build the worker's gRPC server (not started) and bind ``settings.host:settings.port``.
+
+    Returns:
+        The server handle; ``handle.port`` is the bound port.
+    """
+    servicer = GRPCInferenceServiceServicer(worker)
+
+    def add_servicers(server: grpc.aio.Server) -> None:
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+    return create_grpc_server(settings, [SERVICE_NAME], add_servicers)
+
+
+async def serve(settings: InferenceSettings) -> None:
+    """Run one worker until SIGTERM/SIGINT, then drain it and exit.
+
+    The deployed models are loaded (first reconcile) before health reports SERVING.
+    """
+    stop = stop_signal_event()
+    redis = create_redis(settings.redis_url, settings.redis_timeout_s)
+    registry = RegistryClient(settings.registry_address)
+    worker = InferenceWorker(settings, redis, registry)
+    handle = create_server(settings, worker)
+    worker.grpc_port = handle.port
+    try:
+        await worker.start()
+        await run_until_signal(handle, settings, service="inference", before_stop=worker.drain, stop=stop)
+    finally:
+        await worker.drain()
+        await registry.close()
+        await redis.aclose()

@@ -1,0 +1,62 @@
+"""Settings of an inference worker (env prefix ``MAAS_INFERENCE_``)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+ProviderSetting = Literal["auto", "cpu", "cuda"]
+"""Which ONNX Runtime execution providers a worker asks for."""
+
+
+def default_worker_id() -> str:
+    """Return a worker id unique across hosts and restarts: ``<hostname>-<pid>-<random4>``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class InferenceSettings(ServiceSettings):
+    """What one inference worker needs on top of the common server settings."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_INFERENCE_", extra="ignore", populate_by_name=True)
+
+    registry_address: str = "127.0.0.1:8002"
+    """``host:port`` of the registry's gRPC server (deployments and artifacts)."""
+    pool: str = "default"
+    """Pool of deployments this worker serves (pools group models by hardware class)."""
+    worker_id: str = Field(default_factory=default_worker_id)
+    """Consumer name in every queue's group and heartbeat key; unique per process."""
+    cache_dir: Path = Path(".maas/inference-cache")
+    """Directory of downloaded model artifacts (``<model>/<version>-<sha256[:12]>.onnx``)."""
+    providers: ProviderSetting = "auto"
+    """ONNX Runtime providers: auto (CUDA only if a GPU driver is present), cpu or cuda."""
+    intra_op_threads: int = 0
+    """Threads ONNX Runtime uses inside one operator; 0 keeps its default (one per core)."""
+    max_concurrent_batches: int = Field(default=2, ge=1)
+    """Batches of one queue in flight at once (and size of the model-run thread pool)."""
+    block_ms: int = Field(default=1000, ge=1, le=1000)
+    """How long one XREADGROUP blocks, in ms; at most 1000 so a drain is seen within a second."""
+    reclaim_idle_ms: int = 60000
+    """Idle time, in ms, after which another worker's pending entry is reclaimed.
+
+    It must exceed the longest legitimate batch, or a slow live worker's work is run twice.
+    """
+    reclaim_interval_s: float = 5.0
+    """Seconds between two XAUTOCLAIM sweeps of each queue."""
+    max_deliveries: int = Field(default=3, ge=1)
+    """Deliveries after which an entry is poison: error reply and dead-letter stream."""
+    heartbeat_interval_s: float = 2.0
+    """Seconds between two heartbeats (the gateway reads them for ModelReady)."""
+    heartbeat_ttl_s: float = 10.0
+    """Seconds a heartbeat key lives without renewal."""
+    reconcile_interval_s: float = 30.0
+    """Seconds between two full reconciles with the registry (events trigger one sooner)."""
+    port: int = 0
+    """gRPC port of the direct, queue-less inference service; 0 picks a free one."""

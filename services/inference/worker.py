@@ -1,0 +1,333 @@
+"""The inference worker: reconcile deployments into loaded models with queue consumers, heartbeat, drain.
+
+The model source (the registry in production) is injected, so the worker runs against any
+object that lists deployments and downloads artifacts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from services.common import keys
+from services.common.errors import MaasError, NotFound
+from services.common.metadata import DeploymentRecord, VersionRecord
+from services.common.queue import now_ms
+from services.inference.consumer import QueueConsumer, finish_tasks, sleep_unless, stream_entries, supervise
+from services.inference.runtime import InferRequest, InferResult, ModelRuntime, parse_version
+from services.inference.settings import InferenceSettings
+
+log = structlog.get_logger(__name__)
+
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_RECONCILE_RETRY_S = 2.0
+"""Wait before retrying a reconcile whose deployment listing failed (registry down)."""
+
+
+class ModelSource(Protocol):
+    """Where deployments and artifacts come from (``RegistryClient`` in production)."""
+
+    async def list_deployments(self, pool: str = "") -> list[DeploymentRecord]:
+        """List deployments of ``pool`` (every pool if empty)."""
+        ...
+
+    async def get_version(self, model: str, version: int = 0) -> VersionRecord:
+        """Get one version's record (sha256 and signature)."""
+        ...
+
+    async def download_version(self, model: str, version: int, dest: Path) -> VersionRecord:
+        """Write the version's artifact to ``dest`` atomically, sha256 verified."""
+        ...
+
+
+@dataclass
+class _Served:
+    """A loaded model version and the consumer of its queue."""
+
+    runtime: ModelRuntime
+    consumer: QueueConsumer
+
+
+def _cache_path(cache_dir: Path, record: VersionRecord) -> Path:
+    return cache_dir / record.model / f"{record.version}-{record.sha256[:12]}.onnx"
+
+
+class InferenceWorker:
+    """Serves every deployment of its pool: one loaded runtime and one queue consumer each."""
+
+    def __init__(self, settings: InferenceSettings, redis: aioredis.Redis, source: ModelSource) -> None:
+        self.settings = settings
+        self.grpc_port = 0
+        """Port of the direct gRPC service, published in the heartbeat (set by server.py)."""
+        self._redis = redis
+        self._source = source
+        self._served: dict[tuple[str, int], _Served] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._is_ready = False
+        self._is_drained = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._stop: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._progress: asyncio.Event | None = None
+        self._events_id: bytes | str = "$"
+
+    @property
+    def is_ready(self) -> bool:
+        """Whether a reconcile has completed (every loadable deployment is loaded)."""
+        return self._is_ready and not self._is_drained
+
+    @property
+    def served_models(self) -> list[str]:
+        """``name:version`` of every model version served, sorted."""
+        return sorted(f"{model}:{version}" for model, version in self._served)
+
+    async def start(self) -> None:
+        """Load the deployed models (first reconcile), then start the background loops."""
+        self._executor = ThreadPoolExecutor(self.settings.max_concurrent_batches, thread_name_prefix="ort-run")
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._progress = asyncio.Event()
+        self._events_id = await self._last_event_id()
+        await self.reconcile()
+        self._loops = [
+            asyncio.create_task(supervise("reconcile", self._reconcile_loop, self._stop)),
+            asyncio.create_task(supervise("events", self._follow_events, self._stop)),
+            asyncio.create_task(supervise("heartbeat", self._heartbeat_loop, self._stop)),
+        ]
+        log.info("worker_started", worker_id=self.settings.worker_id, models=self.served_models)
+
+    # Reconcile ---------------------------------------------------------------------------
+
+    async def reconcile(self) -> bool:
+        """Make the served models match the pool's deployments.
+
+        Returns:
+            Whether the deployments could be listed (a failed load is retried next time).
+        """
+        assert self._lock is not None
+        async with self._lock:
+            if self._is_drained:
+                return False
+            try:
+                deployments = await self._source.list_deployments(self.settings.pool)
+            except MaasError as exc:
+                log.warning("reconcile_failed", reason=exc.message)
+                return False
+            desired = {(d.model, d.version): d for d in deployments if d.pool in (self.settings.pool, "")}
+            for key in [key for key in self._served if key not in desired]:
+                await self._unload(key)
+            for key, deployment in desired.items():
+                await self._apply(key, deployment)
+            self._is_ready = True
+            return True
+
+    async def _apply(self, key: tuple[str, int], deployment: DeploymentRecord) -> None:
+        served = self._served.get(key)
+        if served is not None:
+            served.consumer.deployment = deployment
+            return
+        try:
+            runtime = await self._load(deployment)
+        except Exception as exc:  # a bad model must not stop the others; retried next reconcile
+            log.error(
+                "model_load_failed",
+                model=deployment.model,
+                version=deployment.version,
+                reason=exc.message if isinstance(exc, MaasError) else repr(exc),
+            )
+            return
+        assert self._progress is not None
+        consumer = QueueConsumer(self._redis, runtime, deployment, self.settings, progress=self._progress)
+        consumer.start()
+        self._served[key] = _Served(runtime, consumer)
+
+    async def _load(self, deployment: DeploymentRecord) -> ModelRuntime:
+        assert self._executor is not None
+        started = time.perf_counter()
+        record = await self._source.get_version(deployment.model, deployment.version)
+        path = _cache_path(self.settings.cache_dir, record)
+        if not await asyncio.to_thread(path.exists):
+            await self._source.download_version(deployment.model, deployment.version, path)
+        runtime = await ModelRuntime.load(
+            path,
+            model=deployment.model,
+            version=deployment.version,
+            providers=self.settings.providers,
+            intra_op_threads=self.settings.intra_op_threads,
+            executor=self._executor,
+        )
+        log.info(
+            "model_loaded",
+            model=deployment.model,
+            version=deployment.version,
+            providers=runtime.providers,
+            is_batchable=runtime.signature.is_batchable,
+            load_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return runtime
+
+    async def _unload(self, key: tuple[str, int]) -> None:
+        # NOTE: removed from _served only once stopped, so a drain that cancels this still stops it.
+        served = self._served[key]
+        await served.consumer.stop(self.settings.shutdown_grace_s)
+        await self._delete_consumer(served.consumer)
+        del self._served[key]
+        log.info("model_unloaded", model=key[0], version=key[1])
+
+    async def _delete_consumer(self, consumer: QueueConsumer) -> None:
+        try:
+            await consumer.delete_consumer()
+        except _REDIS_ERRORS as exc:
+            log.warning("consumer_delete_failed", queue=consumer.queue, error=str(exc))
+
+    async def _reconcile_loop(self) -> None:
+        assert self._wake is not None and self._stop is not None
+        is_ok = True
+        while not self._stop.is_set():
+            wait_s = self.settings.reconcile_interval_s if is_ok else _RECONCILE_RETRY_S
+            await sleep_unless(self._wake, wait_s)
+            self._wake.clear()
+            is_ok = await self.reconcile()
+
+    async def _last_event_id(self) -> bytes | str:
+        try:
+            newest: Any = await self._redis.xrevrange(keys.EVENTS, count=1)
+        except _REDIS_ERRORS as exc:
+            log.warning("redis_unreachable", loop="events", error=str(exc))
+            return "$"
+        return newest[0][0] if newest else "0-0"
+
+    async def _follow_events(self) -> None:
+        # NOTE: not events.follow: it starts at "$" on every call, so a deployment published
+        # between the first reconcile (or a Redis outage) and its first XREAD would wait for
+        # the next periodic reconcile. This resumes from the last event id seen.
+        assert self._wake is not None
+        while True:
+            reply = await self._redis.xread({keys.EVENTS: self._events_id}, block=self.settings.block_ms, count=100)
+            entries = stream_entries(reply)
+            if entries:
+                self._events_id = entries[-1][0]
+                log.debug("registry_events", count=len(entries))
+                self._wake.set()
+
+    # Heartbeat ---------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._stop is not None
+        while True:
+            await self.beat()
+            if await sleep_unless(self._stop, self.settings.heartbeat_interval_s):
+                return
+
+    async def beat(self) -> None:
+        """Publish the heartbeat key: who this worker is and what it serves (gateway's ModelReady)."""
+        payload = {
+            "worker_id": self.settings.worker_id,
+            "pool": self.settings.pool,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "port": self.grpc_port,
+            "models": self.served_models,
+            "ts_ms": now_ms(),
+        }
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        await self._redis.set(keys.worker(self.settings.worker_id), json.dumps(payload), px=ttl_ms)
+
+    # Drain -------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop reading, finish in-flight batches, delete idle consumers and the heartbeat.
+
+        Idempotent; safe to call if ``start`` never ran or failed half-way.
+        """
+        if self._is_drained:
+            return
+        self._is_drained = True
+        log.info("worker_draining", worker_id=self.settings.worker_id)
+        if self._stop is not None:
+            self._stop.set()
+        # NOTE: reconcile, events and heartbeat hold no work: cancel them at once.
+        await finish_tasks(self._loops, 0)
+        served = list(self._served.values())
+        grace_s = self.settings.shutdown_grace_s
+        await asyncio.gather(*(entry.consumer.stop(grace_s) for entry in served))
+        for entry in served:
+            await self._delete_consumer(entry.consumer)
+        try:
+            await self._redis.delete(keys.worker(self.settings.worker_id))
+        except _REDIS_ERRORS as exc:
+            log.warning("heartbeat_delete_failed", error=str(exc))
+        self._served.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("worker_drained", worker_id=self.settings.worker_id)
+
+    async def run_until_empty(self, timeout_s: float = 30.0) -> None:
+        """Wait until every served queue is empty and nothing read is unanswered (for tests).
+
+        Raises:
+            TimeoutError: Work remained after ``timeout_s``.
+        """
+        assert self._progress is not None
+        async with asyncio.timeout(timeout_s):
+            while True:
+                self._progress.clear()
+                if await self._is_idle():
+                    return
+                await self._progress.wait()
+
+    async def _is_idle(self) -> bool:
+        states = await asyncio.gather(*(entry.consumer.is_idle() for entry in self._served.values()))
+        return all(states)
+
+    # Direct (queue-less) inference --------------------------------------------------------
+
+    def runtime(self, model: str, version: int = 0) -> ModelRuntime:
+        """Return the loaded runtime of ``model`` (version 0: the highest loaded).
+
+        Raises:
+            NotFound: This worker has not loaded that model version.
+        """
+        versions = self.versions(model)
+        if not versions:
+            raise NotFound(f"model '{model}' is not loaded on this worker")
+        chosen = version or versions[-1]
+        if chosen not in versions:
+            raise NotFound(f"model '{model}' version {version} is not loaded on this worker")
+        return self._served[(model, chosen)].runtime
+
+    def versions(self, model: str) -> list[int]:
+        """Loaded versions of ``model``, ascending."""
+        return sorted(version for name, version in self._served if name == model)
+
+    def is_model_ready(self, model: str, version: int = 0) -> bool:
+        """Whether ``model`` (that version, or any if 0) is loaded and served."""
+        versions = self.versions(model)
+        return bool(versions) and (version == 0 or version in versions)
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        """Run one request directly on the loaded runtime (no queue, no batching).
+
+        Raises:
+            InvalidArgument: The request does not fit the model's signature.
+            NotFound: The model version is not loaded here.
+            MaasError: The run failed.
+        """
+        runtime = self.runtime(request.model, parse_version(request.version))
+        runtime.signature.validate(request)
+        names = request.outputs or runtime.signature.output_names
+        outputs = await runtime.run(request.inputs, names)
+        return InferResult(runtime.model, runtime.version, request.id, outputs)
