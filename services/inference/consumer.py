@@ -266,19 +266,18 @@ class QueueConsumer:
     async def _read_batch(self) -> list[Entry]:
         size = max(1, self.deployment.max_batch_size)
         entries = await self._read(size, self._settings.block_ms)
-        if not entries or len(entries) >= size or self.deployment.max_wait_ms <= 0:
+        if not entries or len(entries) >= size:
             return entries
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.deployment.max_wait_ms / 1000
-        while len(entries) < size:
-            # NOTE: BLOCK 0 means forever in Redis; stop before the remaining time rounds to 0.
-            remaining_ms = int((deadline - loop.time()) * 1000)
-            if remaining_ms < 1:
-                break
-            entries += await self._read(size - len(entries), remaining_ms)
+        # NOTE: Redis resolves BLOCK timeouts on its hz tick (100 ms by default), so a short
+        # XREADGROUP BLOCK <max_wait_ms> would wait up to 100 ms. The fill wait uses the event
+        # loop's timer and non-blocking reads instead: take what is queued, wait once, take more.
+        entries += await self._read(size - len(entries), None)
+        if len(entries) < size and self.deployment.max_wait_ms > 0:
+            await asyncio.sleep(self.deployment.max_wait_ms / 1000)
+            entries += await self._read(size - len(entries), None)
         return entries
 
-    async def _read(self, count: int, block_ms: int) -> list[Entry]:
+    async def _read(self, count: int, block_ms: int | None) -> list[Entry]:
         reply = await self._redis.xreadgroup(
             keys.QUEUE_GROUP, self._settings.worker_id, {self.queue: ">"}, count=count, block=block_ms
         )

@@ -127,12 +127,22 @@ class InferenceWorker:
                 log.warning("reconcile_failed", reason=exc.message)
                 return False
             desired = {(d.model, d.version): d for d in deployments if d.pool in (self.settings.pool, "")}
+            before = self.served_models
             for key in [key for key in self._served if key not in desired]:
                 await self._unload(key)
             for key, deployment in desired.items():
                 await self._apply(key, deployment)
             self._is_ready = True
-            return True
+        if self.served_models != before and self._stop is not None:
+            # Publish at once so the gateway's ModelReady follows the change without a beat's delay.
+            await self._beat_or_warn()
+        return True
+
+    async def _beat_or_warn(self) -> None:
+        try:
+            await self.beat()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("heartbeat_failed", error=str(exc))
 
     async def _apply(self, key: tuple[str, int], deployment: DeploymentRecord) -> None:
         served = self._served.get(key)

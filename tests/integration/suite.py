@@ -84,7 +84,6 @@ class Suite:
         await self.registry.deploy(name, version.version, **deploy)  # type: ignore[arg-type]
         if self.worker is not None:
             await self.worker.reconcile()
-            await self.worker.beat()
         return version.version
 
     async def stop(self) -> None:
