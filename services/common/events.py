@@ -33,14 +33,21 @@ async def publish(redis: aioredis.Redis, kind: str, model: str) -> None:
     await redis.xadd(keys.EVENTS, {"kind": kind, "model": model}, maxlen=MAX_EVENTS, approximate=True)
 
 
-async def follow(redis: aioredis.Redis, *, block_ms: int = 1000) -> AsyncIterator[Event]:
-    """Yield events published from now on; the caller owns retries on Redis errors.
+async def last_event_id(redis: aioredis.Redis) -> str:
+    """Return the id of the newest event ("0-0" if there is none), to follow on from it."""
+    newest: Any = await redis.xrevrange(keys.EVENTS, count=1)
+    return newest[0][0].decode() if newest else "0-0"
+
+
+async def follow(redis: aioredis.Redis, *, last_id: str = "$", block_ms: int = 1000) -> AsyncIterator[Event]:
+    """Yield events published after ``last_id``; the caller owns retries on Redis errors.
 
     Args:
         redis: Client whose socket timeout exceeds ``block_ms``.
+        last_id: Follow on from this event id (``$``: from now on). A caller that resumes after
+            an error passes the id of the last event it saw, so nothing in between is missed.
         block_ms: How long one XREAD blocks (the loop then checks for cancellation).
     """
-    last_id = "$"
     while True:
         batches: Any = await redis.xread({keys.EVENTS: last_id}, block=block_ms, count=100)
         for _stream, entries in batches or []:

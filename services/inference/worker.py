@@ -14,17 +14,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from services.common import keys
+from services.common import events, keys
 from services.common.errors import MaasError, NotFound
 from services.common.metadata import DeploymentRecord, VersionRecord
 from services.common.queue import now_ms
-from services.inference.consumer import QueueConsumer, finish_tasks, sleep_unless, stream_entries, supervise
+from services.inference.consumer import QueueConsumer, finish_tasks, sleep_unless, supervise
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime, parse_version
 from services.inference.settings import InferenceSettings
 
@@ -33,6 +33,8 @@ log = structlog.get_logger(__name__)
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _RECONCILE_RETRY_S = 2.0
 """Wait before retrying a reconcile whose deployment listing failed (registry down)."""
+_RETIRE_CHECK_S = 0.5
+"""How often a retiring model version's queue is checked for being empty."""
 
 
 class ModelSource(Protocol):
@@ -81,7 +83,9 @@ class InferenceWorker:
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         self._progress: asyncio.Event | None = None
-        self._events_id: bytes | str = "$"
+        self._events_id = "$"
+        self._retiring: set[tuple[str, int]] = set()
+        """Served versions no longer deployed, unloaded once their queue is empty."""
 
     @property
     def is_ready(self) -> bool:
@@ -128,8 +132,9 @@ class InferenceWorker:
                 return False
             desired = {(d.model, d.version): d for d in deployments if d.pool in (self.settings.pool, "")}
             before = self.served_models
-            for key in [key for key in self._served if key not in desired]:
-                await self._unload(key)
+            self._retiring = {key for key in self._served if key not in desired}
+            for key in list(self._retiring):
+                await self._retire(key)
             for key, deployment in desired.items():
                 await self._apply(key, deployment)
             self._is_ready = True
@@ -189,6 +194,21 @@ class InferenceWorker:
         )
         return runtime
 
+    async def _retire(self, key: tuple[str, int]) -> None:
+        # NOTE: requests already queued for a replaced or undeployed version are served before
+        # it is unloaded; unloading at once would leave them to time out. The gateway stops
+        # sending to it as soon as the registry's event reaches it.
+        served = self._served[key]
+        try:
+            is_idle = await served.consumer.is_idle()
+        except _REDIS_ERRORS:
+            is_idle = False
+        if is_idle:
+            await self._unload(key)
+            self._retiring.discard(key)
+        else:
+            log.info("model_retiring", model=key[0], version=key[1])
+
     async def _unload(self, key: tuple[str, int]) -> None:
         # NOTE: removed from _served only once stopped, so a drain that cancels this still stops it.
         served = self._served[key]
@@ -208,30 +228,27 @@ class InferenceWorker:
         is_ok = True
         while not self._stop.is_set():
             wait_s = self.settings.reconcile_interval_s if is_ok else _RECONCILE_RETRY_S
+            if self._retiring:
+                wait_s = min(wait_s, _RETIRE_CHECK_S)
             await sleep_unless(self._wake, wait_s)
             self._wake.clear()
             is_ok = await self.reconcile()
 
-    async def _last_event_id(self) -> bytes | str:
+    async def _last_event_id(self) -> str:
         try:
-            newest: Any = await self._redis.xrevrange(keys.EVENTS, count=1)
+            return await events.last_event_id(self._redis)
         except _REDIS_ERRORS as exc:
             log.warning("redis_unreachable", loop="events", error=str(exc))
             return "$"
-        return newest[0][0] if newest else "0-0"
 
     async def _follow_events(self) -> None:
-        # NOTE: not events.follow: it starts at "$" on every call, so a deployment published
-        # between the first reconcile (or a Redis outage) and its first XREAD would wait for
-        # the next periodic reconcile. This resumes from the last event id seen.
+        # NOTE: resumes from the last event id seen (set before the first reconcile), so a
+        # deployment published between that reconcile, or during a Redis outage, is not missed.
         assert self._wake is not None
-        while True:
-            reply = await self._redis.xread({keys.EVENTS: self._events_id}, block=self.settings.block_ms, count=100)
-            entries = stream_entries(reply)
-            if entries:
-                self._events_id = entries[-1][0]
-                log.debug("registry_events", count=len(entries))
-                self._wake.set()
+        async for event in events.follow(self._redis, last_id=self._events_id, block_ms=self.settings.block_ms):
+            self._events_id = event.id
+            log.debug("registry_event", kind=event.kind, model=event.model)
+            self._wake.set()
 
     # Heartbeat ---------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ import pytest
 from onnx import TensorProto
 
 from inference import grpc_service_pb2 as pb
+from services.common import keys
 from services.common.embedded_redis import EmbeddedRedis
+from services.common.queue import QueuedRequest, Reply, now_ms
 from tests.integration.suite import Suite
 from tests.models import affine_model, identity_model, two_io_model
 from tests.triton import triton_calls
@@ -196,3 +198,40 @@ async def test_redis_down_gives_unavailable_quickly(tmp_path: Path) -> None:
     finally:
         await running.stop()
         own_redis.stop()
+
+
+async def test_requests_queued_for_a_replaced_version_are_still_served(suite: Suite) -> None:
+    await suite.push("affine", affine_model(), max_batch_size=1, max_wait_ms=0)
+    redis = suite.redis
+    reply_stream = "maas:v1:replies:test-switch"
+    await redis.xdel(reply_stream, await redis.xadd(reply_stream, {"hello": "1"}))
+    request = pb.ModelInferRequest(model_name="affine")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    async with redis.pipeline(transaction=False) as pipe:
+        for index in range(200):
+            entry = QueuedRequest(
+                id=f"r{index}", reply_to=reply_stream, deadline_ms=now_ms() + 60_000,
+                payload=request.SerializeToString(),
+            )  # fmt: skip
+            pipe.xadd(keys.queue("affine", 1), entry.to_fields())
+        await pipe.execute()
+    v2 = await suite.registry.upload_version("affine", affine_model(scale=3.0))
+    await suite.registry.deploy("affine", v2.version)
+    assert suite.worker is not None
+    await suite.worker.reconcile()  # v1 is replaced while most of its 200 requests still wait
+    replies: list[Reply] = []
+    last_id = "0-0"
+    async with asyncio.timeout(30):
+        while len(replies) < 200:
+            for _stream, entries in await redis.xread({reply_stream: last_id}, block=1000) or []:
+                replies += [Reply.from_fields(fields) for _id, fields in entries]
+                last_id = entries[-1][0]
+    assert sorted(r.id for r in replies) == sorted(f"r{i}" for i in range(200))
+    assert {r.code for r in replies} == {0}
+    assert await redis.xlen(keys.queue("affine", 1)) == 0
+    async with asyncio.timeout(10):
+        while "affine:1" in suite.worker.served_models:
+            await suite.worker.reconcile()
+            await asyncio.sleep(0.1)
+    assert suite.worker.served_models == ["affine:2"]
