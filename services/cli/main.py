@@ -287,7 +287,7 @@ def infer(
     """Call a model through the gateway and print its outputs as JSON."""
     arrays = dict(convert.parse_input(spec) for spec in inputs)
     result = _run(_infer(name, version, arrays, timeout_s))
-    out.print_json(json.dumps(result))
+    typer.echo(json.dumps(result))
 
 
 async def _infer(name: str, version: str, arrays: dict[str, Any], timeout_s: float) -> dict[str, Any]:
