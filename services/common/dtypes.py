@@ -31,29 +31,32 @@ class DataType:
     """ONNX Runtime's type string, e.g. ``tensor(float)``."""
     itemsize: int | None
     """Bytes per element; None for BYTES (variable length)."""
+    contents_field: str | None
+    """Field of ``InferTensorContents`` that carries it as typed values (FP16 has none: raw only)."""
 
 
-def _dt(name: str, np_type: str, onnx: int, ort: str, variable: bool = False) -> DataType:
+def _dt(name: str, np_type: str, onnx: int, ort: str, contents: str | None, variable: bool = False) -> DataType:
     dtype = np.dtype(np_type).newbyteorder("<") if not variable else np.dtype(object)
-    return DataType(name, dtype, onnx, f"tensor({ort})", None if variable else dtype.itemsize)
+    field = f"{contents}_contents" if contents else None
+    return DataType(name, dtype, onnx, f"tensor({ort})", None if variable else dtype.itemsize, field)
 
 
 DATATYPES: dict[str, DataType] = {
     dt.name: dt
     for dt in (
-        _dt("BOOL", "bool", 9, "bool"),
-        _dt("UINT8", "uint8", 2, "uint8"),
-        _dt("UINT16", "uint16", 4, "uint16"),
-        _dt("UINT32", "uint32", 12, "uint32"),
-        _dt("UINT64", "uint64", 13, "uint64"),
-        _dt("INT8", "int8", 3, "int8"),
-        _dt("INT16", "int16", 5, "int16"),
-        _dt("INT32", "int32", 6, "int32"),
-        _dt("INT64", "int64", 7, "int64"),
-        _dt("FP16", "float16", 10, "float16"),
-        _dt("FP32", "float32", 1, "float"),
-        _dt("FP64", "float64", 11, "double"),
-        _dt("BYTES", "object", 8, "string", variable=True),
+        _dt("BOOL", "bool", 9, "bool", "bool"),
+        _dt("UINT8", "uint8", 2, "uint8", "uint"),
+        _dt("UINT16", "uint16", 4, "uint16", "uint"),
+        _dt("UINT32", "uint32", 12, "uint32", "uint"),
+        _dt("UINT64", "uint64", 13, "uint64", "uint64"),
+        _dt("INT8", "int8", 3, "int8", "int"),
+        _dt("INT16", "int16", 5, "int16", "int"),
+        _dt("INT32", "int32", 6, "int32", "int"),
+        _dt("INT64", "int64", 7, "int64", "int64"),
+        _dt("FP16", "float16", 10, "float16", None),
+        _dt("FP32", "float32", 1, "float", "fp32"),
+        _dt("FP64", "float64", 11, "double", "fp64"),
+        _dt("BYTES", "object", 8, "string", "bytes", variable=True),
     )
 }
 _BY_ORT = {dt.ort: dt for dt in DATATYPES.values()}

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from inference import grpc_service_pb2 as pb
 from inference import model_config_pb2 as mc
+from services.common import dtypes
 from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
 from services.gateway.router import InferCall, InputView, ModelStats
 
@@ -13,26 +14,12 @@ SERVER_NAME = "maas"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
 
 def _content_count(tensor: pb.ModelInferRequest.InferInputTensor) -> int | None:
     if not tensor.HasField("contents"):
         return None
-    field = _CONTENTS_FIELD.get(tensor.datatype)
+    known = dtypes.DATATYPES.get(tensor.datatype)
+    field = known.contents_field if known else None
     return len(getattr(tensor.contents, field)) if field else 0
 
 

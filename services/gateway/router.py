@@ -112,6 +112,8 @@ def _check_data(view: InputView, dt: dtypes.DataType) -> None:
                 f"{count} length-prefixed BYTES elements"
             )
     elif view.content_count is not None:
+        if dt.contents_field is None:
+            raise InvalidArgument(f"input '{view.name}': {dt.name} tensors must be sent in raw_input_contents")
         if view.content_count != count:
             raise InvalidArgument(
                 f"input '{view.name}': contents has {view.content_count} elements, expected {count} "

@@ -13,22 +13,6 @@ from services.common.errors import InvalidArgument
 from services.common.metadata import PLATFORM, TensorSpec
 from services.inference.runtime import Array, InferRequest, InferResult, ModelRuntime
 
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-"""``InferTensorContents`` field of each datatype (FP16 has none: raw contents only)."""
-
 
 def decode_infer_request(payload: bytes) -> InferRequest:
     """Decode a serialized ``ModelInferRequest`` (as queued by the gateway).
@@ -90,7 +74,7 @@ def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
 
 def _decode_contents(dt: DataType, shape: tuple[int, ...], tensor: pb.ModelInferRequest.InferInputTensor) -> Array:
     name = tensor.name
-    field = _CONTENTS_FIELD.get(dt.name)
+    field = dt.contents_field
     if field is None:
         raise InvalidArgument(f"input '{name}': {dt.name} tensors must be sent in raw_input_contents")
     values = list(getattr(tensor.contents, field))

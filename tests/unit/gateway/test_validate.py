@@ -92,6 +92,17 @@ def test_typed_contents_are_counted() -> None:
     validate(convert.infer_call(request), VERSION)
 
 
+def test_fp16_needs_raw_contents() -> None:
+    version = VersionRecord(
+        model="half", version=1, sha256="0" * 64, size_bytes=1, inputs=(TensorSpec("h", "FP16", (2,)),),
+        outputs=(), created_at_ms=0,
+    )  # fmt: skip
+    request = pb.ModelInferRequest(model_name="half")
+    request.inputs.add(name="h", datatype="FP16", shape=[2]).contents.SetInParent()
+    with pytest.raises(InvalidArgument, match="input 'h': FP16 tensors must be sent in raw_input_contents"):
+        validate(convert.infer_call(request), version)
+
+
 def test_input_without_data() -> None:
     request = pb.ModelInferRequest(model_name="affine")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
