@@ -203,6 +203,7 @@ class QueueConsumer:
         self._loops = [
             asyncio.create_task(supervise("read", self._read_loop, self._stop, queue=self.queue)),
             asyncio.create_task(supervise("reclaim", self._reclaim_loop, self._stop, queue=self.queue)),
+            asyncio.create_task(supervise("keep-claimed", self._keep_claimed_loop, self._stop, queue=self.queue)),
         ]
 
     async def stop(self, timeout_s: float) -> None:
@@ -379,6 +380,19 @@ class QueueConsumer:
         REQUESTS.labels(code=answer.code.name, **self._labels).inc()
 
     # Reclaiming --------------------------------------------------------------------------
+
+    async def _keep_claimed_loop(self) -> None:
+        # NOTE: an entry idle longer than reclaim_idle_ms is taken by another worker and run
+        # twice. Re-claiming our in-flight entries (JUSTID: no delivery count) resets their idle
+        # time, so a batch that runs long is never stolen and the reclaim idle time can be short.
+        assert self._stop is not None
+        period_s = self._settings.reclaim_idle_ms / 3000
+        while not await sleep_unless(self._stop, period_s):
+            ids = sorted(self._in_flight)
+            if ids:
+                await self._redis.xclaim(
+                    self.queue, keys.QUEUE_GROUP, self._settings.worker_id, 0, ids, justid=True
+                )
 
     async def _reclaim_loop(self) -> None:
         assert self._stop is not None

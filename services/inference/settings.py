@@ -43,10 +43,11 @@ class InferenceSettings(ServiceSettings):
     """Batches of one queue in flight at once (and size of the model-run thread pool)."""
     block_ms: int = Field(default=1000, ge=1, le=1000)
     """How long one XREADGROUP blocks, in ms; at most 1000 so a drain is seen within a second."""
-    reclaim_idle_ms: int = 60000
+    reclaim_idle_ms: int = Field(default=15000, ge=100)
     """Idle time, in ms, after which another worker's pending entry is reclaimed.
 
-    It must exceed the longest legitimate batch, or a slow live worker's work is run twice.
+    Live workers re-claim their in-flight entries every third of it, so a long batch is never
+    stolen; this bounds how long the requests of a dead worker wait before another runs them.
     """
     reclaim_interval_s: float = 5.0
     """Seconds between two XAUTOCLAIM sweeps of each queue."""

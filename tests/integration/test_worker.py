@@ -378,6 +378,47 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_and_run_one_by_one(
     assert await group_pending(redis_client) == 0
 
 
+def slow_model(size: int = 1024, steps: int = 48) -> bytes:
+    """Y = x @ x @ ... @ x (``steps`` MatMuls of [size, size]): about half a second on one thread."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])
+    names = ["x", *(f"a{i}" for i in range(1, steps)), "y"]
+    nodes = [helper.make_node("MatMul", [names[i], "x"], [names[i + 1]]) for i in range(steps)]
+    model = helper.make_model(helper.make_graph(nodes, "slow", [x], [y]), opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+async def test_a_long_batch_is_not_stolen_by_a_live_worker(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    models = DirectoryModelSource(tmp_path / "models")
+    models.add("slow", slow_model(), max_batch_size=1, max_wait_ms=0)
+    queue = keys.queue("slow", 1)
+    await create_reply_stream(redis_client)
+    x = np.full((1024, 1024), 0.001, np.float32)
+    request = pb.ModelInferRequest(
+        model_name="slow",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1024, 1024])],
+        raw_input_contents=[x.tobytes()],
+    )
+    fast_reclaim = {"reclaim_idle_ms": 150, "reclaim_interval_s": 0.05}
+    one = worker_settings(redis_server.url, tmp_path, worker_id="w1", **fast_reclaim)
+    two = worker_settings(redis_server.url, tmp_path / "two", worker_id="w2", **fast_reclaim)
+    async with running_worker(one, models), running_worker(two, models):
+        await enqueue(redis_client, "long", request.SerializeToString(), queue=queue)
+        await eventually(lambda: _any_reply(redis_client), timeout_s=30)
+        await asyncio.sleep(0.5)  # a stolen copy would still be running: give it time to reply too
+    replies = await read_replies(redis_client)
+    assert [reply.code for reply in replies["long"]] == [OK]
+
+
+async def _any_reply(redis: aioredis.Redis) -> bool:
+    return bool(await redis.xlen(REPLIES))
+
+
 async def test_claimed_entries_that_were_deleted_are_acked(
     redis_server: EmbeddedRedis, redis_client: aioredis.Redis, source: DirectoryModelSource, tmp_path: Path
 ) -> None:
