@@ -388,11 +388,9 @@ class QueueConsumer:
         assert self._stop is not None
         period_s = self._settings.reclaim_idle_ms / 3000
         while not await sleep_unless(self._stop, period_s):
-            ids = sorted(self._in_flight)
+            ids: list[Any] = sorted(self._in_flight)
             if ids:
-                await self._redis.xclaim(
-                    self.queue, keys.QUEUE_GROUP, self._settings.worker_id, 0, ids, justid=True
-                )
+                await self._redis.xclaim(self.queue, keys.QUEUE_GROUP, self._settings.worker_id, 0, ids, justid=True)
 
     async def _reclaim_loop(self) -> None:
         assert self._stop is not None
