@@ -114,6 +114,7 @@ class Supervisor:
         self.registry: Child | None = None
         self.gateway: Child | None = None
         self.workers: list[Child] = []
+        self.registry_address = ""
         self._stopping = False
 
     def _common_env(self) -> dict[str, str]:
@@ -152,7 +153,10 @@ class Supervisor:
             {"MAAS_REGISTRY_PORT": str(opts.registry_port), "MAAS_REGISTRY_DATA_DIR": str(opts.data_dir / "registry")},
         )
         self.registry.start()
-        registry_address = f"{opts.host}:{self.registry.wait_ready(_READY_TIMEOUT_S)['port']}"
+        registry_port = self.registry.wait_ready(_READY_TIMEOUT_S)["port"]
+        # A restarted child must come back on the port the others and the user already know.
+        self.registry.env["MAAS_REGISTRY_PORT"] = str(registry_port)
+        registry_address = f"{opts.host}:{registry_port}"
         for index in range(opts.workers):
             self.workers.append(self._worker(index, registry_address))
         self.gateway = self._child(
@@ -165,7 +169,9 @@ class Supervisor:
             child.start()
         for child in (*self.workers, self.gateway):
             child.wait_ready(_READY_TIMEOUT_S)
-        return self._write_endpoints(registry_address)
+        self.gateway.env["MAAS_GATEWAY_PORT"] = str(self.gateway.info["port"])
+        self.registry_address = registry_address
+        return self._write_endpoints()
 
     def _worker(self, index: int, registry_address: str) -> Child:
         opts = self.options
@@ -180,11 +186,11 @@ class Supervisor:
             },
         )
 
-    def _write_endpoints(self, registry_address: str) -> dict[str, object]:
+    def _write_endpoints(self) -> dict[str, object]:
         assert self.gateway is not None
         endpoints: dict[str, object] = {
             "gateway": f"{self.options.host}:{self.gateway.info['port']}",
-            "registry": registry_address,
+            "registry": self.registry_address,
             "redis_url": self.redis_url,
             "pids": {c.name: c.process.pid for c in self._children() if c.process is not None}
             | ({"redis": self.redis.pid} if self.redis and self.redis.pid else {}),
@@ -216,6 +222,7 @@ class Supervisor:
         time.sleep(backoff_s)
         child.restarts += 1
         child.start()
+        self._write_endpoints()
 
     def stop(self) -> None:
         """Stop in drain order: gateway, workers, registry, then Redis."""

@@ -80,8 +80,10 @@ class ModelCatalog:
                 await asyncio.sleep(1.0)
 
     def invalidate(self, model: str) -> None:
-        """Forget what is cached about ``model``."""
+        """Forget what is cached about ``model`` (a deleted and recreated model reuses numbers)."""
         self._models.pop(model, None)
+        for key in [key for key in self._versions if key[0] == model]:
+            del self._versions[key]
 
     async def model(self, name: str) -> ModelRecord:
         """Return a model's record (NotFound if it does not exist)."""
@@ -94,7 +96,7 @@ class ModelCatalog:
         return record
 
     async def version(self, name: str, version: int) -> VersionRecord:
-        """Return a version's record; versions are immutable, so they are cached for good."""
+        """Return a version's record; versions are immutable, so they stay cached until an event."""
         key = (name, version)
         if key not in self._versions:
             self._versions[key] = await self._registry.get_version(name, version)

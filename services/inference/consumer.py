@@ -252,6 +252,7 @@ class QueueConsumer:
     async def _read_loop(self) -> None:
         assert self._stop is not None and self._slots is not None
         await self.ensure_group()
+        await self._recover_own_pending()
         while not self._stop.is_set():
             await self._slots.acquire()
             try:
@@ -263,6 +264,24 @@ class QueueConsumer:
                 self._spawn(entries)
             else:
                 self._slots.release()
+
+    async def _recover_own_pending(self) -> None:
+        # NOTE: a worker restarted under the same id (`maas up`, a StatefulSet) owns what its
+        # previous life left pending, and XREADGROUP ">" never returns those: run them first,
+        # one by one like reclaimed entries, instead of waiting reclaim_idle_ms for them.
+        cursor = "0-0"
+        while self._stop is not None and not self._stop.is_set():
+            reply = await self._redis.xreadgroup(
+                keys.QUEUE_GROUP, self._settings.worker_id, {self.queue: cursor}, count=_CLAIM_COUNT
+            )
+            history = stream_entries(reply)
+            if not history:
+                return
+            cursor = history[-1][0].decode()
+            vanished = [entry_id for entry_id, fields in history if not fields]
+            if vanished:  # deleted while pending (Redis 6.2 keeps them listed): nothing to run
+                await self._redis.xack(self.queue, keys.QUEUE_GROUP, *vanished)
+            await self._handle_claimed([(entry_id, fields) for entry_id, fields in history if fields])
 
     async def _read_batch(self) -> list[Entry]:
         size = max(1, self.deployment.max_batch_size)

@@ -235,3 +235,18 @@ async def test_requests_queued_for_a_replaced_version_are_still_served(suite: Su
             await suite.worker.reconcile()
             await asyncio.sleep(0.1)
     assert suite.worker.served_models == ["affine:2"]
+
+
+async def test_a_recreated_model_is_served_with_its_new_signature(suite: Suite) -> None:
+    await suite.push("m", affine_model())
+    request = _affine_request()
+    request.model_name = "m"
+    assert (await suite.inference.ModelInfer(request, timeout=20)).outputs[0].name == "y"
+    await suite.registry.delete_model("m")
+    await suite.push("m", two_io_model())  # version 1 again, with another signature
+    metadata = await suite.inference.ModelMetadata(pb.ModelMetadataRequest(name="m"), timeout=5)
+    assert [t.name for t in metadata.inputs] == ["a", "b"]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.inference.ModelInfer(request, timeout=20)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown input 'x'" in (info.value.details() or "")

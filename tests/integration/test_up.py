@@ -69,6 +69,11 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
+def _current_pids(up: Up) -> dict[str, int]:
+    pids: dict[str, int] = json.loads((up.data_dir / "run" / "endpoints.json").read_text())["pids"]
+    return pids
+
+
 @pytest.fixture
 def model_file(tmp_path: Path) -> Path:
     path = tmp_path / "affine.onnx"
@@ -112,8 +117,12 @@ def test_up_push_infer_restart(up_process: Up, model_file: Path, tmp_path: Path)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["outputs"]["y"]["data"] == [[1.0, 2.0, 3.0, 5.0]]
 
-    pids = dict(up.endpoints["pids"])  # type: ignore[call-overload]
+    killed = up.endpoints["pids"]["worker-0"]  # type: ignore[index]
+    os.kill(killed, signal.SIGKILL)  # the supervisor restarts it; calls in between wait in the queue
+    assert _infer_affine(up) == [[3.0, 5.0, 7.0, 9.0]]
+    pids = _current_pids(up)
     assert set(pids) == {"gateway", "worker-0", "registry", "redis"}
+    assert pids["worker-0"] != killed
     assert up.stop(signal.SIGINT) == 0
     assert [name for name, pid in pids.items() if _is_alive(pid)] == []
 

@@ -378,6 +378,25 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_and_run_one_by_one(
     assert await group_pending(redis_client) == 0
 
 
+async def test_a_restarted_worker_runs_what_its_previous_life_left_pending(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, source: DirectoryModelSource, tmp_path: Path
+) -> None:
+    await create_reply_stream(redis_client)
+    await redis_client.xgroup_create(QUEUE, keys.QUEUE_GROUP, id="0", mkstream=True)
+    for index in range(3):
+        await enqueue_affine(redis_client, f"left-{index}", rows(index))
+    # The previous life of worker "w1" read them and died before replying.
+    await redis_client.xreadgroup(keys.QUEUE_GROUP, "w1", {QUEUE: ">"}, count=10)
+    assert await group_pending(redis_client) == 3
+    settings = worker_settings(redis_server.url, tmp_path, worker_id="w1", reclaim_idle_ms=600_000)
+    async with running_worker(settings, source) as worker:
+        await worker.run_until_empty(timeout_s=10)
+    replies = await read_replies(redis_client)
+    assert sorted(replies) == ["left-0", "left-1", "left-2"]
+    assert np.array_equal(output_y(replies["left-2"][0]), rows(2) * 2 + 1)
+    assert await group_pending(redis_client) == 0
+
+
 def slow_model(size: int = 1024, steps: int = 48) -> bytes:
     """Y = x @ x @ ... @ x (``steps`` MatMuls of [size, size]): about half a second on one thread."""
     from onnx import TensorProto, helper
