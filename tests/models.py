@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 
 from services.cli.examples import affine_model
 
-__all__ = ["affine_model", "identity_model", "two_io_model"]
+__all__ = ["affine_model", "identity_model", "slow_model", "two_io_model"]
 
 
 def _finish(graph: onnx.GraphProto, opset: int = 13) -> bytes:
@@ -32,3 +32,12 @@ def identity_model(elem_type: int, shape: list[int | str]) -> bytes:
     inp = helper.make_tensor_value_info("inp", elem_type, shape)
     out = helper.make_tensor_value_info("out", elem_type, shape)
     return _finish(helper.make_graph([helper.make_node("Identity", ["inp"], ["out"])], "ident", [inp], [out]))
+
+
+def slow_model(size: int = 1024, steps: int = 48) -> bytes:
+    """Y = x @ x @ ... @ x (``steps`` MatMuls of [size, size]): about half a second on one thread."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])
+    names = ["x", *(f"a{i}" for i in range(1, steps)), "y"]
+    nodes = [helper.make_node("MatMul", [names[i], "x"], [names[i + 1]]) for i in range(steps)]
+    return _finish(helper.make_graph(nodes, "slow", [x], [y]))

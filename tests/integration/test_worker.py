@@ -44,7 +44,7 @@ from services.registry.blobs import LocalBlobStore
 from services.registry.server import create_server as create_registry_server
 from services.registry.settings import RegistrySettings
 from services.registry.store import ModelStore
-from tests.models import affine_model, two_io_model
+from tests.models import affine_model, slow_model, two_io_model
 
 pytestmark = pytest.mark.integration
 
@@ -395,19 +395,6 @@ async def test_a_restarted_worker_runs_what_its_previous_life_left_pending(
     assert sorted(replies) == ["left-0", "left-1", "left-2"]
     assert np.array_equal(output_y(replies["left-2"][0]), rows(2) * 2 + 1)
     assert await group_pending(redis_client) == 0
-
-
-def slow_model(size: int = 1024, steps: int = 48) -> bytes:
-    """Y = x @ x @ ... @ x (``steps`` MatMuls of [size, size]): about half a second on one thread."""
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, size])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])
-    names = ["x", *(f"a{i}" for i in range(1, steps)), "y"]
-    nodes = [helper.make_node("MatMul", [names[i], "x"], [names[i + 1]]) for i in range(steps)]
-    model = helper.make_model(helper.make_graph(nodes, "slow", [x], [y]), opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 async def test_a_long_batch_is_not_stolen_by_a_live_worker(

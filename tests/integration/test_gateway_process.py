@@ -1,0 +1,71 @@
+"""A real gateway process drains on SIGTERM: every call in flight gets its reply."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+from tests.integration.suite import Suite
+from tests.models import slow_model
+
+pytestmark = pytest.mark.integration
+
+SIZE = 1024
+
+
+def _slow_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="slow")
+    request.inputs.add(name="x", datatype="FP32", shape=[SIZE, SIZE])
+    request.raw_input_contents.append(np.full((SIZE, SIZE), 0.001, np.float32).tobytes())
+    return request
+
+
+async def _start_gateway(suite: Suite, tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
+    ready = tmp_path / "gateway.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")} | {
+        "MAAS_REDIS_URL": suite.redis_url,
+        "MAAS_GATEWAY_REGISTRY_ADDRESS": suite.registry_address,
+        "MAAS_GATEWAY_PORT": "0",
+        "MAAS_GATEWAY_READY_FILE": str(ready),
+        "MAAS_GATEWAY_DRAIN_DELAY_S": "1",
+        "MAAS_GATEWAY_SHUTDOWN_GRACE_S": "30",
+    }
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.gateway", env=env)
+    async with asyncio.timeout(60):
+        while not ready.exists():
+            assert process.returncode is None, "gateway exited during start-up"
+            await asyncio.sleep(0.1)
+    return process, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_lets_every_in_flight_call_finish(suite: Suite, tmp_path: Path) -> None:
+    await suite.push("slow", slow_model(size=SIZE, steps=20), max_batch_size=1, max_wait_ms=0)
+    process, address = await _start_gateway(suite, tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            calls = [asyncio.ensure_future(stub.ModelInfer(_slow_request(), timeout=60)) for _ in range(6)]
+            await asyncio.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            # Endpoints are removed concurrently with SIGTERM: a call arriving now is still served.
+            calls.append(asyncio.ensure_future(stub.ModelInfer(_slow_request(), timeout=60)))
+            responses = await asyncio.gather(*calls)
+        assert [r.outputs[0].name for r in responses] == ["y"] * 7
+        async with asyncio.timeout(60):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
