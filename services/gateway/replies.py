@@ -104,6 +104,17 @@ class ReplyReader:
                 log.warning("reply_reader_failed", error=str(exc), retry_in_s=backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+                await self._ensure_stream()
+
+    async def _ensure_stream(self) -> None:
+        # NOTE: a Redis that restarted without our key (no AOF, or a failover) must get it back
+        # before workers reply, or their NOMKSTREAM replies are dropped.
+        try:
+            if not await self._redis.exists(self.stream):
+                await self._create_stream()
+                log.info("reply_stream_recreated", stream=self.stream)
+        except redis.exceptions.RedisError as exc:
+            log.warning("reply_stream_check_failed", error=str(exc))
 
     async def _read_once(self) -> None:
         batches: Any = await self._redis.xread({self.stream: self._last_id}, block=self._block_ms, count=512)

@@ -250,3 +250,34 @@ async def test_a_recreated_model_is_served_with_its_new_signature(suite: Suite) 
         await suite.inference.ModelInfer(request, timeout=20)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown input 'x'" in (info.value.details() or "")
+
+
+@pytest.mark.timeout(120)
+async def test_services_reconnect_after_redis_restarts(tmp_path: Path) -> None:
+    own_redis = EmbeddedRedis(tmp_path / "redis").start()
+    restarted = EmbeddedRedis(tmp_path / "redis", port=own_redis.port)
+    running = await Suite(own_redis.url, tmp_path).start()
+    request = _affine_request()
+    request.model_name = "affine"
+    try:
+        await running.push("affine", affine_model())
+        assert (await running.inference.ModelInfer(request, timeout=20)).outputs[0].name == "y"
+        await asyncio.sleep(1.2)  # appendfsync everysec: let the AOF reach the disk
+        own_redis.kill()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await running.inference.ModelInfer(request, timeout=20)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        await asyncio.to_thread(restarted.start)
+        for _attempt in range(60):
+            try:
+                response = await running.inference.ModelInfer(request, timeout=5)
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), exc
+                await asyncio.sleep(0.5)
+        else:
+            raise AssertionError("the suite did not recover after Redis came back")
+        assert np.frombuffer(response.raw_output_contents[0], np.float32).tolist() == [1.0] * 4
+    finally:
+        await running.stop()
+        restarted.stop()

@@ -410,7 +410,7 @@ async def test_a_long_batch_is_not_stolen_by_a_live_worker(
         inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1024, 1024])],
         raw_input_contents=[x.tobytes()],
     )
-    fast_reclaim = {"reclaim_idle_ms": 150, "reclaim_interval_s": 0.05}
+    fast_reclaim = {"reclaim_idle_ms": 300, "reclaim_interval_s": 0.05}
     one = worker_settings(redis_server.url, tmp_path, worker_id="w1", **fast_reclaim)
     two = worker_settings(redis_server.url, tmp_path / "two", worker_id="w2", **fast_reclaim)
     async with running_worker(one, models), running_worker(two, models):
