@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -61,8 +62,13 @@ async def test_taxonomy_maps_to_status(channel: grpc.aio.Channel, cls: type[erro
 
 async def test_unexpected_error_is_internal_with_request_id_and_logged_once(channel: grpc.aio.Channel) -> None:
     call = channel.unary_unary("/test.Errors/Raise")
-    with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as info:
-        await call(b"ValueError", metadata=(("x-request-id", "req-7"),))
+    with capture_logs() as logs:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(b"ValueError", metadata=(("x-request-id", "req-7"),))
+        # The client sees the status before the server's interceptor writes its last line.
+        async with asyncio.timeout(5):
+            while not any(entry["event"] == "rpc_finished" for entry in logs):
+                await asyncio.sleep(0.01)
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert info.value.details() == "internal error (request_id=req-7)"
     assert "secret" not in info.value.details()
