@@ -2,7 +2,8 @@
 
 Children run in their own sessions so a terminal's Ctrl-C reaches only the supervisor, which
 then stops them in drain order: gateway, workers, registry, Redis. Each child also gets
-SIGTERM if the supervisor dies (Linux ``PR_SET_PDEATHSIG``), so nothing is left orphaned.
+SIGTERM if the supervisor dies (Linux ``PR_SET_PDEATHSIG`` through ``setpriv``), so nothing is left
+orphaned.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from services.common.embedded_redis import EmbeddedRedis, die_with_parent
+from services.common.embedded_redis import EmbeddedRedis, with_parent_death_signal
 
 log = structlog.get_logger(__name__)
 
@@ -59,10 +60,9 @@ class Child:
         """Start (or restart) the process."""
         self.ready_file.unlink(missing_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module],
+            with_parent_death_signal([sys.executable, "-m", self.module]),
             env={**os.environ, **self.env},
             start_new_session=True,
-            preexec_fn=die_with_parent,
         )
         log.info("child_started", child=self.name, pid=self.process.pid)
 

@@ -7,11 +7,8 @@ same directory keeps every model and queued request.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -23,14 +20,18 @@ _MIN_VERSION = (6, 2)
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 15.0
 _PORT_ATTEMPTS = 5
-_PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the parent dies (Linux), so nothing is orphaned."""
-    # Not Linux: no libc.so.6; the parent's own shutdown still stops its children.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def with_parent_death_signal(args: list[str]) -> list[str]:
+    """Prefix a command so its process gets SIGTERM when the parent dies (Linux), if possible.
+
+    NOTE: not ``Popen(preexec_fn=...)``: with a preexec function CPython runs the registered
+    at-fork handlers (gRPC's among them) in the child, which deadlocks when gRPC threads are
+    busy. ``setpriv`` (util-linux) sets the signal and execs the command instead. Without it,
+    the parent's own shutdown still stops its children; only a killed parent leaves them.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *args] if setpriv else args
 
 
 def _version_of(binary: str) -> tuple[int, ...]:
@@ -105,7 +106,7 @@ class EmbeddedRedis:
             "--daemonize", "no", "--logfile", "redis.log", "--protected-mode", "yes",
         ]  # fmt: skip
         self._process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
+            with_parent_death_signal(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + _START_TIMEOUT_S
         client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)

@@ -267,7 +267,7 @@ async def test_services_reconnect_after_redis_restarts(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await running.inference.ModelInfer(request, timeout=20)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        await asyncio.to_thread(restarted.start)
+        restarted.start()  # from this thread: its parent-death signal follows the creating thread
         for _attempt in range(60):
             try:
                 response = await running.inference.ModelInfer(request, timeout=5)
