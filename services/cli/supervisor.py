@@ -50,6 +50,7 @@ class Child:
 
     name: str
     module: str
+    env_prefix: str
     env: dict[str, str]
     ready_file: Path
     process: subprocess.Popen[bytes] | None = None
@@ -80,6 +81,9 @@ class Child:
         while time.monotonic() < deadline:
             if self.ready_file.exists():
                 self.info = json.loads(self.ready_file.read_text())
+                # A restart must come back on the ports the others and the user already know.
+                self.env[f"{self.env_prefix}_PORT"] = str(self.info["port"])
+                self.env[f"{self.env_prefix}_METRICS_PORT"] = str(self.info["metrics_port"])
                 return self.info
             if not self.is_running():
                 raise RuntimeError(f"{self.name} exited during start-up (code {self.process and self.process.poll()})")
@@ -127,13 +131,14 @@ class Supervisor:
                 ("LOG_JSON", str(opts.log_json).lower()),
                 ("LOG_LEVEL", opts.log_level),
                 ("SHUTDOWN_GRACE_S", str(opts.shutdown_grace_s)),
+                ("METRICS_PORT", "0"),
             )
         }
 
     def _child(self, name: str, module: str, prefix: str, extra: dict[str, str]) -> Child:
         ready = self.run_dir / f"{name}.json"
         env = self._common_env() | {f"{prefix}_READY_FILE": str(ready)} | extra
-        return Child(name=name, module=module, env=env, ready_file=ready)
+        return Child(name=name, module=module, env_prefix=prefix, env=env, ready_file=ready)
 
     def start(self) -> dict[str, object]:
         """Start Redis (unless external), the registry, the workers and the gateway.
@@ -153,10 +158,7 @@ class Supervisor:
             {"MAAS_REGISTRY_PORT": str(opts.registry_port), "MAAS_REGISTRY_DATA_DIR": str(opts.data_dir / "registry")},
         )
         self.registry.start()
-        registry_port = self.registry.wait_ready(_READY_TIMEOUT_S)["port"]
-        # A restarted child must come back on the port the others and the user already know.
-        self.registry.env["MAAS_REGISTRY_PORT"] = str(registry_port)
-        registry_address = f"{opts.host}:{registry_port}"
+        registry_address = f"{opts.host}:{self.registry.wait_ready(_READY_TIMEOUT_S)['port']}"
         for index in range(opts.workers):
             self.workers.append(self._worker(index, registry_address))
         self.gateway = self._child(
@@ -169,7 +171,6 @@ class Supervisor:
             child.start()
         for child in (*self.workers, self.gateway):
             child.wait_ready(_READY_TIMEOUT_S)
-        self.gateway.env["MAAS_GATEWAY_PORT"] = str(self.gateway.info["port"])
         self.registry_address = registry_address
         return self._write_endpoints()
 
@@ -188,10 +189,12 @@ class Supervisor:
 
     def _write_endpoints(self) -> dict[str, object]:
         assert self.gateway is not None
+        host = self.options.host
         endpoints: dict[str, object] = {
-            "gateway": f"{self.options.host}:{self.gateway.info['port']}",
+            "gateway": f"{host}:{self.gateway.info['port']}",
             "registry": self.registry_address,
             "redis_url": self.redis_url,
+            "metrics": {c.name: f"http://{host}:{c.info['metrics_port']}/metrics" for c in self._children()},
             "pids": {c.name: c.process.pid for c in self._children() if c.process is not None}
             | ({"redis": self.redis.pid} if self.redis and self.redis.pid else {}),
         }

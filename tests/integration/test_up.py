@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,6 +118,10 @@ def test_up_push_infer_restart(up_process: Up, model_file: Path, tmp_path: Path)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["outputs"]["y"]["data"] == [[1.0, 2.0, 3.0, 5.0]]
 
+    metrics = up.endpoints["metrics"]
+    assert set(metrics) == {"gateway", "worker-0", "registry"}  # type: ignore[arg-type]
+    with urllib.request.urlopen(metrics["gateway"], timeout=10) as page:  # type: ignore[index]
+        assert 'maas_gateway_requests_total{code="OK",model="affine"} 2.0' in page.read().decode()
     killed = up.endpoints["pids"]["worker-0"]  # type: ignore[index]
     os.kill(killed, signal.SIGKILL)  # the supervisor restarts it; calls in between wait in the queue
     assert _infer_affine(up) == [[3.0, 5.0, 7.0, 9.0]]
