@@ -26,8 +26,9 @@ from services.registry.store import ModelStore
 class Suite:
     """Registry + gateway (+ optionally a worker) built with the production wiring functions."""
 
-    def __init__(self, redis_url: str, data_dir: Path, *, pool: str = "default") -> None:
+    def __init__(self, redis_url: str, data_dir: Path, *, pool: str = "default", timeout_s: float = 20) -> None:
         self.redis_url = redis_url
+        self.timeout_s = timeout_s
         self.data_dir = data_dir
         self.pool = pool
         self.redis = create_redis(redis_url, timeout_s=2)
@@ -58,7 +59,7 @@ class Suite:
 
     async def _start_gateway(self) -> None:
         settings = GatewaySettings(
-            port=0, redis_url=self.redis_url, registry_address=self.registry_address, default_timeout_s=20,
+            port=0, redis_url=self.redis_url, registry_address=self.registry_address, default_timeout_s=self.timeout_s,
             redis_timeout_s=2,
         )  # fmt: skip
         self._gateway_registry = RegistryClient(self.registry_address)

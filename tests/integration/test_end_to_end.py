@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 from onnx import TensorProto
 
 from inference import grpc_service_pb2 as pb
@@ -170,13 +171,20 @@ async def test_full_queue_is_resource_exhausted_and_deadline_names_missing_worke
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-async def test_deadline_error_names_missing_workers(suite: Suite) -> None:
-    await suite.push("lonely", affine_model(), pool="nobody-serves-this")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await suite.inference.ModelInfer(_affine_request(), timeout=1.0)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # The client's own deadline fires first; the gateway's message is seen with a longer client deadline
-    # and a shorter gateway cap, which test_gateway_deadline covers in-process.
+async def test_gateway_deadline_names_missing_workers(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    running = await Suite(redis_server.url, tmp_path, timeout_s=1).start()
+    try:
+        await running.push("lonely", affine_model(), pool="nobody-serves-this")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await running.inference.ModelInfer(_affine_request(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.details() == (
+            "no reply from a worker within 1 s; no live worker has model 'lonely' version 1 loaded"
+        )
+    finally:
+        await running.stop()
 
 
 async def test_redis_down_gives_unavailable_quickly(tmp_path: Path) -> None:
