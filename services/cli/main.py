@@ -285,12 +285,12 @@ def infer(
     timeout_s: Annotated[float, typer.Option("--timeout", help="Deadline in seconds.")] = 30.0,
 ) -> None:
     """Call a model through the gateway and print its outputs as JSON."""
-    arrays = dict(convert.parse_input(spec) for spec in inputs)
-    result = _run(_infer(name, version, arrays, timeout_s))
+    result = _run(_infer(name, version, inputs, timeout_s))
     typer.echo(json.dumps(result))
 
 
-async def _infer(name: str, version: str, arrays: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+async def _infer(name: str, version: str, inputs: list[str], timeout_s: float) -> dict[str, Any]:
+    arrays = await asyncio.to_thread(lambda: dict(convert.parse_input(spec) for spec in inputs))
     async with grpc.aio.insecure_channel(CliSettings().gateway) as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         try:
