@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -289,3 +290,34 @@ async def test_services_reconnect_after_redis_restarts(tmp_path: Path) -> None:
     finally:
         await running.stop()
         restarted.stop()
+
+
+async def test_unsupported_rpcs_say_so(suite: Suite) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as shm:
+        await suite.inference.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=5)
+    assert shm.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert shm.value.details() == (
+        "SystemSharedMemoryStatus is not supported by the MaaS gateway; use ModelInfer with tensors in the request"
+    )
+
+    async def one_request() -> AsyncIterator[pb.ModelInferRequest]:
+        yield _affine_request()
+
+    with pytest.raises(grpc.aio.AioRpcError) as stream:
+        async for _reply in suite.inference.ModelStreamInfer(one_request(), timeout=5):
+            pass
+    assert stream.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "ModelStreamInfer is not supported" in (stream.value.details() or "")
+
+
+async def test_repository_load_and_unload_deploy_and_undeploy(suite: Suite) -> None:
+    await suite.registry.create_model("affine")
+    await suite.registry.upload_version("affine", affine_model())
+    await suite.inference.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="affine"), timeout=5)
+    deployment = (await suite.registry.get_model("affine")).deployment
+    assert deployment is not None and deployment.version == 1
+    await suite.inference.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="affine"), timeout=5)
+    assert (await suite.registry.get_model("affine")).deployment is None
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.inference.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="nope"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
