@@ -216,6 +216,12 @@ class ModelRuntime:
             session = await asyncio.to_thread(_create_session, path, wanted, intra_op_threads)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise MaasError(f"model '{model}' version {version} failed to load: {_first_line(exc)}") from exc
+        if providers == "cuda" and _CUDA not in session.get_providers():
+            # NOTE: ORT silently falls back to CPU; a GPU pool running on CPU must be loud instead.
+            raise MaasError(
+                f"model '{model}' version {version} failed to load: providers=cuda, but ONNX Runtime could not "
+                "use CUDA (see its log for the missing CUDA/cuDNN library); use providers=auto to allow CPU"
+            )
         signature = Signature(
             inputs=tuple(_spec(arg) for arg in session.get_inputs()),
             outputs=tuple(_spec(arg) for arg in session.get_outputs()),

@@ -12,7 +12,15 @@ from onnx import TensorProto
 
 from services.common.errors import InvalidArgument, MaasError
 from services.common.metadata import TensorSpec
-from services.inference.runtime import Array, InferRequest, ModelRuntime, Signature, parse_version, select_providers
+from services.inference.runtime import (
+    Array,
+    InferRequest,
+    ModelRuntime,
+    Signature,
+    has_gpu_driver,
+    parse_version,
+    select_providers,
+)
 from tests.models import affine_model, identity_model, two_io_model
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -116,3 +124,11 @@ async def test_ort_errors_are_translated(tmp_path: Path, executor: ThreadPoolExe
 async def test_unloadable_model_is_a_maas_error(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
     with pytest.raises(MaasError, match="model 'm' version 1 failed to load"):
         await load(tmp_path, b"not an onnx file", executor)
+
+
+@pytest.mark.skipif(has_gpu_driver(), reason="checks the CPU-only path: this machine has a GPU driver")
+async def test_explicit_cuda_without_a_gpu_fails_loudly(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(affine_model())
+    with pytest.raises(MaasError, match="providers=cuda, but ONNX Runtime could not use CUDA"):
+        await ModelRuntime.load(path, model="m", version=1, providers="cuda", intra_op_threads=1, executor=executor)
