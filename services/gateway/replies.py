@@ -51,6 +51,7 @@ class ReplyReader:
 
     async def stop(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) for in-flight calls, then stop and delete the stream."""
+        log.info("reply_reader_stopping", in_flight=self.in_flight)
         if self._idle is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
