@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import redis.asyncio as aioredis
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal
@@ -36,17 +37,21 @@ def create_server(settings: RegistrySettings, store: ModelStore) -> GrpcServer:
     return create_grpc_server(settings, [SERVICE_NAME], add_servicers)
 
 
+def create_store(settings: RegistrySettings, redis: aioredis.Redis) -> ModelStore:
+    """Build the model store: metadata in ``redis``, artifacts under ``settings.data_dir``."""
+    return ModelStore(
+        redis,
+        LocalBlobStore(settings.data_dir),
+        max_artifact_bytes=settings.max_artifact_bytes,
+        chunk_bytes=settings.chunk_bytes,
+    )
+
+
 async def serve(settings: RegistrySettings) -> None:
     """Serve the registry until SIGTERM or SIGINT, then drain and close Redis."""
     redis = create_redis(settings.redis_url, settings.redis_timeout_s)
     try:
-        store = ModelStore(
-            redis,
-            LocalBlobStore(settings.data_dir),
-            max_artifact_bytes=settings.max_artifact_bytes,
-            chunk_bytes=settings.chunk_bytes,
-        )
-        handle = create_server(settings, store)
+        handle = create_server(settings, create_store(settings, redis))
         await run_until_signal(handle, settings, service="registry")
     finally:
         await redis.aclose()

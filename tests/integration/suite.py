@@ -18,9 +18,7 @@ from services.gateway.settings import GatewaySettings
 from services.inference.settings import InferenceSettings
 from services.inference.worker import InferenceWorker
 from services.registry import server as registry_server
-from services.registry.blobs import LocalBlobStore
 from services.registry.settings import RegistrySettings
-from services.registry.store import ModelStore
 
 
 class Suite:
@@ -37,8 +35,7 @@ class Suite:
 
     async def start(self, *, with_worker: bool = True) -> Suite:
         reg_settings = RegistrySettings(port=0, redis_url=self.redis_url, data_dir=self.data_dir / "blobs")
-        store = ModelStore(self.redis, LocalBlobStore(reg_settings.data_dir))
-        registry = registry_server.create_server(reg_settings, store)
+        registry = registry_server.create_server(reg_settings, registry_server.create_store(reg_settings, self.redis))
         await self._start(registry)
         self.registry_address = f"127.0.0.1:{registry.port}"
         self.registry = RegistryClient(self.registry_address)

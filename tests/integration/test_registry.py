@@ -21,10 +21,8 @@ from services.common import keys
 from services.common.embedded_redis import EmbeddedRedis
 from services.common.queue import QueuedRequest, Reply, now_ms
 from services.common.redis_conn import create_redis
-from services.registry.blobs import LocalBlobStore
-from services.registry.server import create_server
+from services.registry.server import create_server, create_store
 from services.registry.settings import RegistrySettings
-from services.registry.store import ModelStore
 from tests.models import affine_model, identity_model
 
 pytestmark = pytest.mark.integration
@@ -40,13 +38,7 @@ Stub = registry_pb2_grpc.ModelRegistryStub
 async def running_registry(redis: aioredis.Redis, data_dir: Path) -> AsyncIterator[Stub]:
     """Serve the registry on a free port and yield a stub on a real channel."""
     settings = RegistrySettings(host="127.0.0.1", port=0, data_dir=data_dir, chunk_bytes=DOWNLOAD_CHUNK_BYTES)
-    store = ModelStore(
-        redis,
-        LocalBlobStore(settings.data_dir),
-        max_artifact_bytes=settings.max_artifact_bytes,
-        chunk_bytes=settings.chunk_bytes,
-    )
-    handle = create_server(settings, store)
+    handle = create_server(settings, create_store(settings, redis))
     await handle.server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:

@@ -40,10 +40,9 @@ from services.common.registry_client import RegistryClient
 from services.inference.server import create_server
 from services.inference.settings import InferenceSettings
 from services.inference.worker import InferenceWorker, ModelSource
-from services.registry.blobs import LocalBlobStore
 from services.registry.server import create_server as create_registry_server
+from services.registry.server import create_store
 from services.registry.settings import RegistrySettings
-from services.registry.store import ModelStore
 from tests.models import affine_model, slow_model, two_io_model
 
 pytestmark = pytest.mark.integration
@@ -628,13 +627,7 @@ async def running_registry(redis_url: str, data_dir: Path) -> AsyncIterator[Regi
     """Serve the registry service on a free port; yield a client of it."""
     client = create_redis(redis_url, timeout_s=5)
     settings = RegistrySettings(host="127.0.0.1", port=0, data_dir=data_dir)
-    store = ModelStore(
-        client,
-        LocalBlobStore(data_dir),
-        max_artifact_bytes=settings.max_artifact_bytes,
-        chunk_bytes=settings.chunk_bytes,
-    )
-    handle = create_registry_server(settings, store)
+    handle = create_registry_server(settings, create_store(settings, client))
     await handle.server.start()
     registry = RegistryClient(f"127.0.0.1:{handle.port}")
     try:
