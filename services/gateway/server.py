@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -22,6 +23,35 @@ from services.gateway.settings import GatewaySettings
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """The gateway's domain objects, started and stopped together."""
+
+    catalog: ModelCatalog
+    replies: ReplyReader
+    router: Router
+
+    async def start(self) -> None:
+        """Follow registry events and start reading the reply stream."""
+        await self.catalog.start()
+        await self.replies.start()
+
+    async def stop(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for calls in flight, then stop reading."""
+        await self.replies.stop(timeout_s=timeout_s)
+        await self.catalog.stop()
+
+
+def create_gateway(settings: GatewaySettings, redis: aioredis.Redis, registry: RegistryClient) -> Gateway:
+    """Build the catalog, this process's reply reader and the router (not started)."""
+    catalog = ModelCatalog(registry, redis, ttl_s=settings.metadata_cache_ttl_s)
+    replies = ReplyReader(
+        redis, keys.replies(settings.gateway_id), ttl_s=settings.reply_stream_ttl_s, block_ms=settings.block_ms
+    )
+    router = Router(redis, catalog, replies, default_timeout_s=settings.default_timeout_s)
+    return Gateway(catalog, replies, router)
 
 
 def create_server(settings: GatewaySettings, router: Router) -> GrpcServer:
@@ -49,24 +79,18 @@ async def serve(settings: GatewaySettings) -> None:
     """Run the gateway until SIGTERM/SIGINT, then drain (see DESIGN.md, drain order)."""
     redis = create_redis(settings.redis_url, settings.redis_timeout_s)
     registry = RegistryClient(settings.registry_address, timeout_s=settings.registry_timeout_s)
-    catalog = ModelCatalog(registry, redis, ttl_s=settings.metadata_cache_ttl_s)
-    replies = ReplyReader(
-        redis, keys.replies(settings.gateway_id), ttl_s=settings.reply_stream_ttl_s, block_ms=settings.block_ms
-    )
-    router = Router(redis, catalog, replies, default_timeout_s=settings.default_timeout_s)
-    handle = create_server(settings, router)
+    gateway = create_gateway(settings, redis, registry)
+    handle = create_server(settings, gateway.router)
 
     async def before_stop() -> None:
         # Endpoints are removed concurrently with SIGTERM: keep serving while that happens.
         await asyncio.sleep(settings.drain_delay_s)
 
     await _wait_for_redis(redis)
-    await catalog.start()
-    await replies.start()
+    await gateway.start()
     try:
         await run_until_signal(handle, settings, service="gateway", before_stop=before_stop)
     finally:
-        await replies.stop(timeout_s=settings.shutdown_grace_s)
-        await catalog.stop()
+        await gateway.stop(timeout_s=settings.shutdown_grace_s)
         await registry.close()
         await redis.aclose()

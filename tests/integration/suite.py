@@ -11,9 +11,6 @@ from services.common.grpc_server import GrpcServer
 from services.common.redis_conn import create_redis
 from services.common.registry_client import RegistryClient
 from services.gateway import server as gateway_server
-from services.gateway.clients import ModelCatalog
-from services.gateway.replies import ReplyReader
-from services.gateway.router import Router
 from services.gateway.settings import GatewaySettings
 from services.inference.settings import InferenceSettings
 from services.inference.worker import InferenceWorker
@@ -57,17 +54,14 @@ class Suite:
     async def _start_gateway(self) -> None:
         settings = GatewaySettings(
             port=0, redis_url=self.redis_url, registry_address=self.registry_address, default_timeout_s=self.timeout_s,
-            redis_timeout_s=2,
+            redis_timeout_s=2, block_ms=200,
         )  # fmt: skip
         self._gateway_registry = RegistryClient(self.registry_address)
-        self.catalog = ModelCatalog(self._gateway_registry, self.redis, ttl_s=30)
-        self.replies = ReplyReader(self.redis, f"maas:v1:replies:{settings.gateway_id}", ttl_s=60, block_ms=200)
-        router = Router(self.redis, self.catalog, self.replies, default_timeout_s=settings.default_timeout_s)
-        gateway = gateway_server.create_server(settings, router)
-        await self.catalog.start()
-        await self.replies.start()
-        await self._start(gateway)
-        self.gateway_address = f"127.0.0.1:{gateway.port}"
+        self.gateway = gateway_server.create_gateway(settings, self.redis, self._gateway_registry)
+        handle = gateway_server.create_server(settings, self.gateway.router)
+        await self.gateway.start()
+        await self._start(handle)
+        self.gateway_address = f"127.0.0.1:{handle.port}"
         self.channel = grpc.aio.insecure_channel(self.gateway_address)
         self.inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
@@ -91,8 +85,7 @@ class Suite:
         if self.worker is not None:
             await self.worker.drain()
             await self._worker_registry.close()
-        await self.replies.stop(timeout_s=1)
-        await self.catalog.stop()
+        await self.gateway.stop(timeout_s=1)
         await self._gateway_registry.close()
         await self.registry.close()
         await self.redis.aclose()
