@@ -147,12 +147,15 @@ def up(
     ] = None,
     log_json: LogJson = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    access_log_sample: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of successful calls logged (errors always are).")
+    ] = 1.0,
 ) -> None:
     """Run the whole suite on this machine: Redis, registry, gateway and workers. Ctrl-C stops it."""
     configure_logging(log_level, json=bool(log_json), service="up")
     options = UpOptions(
         data_dir=data_dir.resolve(), workers=workers, gateway_port=gateway_port, registry_port=registry_port,
-        redis_url=redis_url, log_json=bool(log_json), log_level=log_level,
+        redis_url=redis_url, log_json=bool(log_json), log_level=log_level, access_log_sample=access_log_sample,
     )  # fmt: skip
     supervisor = Supervisor(options)
     signal.signal(signal.SIGTERM, supervisor.request_stop)

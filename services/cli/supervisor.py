@@ -41,6 +41,7 @@ class UpOptions:
     redis_port: int = 0
     log_json: bool = False
     log_level: str = "info"
+    access_log_sample: float = 1.0
     shutdown_grace_s: float = 10.0
 
 
@@ -130,6 +131,7 @@ class Supervisor:
                 ("HOST", opts.host),
                 ("LOG_JSON", str(opts.log_json).lower()),
                 ("LOG_LEVEL", opts.log_level),
+                ("ACCESS_LOG_SAMPLE", str(opts.access_log_sample)),
                 ("SHUTDOWN_GRACE_S", str(opts.shutdown_grace_s)),
                 ("METRICS_PORT", "0"),
             )

@@ -66,7 +66,8 @@ def create_grpc_server(
     Returns:
         The server (not started) with its health servicer and the bound port.
     """
-    server = grpc.aio.server(interceptors=[RequestContextInterceptor(), ErrorInterceptor()], options=_SERVER_OPTIONS)
+    interceptors = [RequestContextInterceptor(settings.access_log_sample), ErrorInterceptor()]
+    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
     add_servicers(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -57,12 +58,11 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, around: _Around) -> grpc.RpcMe
     return factory(stream_out, handler.request_deserializer, handler.response_serializer)
 
 
-def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
-    for item in details.invocation_metadata or ():
-        if item.key == key:
-            value = item.value
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
             return value.decode() if isinstance(value, bytes) else str(value)
-    return None
+    return secrets.token_hex(16)
 
 
 def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
@@ -76,8 +76,31 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException 
     return "UNKNOWN"
 
 
+class _HandlerCache:
+    """Wrapped handlers by method: built once, not on every call (the inner handler is stable)."""
+
+    def __init__(self, wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]) -> None:
+        self._wrap = wrap
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        cached = self._handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._handlers[method] = (handler, self._wrap(handler, method))
+        return cached[1]
+
+
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Bind request_id and rpc to the log context and log one ``rpc_finished`` line a call."""
+    """Bind request_id and rpc to the log context and log one ``rpc_finished`` line a call.
+
+    Args:
+        access_log_sample: Fraction of successful calls that log their ``rpc_finished`` line;
+            every failed call logs it.
+    """
+
+    def __init__(self, access_log_sample: float = 1.0) -> None:
+        self._sample = access_log_sample
+        self._cache = _HandlerCache(self._wrap)
 
     async def intercept_service(
         self,
@@ -88,12 +111,15 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        rpc = handler_call_details.method
+        return self._cache.get(handler, handler_call_details.method)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
+        sample = self._sample
 
         @asynccontextmanager
         async def around(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
             structlog.contextvars.clear_contextvars()
-            request_id = _metadata_value(handler_call_details, "x-request-id") or uuid.uuid4().hex
+            request_id = _request_id(context)
             structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc)
             context.set_trailing_metadata((("x-request-id", request_id),))
             started = time.perf_counter()
@@ -104,14 +130,18 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 exc = error
                 raise
             finally:
-                duration_ms = round((time.perf_counter() - started) * 1000, 3)
-                log.info("rpc_finished", code=_final_code(context, exc), duration_ms=duration_ms)
+                if exc is not None or sample >= 1.0 or random.random() < sample:
+                    duration_ms = round((time.perf_counter() - started) * 1000, 3)
+                    log.info("rpc_finished", code=_final_code(context, exc), duration_ms=duration_ms)
 
         return _wrap_handler(handler, around)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Abort with the taxonomy's code and message; anything else is INTERNAL, logged once."""
+
+    def __init__(self) -> None:
+        self._cache = _HandlerCache(lambda handler, _rpc: _wrap_handler(handler, _map_errors))
 
     async def intercept_service(
         self,
@@ -122,7 +152,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return _wrap_handler(handler, _map_errors)
+        return self._cache.get(handler, handler_call_details.method)
 
 
 @asynccontextmanager

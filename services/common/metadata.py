@@ -16,7 +16,7 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PLATFORM = "onnxruntime_onnx"
 
 DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_MAX_WAIT_MS = 2
+DEFAULT_MAX_WAIT_MS = 0
 DEFAULT_POOL = "default"
 DEFAULT_MAX_QUEUE_LENGTH = 1000
 

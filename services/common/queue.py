@@ -9,16 +9,38 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
-ENQUEUE_LUA = """
--- KEYS[1]: queue stream; ARGV[1]: max queue length; ARGV[2..]: field, value pairs.
--- The length is checked before XADD: trimming with MAXLEN would drop unread requests.
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
-  return false
+ENQUEUE_MANY_LUA = """
+-- KEYS[1]: queue stream; ARGV[1]: max queue length; ARGV[2]: fields per entry (n);
+-- ARGV[3..]: the entries, n field-value pairs each. Returns one reply per entry: its id, or 0
+-- when the queue was full. The length is checked before each XADD, atomically with it:
+-- trimming with MAXLEN would drop unread requests.
+local limit = tonumber(ARGV[1])
+local width = 2 * tonumber(ARGV[2])
+local length = redis.call('XLEN', KEYS[1])
+local ids = {}
+for first = 3, #ARGV, width do
+  if length >= limit then
+    ids[#ids + 1] = 0
+  else
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, first, first + width - 1))
+    length = length + 1
+  end
 end
-return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+return ids
 """
-"""Admission script: enqueue unless the queue is full (returns nil when it is)."""
+"""Admission script: enqueue several entries to one queue, each unless the queue is full."""
+
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""One stream entry: its id and fields."""
+
+
+def stream_entries(reply: Any) -> list[Entry]:
+    """Flatten an XREAD/XREADGROUP reply: RESP2 ``[[stream, entries]]``, RESP3 ``{stream: entries}``, or None."""
+    streams = reply.items() if isinstance(reply, dict) else reply or []
+    return [(entry_id, fields) for _stream, entries in streams for entry_id, fields in entries]
 
 
 def now_ms() -> int:

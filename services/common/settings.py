@@ -25,6 +25,8 @@ class ServiceSettings(BaseSettings):
     """JSON log lines (False: human-readable console lines)."""
     log_level: str = "info"
     """Lowest level logged: debug, info, warning, error."""
+    access_log_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Fraction of successful RPCs that log their ``rpc_finished`` line (failed ones always do)."""
     shutdown_grace_s: float = 10.0
     """How long in-flight RPCs may run after SIGTERM before they are cancelled."""
     metrics_port: int | None = None

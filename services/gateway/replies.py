@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from services.common.queue import MalformedEntry, Reply
+from services.common.errors import Unavailable
+from services.common.queue import MalformedEntry, Reply, stream_entries
 
 log = structlog.get_logger(__name__)
 
 _MAX_BACKOFF_S = 5.0
+_READ_COUNT = 512
+_LOST_MESSAGE = "redis lost the queued request (it restarted without its data); retry the call"
 
 
 class ReplyReader:
@@ -108,25 +110,43 @@ class ReplyReader:
                 await self._ensure_stream()
 
     async def _ensure_stream(self) -> None:
-        # NOTE: a Redis that restarted without our key (no AOF, or a failover) must get it back
-        # before workers reply, or their NOMKSTREAM replies are dropped.
         try:
             if not await self._redis.exists(self.stream):
-                await self._create_stream()
-                log.info("reply_stream_recreated", stream=self.stream)
+                await self._recover_lost_stream()
         except redis.exceptions.RedisError as exc:
             log.warning("reply_stream_check_failed", error=str(exc))
 
+    async def _recover_lost_stream(self) -> None:
+        # NOTE: the stream is gone only if Redis lost its data (a restart without persistence, a
+        # failover to a replica that lagged, a flush): the requests of the calls waiting now are
+        # gone with it, and workers' NOMKSTREAM replies to them were dropped. Fail them at once
+        # instead of letting each wait out its deadline, then recreate the stream for new calls.
+        waiting = list(self._waiting.values())
+        self._waiting.clear()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(Unavailable(_LOST_MESSAGE))
+        if self._idle is not None:
+            self._idle.set()
+        await self._create_stream()
+        log.warning("reply_stream_lost", stream=self.stream, failed_calls=len(waiting))
+
     async def _read_once(self) -> None:
-        batches: Any = await self._redis.xread({self.stream: self._last_id}, block=self._block_ms, count=512)
-        ids: list[bytes] = []
-        for _stream, entries in batches or []:
-            for entry_id, fields in entries:
-                ids.append(entry_id)
-                self._last_id = entry_id.decode()
-                self._resolve(fields)
-        if ids:
-            await self._redis.xdel(self.stream, *ids)
+        # One round trip: check the stream still exists, trim what was read (exactly: an
+        # approximate MINID keeps whole macro nodes), then block for new replies.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.stream)
+            pipe.xtrim(self.stream, minid=self._last_id, approximate=False)
+            pipe.xread({self.stream: self._last_id}, block=self._block_ms, count=_READ_COUNT)
+            exists, _trimmed, batches = await pipe.execute()
+        if not exists:
+            await self._recover_lost_stream()
+            return
+        entries = stream_entries(batches)
+        if entries:
+            self._last_id = entries[-1][0].decode()
+        for _entry_id, fields in entries:
+            self._resolve(fields)
 
     def _resolve(self, fields: dict[bytes, bytes]) -> None:
         try:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -25,8 +26,8 @@ from services.common.errors import (
     error_for_code,
 )
 from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
-from services.common.queue import ENQUEUE_LUA, QueuedRequest, now_ms
-from services.common.redis_conn import redis_errors
+from services.common.queue import QueuedRequest, now_ms
+from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog, Target, parse_version
 from services.gateway.replies import ReplyReader
 
@@ -167,14 +168,18 @@ class Router:
         redis: aioredis.Redis,
         catalog: ModelCatalog,
         replies: ReplyReader,
+        admission: Admission,
         *,
         default_timeout_s: float,
     ) -> None:
         self._redis = redis
         self._catalog = catalog
         self._replies = replies
+        self._admission = admission
         self._default_timeout_s = default_timeout_s
-        self._enqueue = redis.register_script(ENQUEUE_LUA)
+        self._call_ids = itertools.count(1)
+        """Call ids need only be unique on this process's own reply stream."""
+        self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.stats: dict[tuple[str, int], ModelStats] = {}
 
     async def server_ready(self) -> bool:
@@ -246,7 +251,7 @@ class Router:
     async def _send(self, call: InferCall, target: Target, time_remaining_s: float | None) -> bytes:
         timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
         entry = QueuedRequest(
-            id=uuid.uuid4().hex,
+            id=str(next(self._call_ids)),
             reply_to=self._replies.stream,
             deadline_ms=now_ms() + int(timeout_s * 1000),
             payload=call.payload,
@@ -255,8 +260,9 @@ class Router:
         future = self._replies.expect(entry.id)
         IN_FLIGHT.inc()
         try:
-            await self._admit(target, entry)
-            reply = await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._admit(target, entry)
+                reply = await future
         except TimeoutError:
             raise await self._deadline_error(target, timeout_s) from None
         finally:
@@ -268,9 +274,7 @@ class Router:
 
     async def _admit(self, target: Target, entry: QueuedRequest) -> None:
         fields = [item for pair in entry.to_fields().items() for item in pair]
-        with redis_errors("request queue"):
-            entry_id = await self._enqueue(keys=[target.queue], args=[target.deployment.max_queue_length, *fields])
-        if entry_id is None:
+        if not await self._admission.enqueue(target.queue, target.deployment.max_queue_length, fields):
             raise ResourceExhausted(
                 f"model '{target.model.name}' is overloaded: {target.deployment.max_queue_length} requests "
                 "are already queued; retry with backoff"
@@ -294,5 +298,16 @@ class Router:
             stats.fail += 1
             stats.fail_ns += duration_ns
         stats.last_inference_ms = now_ms()
-        REQUESTS.labels(model=target.model.name, code=code).inc()
-        LATENCY.labels(model=target.model.name).observe(duration_ns / 1e9)
+        counter, latency = self._model_metrics(target.model.name, code)
+        counter.inc()
+        latency.observe(duration_ns / 1e9)
+
+    def _model_metrics(self, model: str, code: str) -> tuple[Any, Any]:
+        # NOTE: .labels() takes a lock and builds a tuple on every call: keep the children.
+        children = self._metrics.get((model, code))
+        if children is None:
+            children = self._metrics[(model, code)] = (
+                REQUESTS.labels(model=model, code=code),
+                LATENCY.labels(model=model),
+            )
+        return children

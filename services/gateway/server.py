@@ -14,6 +14,7 @@ from services.common import keys
 from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal
 from services.common.redis_conn import create_redis
 from services.common.registry_client import RegistryClient
+from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog
 from services.gateway.replies import ReplyReader
 from services.gateway.router import Router
@@ -31,27 +32,31 @@ class Gateway:
 
     catalog: ModelCatalog
     replies: ReplyReader
+    admission: Admission
     router: Router
 
     async def start(self) -> None:
-        """Follow registry events and start reading the reply stream."""
+        """Follow registry events, start reading the reply stream and admitting calls."""
         await self.catalog.start()
         await self.replies.start()
+        await self.admission.start()
 
     async def stop(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) for calls in flight, then stop reading."""
         await self.replies.stop(timeout_s=timeout_s)
+        await self.admission.stop()
         await self.catalog.stop()
 
 
 def create_gateway(settings: GatewaySettings, redis: aioredis.Redis, registry: RegistryClient) -> Gateway:
-    """Build the catalog, this process's reply reader and the router (not started)."""
+    """Build the catalog, this process's reply reader, admission and the router (not started)."""
     catalog = ModelCatalog(registry, redis, ttl_s=settings.metadata_cache_ttl_s)
     replies = ReplyReader(
         redis, keys.replies(settings.gateway_id), ttl_s=settings.reply_stream_ttl_s, block_ms=settings.block_ms
     )
-    router = Router(redis, catalog, replies, default_timeout_s=settings.default_timeout_s)
-    return Gateway(catalog, replies, router)
+    admission = Admission(redis)
+    router = Router(redis, catalog, replies, admission, default_timeout_s=settings.default_timeout_s)
+    return Gateway(catalog, replies, admission, router)
 
 
 def create_server(settings: GatewaySettings, router: Router) -> GrpcServer:

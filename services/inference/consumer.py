@@ -2,11 +2,15 @@
 
 Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
 
-- Read with ``XREADGROUP ... BLOCK block_ms`` (<= 1 s, so a drain is seen), then top the batch
-  up until ``max_batch_size`` or ``max_wait_ms``; the batch runs in a task so the next read
-  overlaps it, bounded by a semaphore of ``max_concurrent_batches``.
-- Each reply is one MULTI: ``XADD reply NOMKSTREAM`` + ``XACK`` + ``XDEL``, so XLEN is the backlog
-  and a dead gateway's reply stream is never recreated.
+- Read with ``XREADGROUP ... COUNT max_batch_size BLOCK block_ms`` (<= 1 s, so a drain is seen)
+  and run what came at once: batches form by themselves while the previous batch computes,
+  because requests pile up in the stream. Only a deployment with ``max_wait_ms`` > 0 waits that
+  long to top a partial batch up. The batch runs in a task so the next read overlaps it, bounded
+  by a semaphore of ``max_concurrent_batches``.
+- A batch's answers are one MULTI: an ``XADD reply NOMKSTREAM`` per answer (to whichever gateway
+  waits for it), then one ``XACK`` and one ``XDEL`` of every entry, so XLEN is the backlog, a dead
+  gateway's reply stream is never recreated, and a worker killed mid-write leaves either every
+  entry answered and acked or every entry pending (to be reclaimed and run again).
 - Every ``reclaim_interval_s`` entries idle longer than ``reclaim_idle_ms`` are claimed with
   XAUTOCLAIM and run one by one; those delivered more than ``max_deliveries`` times go to the
   dead-letter stream with an INTERNAL reply.
@@ -30,15 +34,12 @@ from redis.typing import EncodableT, FieldT
 from services.common import keys
 from services.common.errors import InvalidArgument, MaasError
 from services.common.metadata import DeploymentRecord
-from services.common.queue import MalformedEntry, QueuedRequest, Reply, now_ms
+from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, now_ms, stream_entries
 from services.inference import batcher, convert
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime
 from services.inference.settings import InferenceSettings
 
 log = structlog.get_logger(__name__)
-
-Entry = tuple[bytes, dict[bytes, bytes]]
-"""One stream entry: its id and fields."""
 
 REQUESTS = Counter(
     "maas_inference_requests", "Queued requests answered by this worker, by status code.", ["model", "version", "code"]
@@ -62,12 +63,6 @@ _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
 
 def _stream_fields(fields: Mapping[Any, Any]) -> dict[FieldT, EncodableT]:
     return dict(fields)
-
-
-def stream_entries(reply: Any) -> list[Entry]:
-    """Flatten an XREAD/XREADGROUP reply: RESP2 ``[[stream, entries]]``, RESP3 ``{stream: entries}``, or None."""
-    streams = reply.items() if isinstance(reply, dict) else reply or []
-    return [(entry_id, fields) for _stream, entries in streams for entry_id, fields in entries]
 
 
 def is_nogroup(exc: BaseException) -> bool:
@@ -189,6 +184,10 @@ class QueueConsumer:
         self._runtime = runtime
         self._settings = settings
         self._labels = {"model": deployment.model, "version": str(deployment.version)}
+        self._counters: dict[grpc.StatusCode, Any] = {}
+        self._batch_size = BATCH_SIZE.labels(**self._labels)
+        self._run_seconds = RUN_SECONDS.labels(**self._labels)
+        """``REQUESTS`` children by code: labelling a metric per request costs a dict lookup and a lock."""
         self._in_flight: set[bytes] = set()
         self._batches: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -286,16 +285,14 @@ class QueueConsumer:
     async def _read_batch(self) -> list[Entry]:
         size = max(1, self.deployment.max_batch_size)
         entries = await self._read(size, self._settings.block_ms)
-        if not entries or len(entries) >= size:
+        wait_ms = self.deployment.max_wait_ms
+        if not entries or len(entries) >= size or wait_ms <= 0:
             return entries
         # NOTE: Redis resolves BLOCK timeouts on its hz tick (100 ms by default), so a short
         # XREADGROUP BLOCK <max_wait_ms> would wait up to 100 ms. The fill wait uses the event
-        # loop's timer and non-blocking reads instead: take what is queued, wait once, take more.
-        entries += await self._read(size - len(entries), None)
-        if len(entries) < size and self.deployment.max_wait_ms > 0:
-            await asyncio.sleep(self.deployment.max_wait_ms / 1000)
-            entries += await self._read(size - len(entries), None)
-        return entries
+        # loop's timer and a non-blocking read instead.
+        await asyncio.sleep(wait_ms / 1000)
+        return entries + await self._read(size - len(entries), None)
 
     async def _read(self, count: int, block_ms: int | None) -> list[Entry]:
         reply = await self._redis.xreadgroup(
@@ -371,8 +368,8 @@ class QueueConsumer:
         started = time.perf_counter()
         results = await batcher.run_group(self._runtime.run, group, self._runtime.signature)
         run_s = time.perf_counter() - started
-        BATCH_SIZE.labels(**self._labels).observe(len(group))
-        RUN_SECONDS.labels(**self._labels).observe(run_s)
+        self._batch_size.observe(len(group))
+        self._run_seconds.observe(run_s)
         log.debug("batch_ran", queue=self.queue, size=len(group), run_ms=round(run_s * 1000, 3))
         return results
 
@@ -384,19 +381,28 @@ class QueueConsumer:
         return _Answer(job.entry_id, job.queued.reply_to, reply, grpc.StatusCode.OK)
 
     async def _send_all(self, answers: Sequence[_Answer]) -> None:
-        results = await asyncio.gather(*(self._send(answer) for answer in answers), return_exceptions=True)
-        failures = [result for result in results if isinstance(result, BaseException)]
-        if failures:
-            raise failures[0]
-
-    async def _send(self, answer: _Answer) -> None:
+        if not answers:
+            return
+        ids = [answer.entry_id for answer in answers]
         async with self._redis.pipeline(transaction=True) as pipe:
-            if answer.reply is not None and answer.reply_to is not None:
-                pipe.xadd(answer.reply_to, _stream_fields(answer.reply.to_fields()), nomkstream=True)
-            pipe.xack(self.queue, keys.QUEUE_GROUP, answer.entry_id)
-            pipe.xdel(self.queue, answer.entry_id)
-            await pipe.execute()
-        REQUESTS.labels(code=answer.code.name, **self._labels).inc()
+            for answer in answers:
+                if answer.reply is not None and answer.reply_to is not None:
+                    pipe.xadd(answer.reply_to, _stream_fields(answer.reply.to_fields()), nomkstream=True)
+            pipe.xack(self.queue, keys.QUEUE_GROUP, *ids)
+            pipe.xdel(self.queue, *ids)
+            results = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, redis.exceptions.ResponseError):
+                # e.g. WRONGTYPE: a reply key that is not a stream; that caller gets its deadline.
+                log.warning("reply_rejected", queue=self.queue, error=str(result))
+        for answer in answers:
+            self._answered(answer.code)
+
+    def _answered(self, code: grpc.StatusCode) -> None:
+        counter = self._counters.get(code)
+        if counter is None:
+            counter = self._counters[code] = REQUESTS.labels(code=code.name, **self._labels)
+        counter.inc()
 
     # Reclaiming --------------------------------------------------------------------------
 
@@ -498,6 +504,6 @@ class QueueConsumer:
             pipe.xack(self.queue, keys.QUEUE_GROUP, entry_id)
             pipe.xdel(self.queue, entry_id)
             await pipe.execute()
-        REQUESTS.labels(code=code.name, **self._labels).inc()
+        self._answered(code)
         self._notify()
         log.warning("request_dead_lettered", queue=self.queue, entry_id=entry_id.decode(), deliveries=deliveries)

@@ -402,7 +402,7 @@ async def test_deploy_defaults(stub: Stub) -> None:
     assert deployment.model == "affine"
     assert deployment.version == 2
     assert deployment.max_batch_size == 8
-    assert deployment.max_wait_ms == 2
+    assert deployment.max_wait_ms == 0
     assert deployment.pool == "default"
     assert deployment.max_queue_length == 1000
     assert deployment.updated_at_ms >= before_ms
@@ -416,10 +416,10 @@ async def test_deploy_explicit_values(stub: Stub) -> None:
     await upload(stub, "affine")
 
     deployment = await deploy(
-        stub, version=1, max_batch_size=1, max_wait_ms=0, pool="gpu-a100", max_queue_length=1_000_000
+        stub, version=1, max_batch_size=1, max_wait_ms=5, pool="gpu-a100", max_queue_length=1_000_000
     )
 
-    assert (deployment.version, deployment.max_batch_size, deployment.max_wait_ms) == (1, 1, 0)
+    assert (deployment.version, deployment.max_batch_size, deployment.max_wait_ms) == (1, 1, 5)
     assert (deployment.pool, deployment.max_queue_length) == ("gpu-a100", 1_000_000)
     model = (await stub.GetModel(registry_pb2.GetModelRequest(name="affine"))).model
     assert model.deployment == deployment

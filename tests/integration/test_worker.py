@@ -311,6 +311,58 @@ async def test_malformed_entries_get_invalid_argument_and_the_worker_keeps_servi
     assert await group_pending(redis_client) == 0
 
 
+async def test_one_batch_answers_two_gateways_in_one_round_trip(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, source: DirectoryModelSource, tmp_path: Path
+) -> None:
+    other = keys.replies("gw-other")
+    await create_reply_stream(redis_client)
+    await create_reply_stream(redis_client, other)
+    streams = {"a0": REPLIES, "b0": other, "a1": REPLIES, "b1": other}
+    for index, (call_id, reply_to) in enumerate(streams.items()):
+        await enqueue_affine(redis_client, call_id, rows(index), reply_to=reply_to)
+    runs, requests, _small = batch_stats()
+
+    async with running_worker(worker_settings(redis_server.url, tmp_path), source) as worker:
+        await worker.run_until_empty()
+
+    after = batch_stats()
+    assert (after[0] - runs, after[1] - requests) == (1, 4)  # one stacked run of all four
+    mine, theirs = await read_replies(redis_client), await read_replies(redis_client, other)
+    assert (sorted(mine), sorted(theirs)) == (["a0", "a1"], ["b0", "b1"])
+    for index, call_id in enumerate(streams):
+        [reply] = (mine if call_id.startswith("a") else theirs)[call_id]
+        np.testing.assert_array_equal(output_y(reply), 2 * rows(index) + 1)
+    assert await redis_client.xlen(QUEUE) == 0
+    assert await group_pending(redis_client) == 0
+
+
+async def test_a_batch_of_expired_malformed_and_valid_entries_answers_each(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, source: DirectoryModelSource, tmp_path: Path
+) -> None:
+    await create_reply_stream(redis_client)
+    await enqueue_affine(redis_client, "expired", rows(0), deadline_ms=now_ms() - 1)
+    await enqueue(redis_client, "malformed", b"\x0a\xff")
+    await enqueue_affine(redis_client, "valid", rows(3))
+    await redis_client.xadd(QUEUE, {"id": "fieldless", "reply": REPLIES})
+    runs, requests, _small = batch_stats()
+
+    async with running_worker(worker_settings(redis_server.url, tmp_path), source) as worker:
+        await worker.run_until_empty()
+
+    after = batch_stats()
+    assert (after[0] - runs, after[1] - requests) == (1, 1)  # only the valid entry ran
+    replies = await read_replies(redis_client)
+    assert {call_id: (r[0].code, len(r)) for call_id, r in replies.items()} == {
+        "expired": (DEADLINE_EXCEEDED, 1),
+        "malformed": (INVALID_ARGUMENT, 1),
+        "valid": (OK, 1),
+        "fieldless": (INVALID_ARGUMENT, 1),
+    }
+    np.testing.assert_array_equal(output_y(replies["valid"][0]), 2 * rows(3) + 1)
+    assert await redis_client.xlen(QUEUE) == 0
+    assert await group_pending(redis_client) == 0
+
+
 async def test_reply_stream_of_a_gone_gateway_is_not_recreated(
     redis_server: EmbeddedRedis, redis_client: aioredis.Redis, source: DirectoryModelSource, tmp_path: Path
 ) -> None:
