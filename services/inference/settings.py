@@ -39,6 +39,9 @@ class InferenceSettings(ServiceSettings):
     """ONNX Runtime providers: auto (CUDA only if a GPU driver is present), cpu or cuda."""
     intra_op_threads: int = 0
     """Threads ONNX Runtime uses inside one operator; 0 keeps its default (one per core)."""
+    inline_run_max_us: int = Field(default=200, ge=0)
+    """Runs whose recent average is shorter than this (in µs) execute on the event loop instead of
+    the thread pool, whose hand-off costs more than such a run; 0 always uses the thread pool."""
     max_concurrent_batches: int = Field(default=2, ge=1)
     """Batches of one queue in flight at once (and size of the model-run thread pool)."""
     block_ms: int = Field(default=1000, ge=1, le=1000)

@@ -183,6 +183,7 @@ class InferenceWorker:
             providers=self.settings.providers,
             intra_op_threads=self.settings.intra_op_threads,
             executor=self._executor,
+            inline_run_max_s=self.settings.inline_run_max_us / 1e6,
         )
         log.info(
             "model_loaded",

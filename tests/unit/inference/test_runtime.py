@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,3 +133,36 @@ async def test_explicit_cuda_without_a_gpu_fails_loudly(tmp_path: Path, executor
     path.write_bytes(affine_model())
     with pytest.raises(MaasError, match="providers=cuda, but ONNX Runtime could not use CUDA"):
         await ModelRuntime.load(path, model="m", version=1, providers="cuda", intra_op_threads=1, executor=executor)
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A real thread pool that counts the runs handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.submitted = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("inline_run_max_s", "expected_submits"), [(1.0, 1), (0.0, 5), (1e-12, 5)])
+async def test_fast_runs_move_onto_the_event_loop_once_measured(
+    tmp_path: Path, inline_run_max_s: float, expected_submits: int
+) -> None:
+    pool = CountingExecutor()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(affine_model())
+    try:
+        runtime = await ModelRuntime.load(
+            path, model="m", version=1, providers="cpu", intra_op_threads=1, executor=pool,
+            inline_run_max_s=inline_run_max_s,
+        )  # fmt: skip
+        for value in range(5):
+            outputs = await runtime.run({"x": np.full((1, 4), value, np.float32)}, [])
+            np.testing.assert_array_equal(outputs["y"], np.full((1, 4), 2 * value + 1, np.float32))
+    finally:
+        pool.shutdown()
+    # The first run is measured on the pool; only a model measured fast enough stays off it.
+    assert pool.submitted == expected_submits
