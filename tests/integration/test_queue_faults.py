@@ -1,0 +1,137 @@
+"""Faults on the optimised request path, with real processes and signals.
+
+- A worker killed (SIGKILL) while it writes a batch's pipelined replies loses no call.
+- Redis killed (SIGKILL) without persistence comes back empty: the calls waiting for a reply
+  fail at once with UNAVAILABLE instead of waiting out their deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from inference import grpc_service_pb2 as pb
+from services.common import keys
+from services.common.embedded_redis import EmbeddedRedis
+from tests.integration.suite import Suite
+from tests.models import affine_model
+
+pytestmark = pytest.mark.integration
+
+ROWS = 256
+"""Rows per call: replies of 4 KiB, so a batch's MULTI carries real bytes when the worker dies."""
+
+
+def _request(model: str, value: float) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=[ROWS, 4])
+    request.raw_input_contents.append(np.full((ROWS, 4), value, np.float32).tobytes())
+    return request
+
+
+async def _start_worker(suite: Suite, tmp_path: Path, name: str) -> asyncio.subprocess.Process:
+    ready = tmp_path / f"{name}.json"
+    ready.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")} | {
+        "MAAS_REDIS_URL": suite.redis_url,
+        "MAAS_INFERENCE_REGISTRY_ADDRESS": suite.registry_address,
+        "MAAS_INFERENCE_WORKER_ID": "killed-worker",  # a restart under the same id runs its pending at once
+        "MAAS_INFERENCE_PROVIDERS": "cpu",
+        "MAAS_INFERENCE_CACHE_DIR": str(tmp_path / "cache"),
+        "MAAS_INFERENCE_READY_FILE": str(ready),
+        "MAAS_INFERENCE_LOG_LEVEL": "warning",
+    }
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.inference", env=env)
+    async with asyncio.timeout(60):
+        while not ready.exists():
+            assert process.returncode is None, "worker exited during start-up"
+            await asyncio.sleep(0.05)
+    assert json.loads(ready.read_text())["port"] > 0
+    return process
+
+
+async def _client(suite: Suite, first: int, stop: asyncio.Event, results: dict[int, float]) -> None:
+    index = first
+    while not stop.is_set():
+        response = await suite.inference.ModelInfer(_request("pipelined", float(index)), timeout=60)
+        values = np.frombuffer(response.raw_output_contents[0], np.float32)
+        assert values.shape == (ROWS * 4,) and np.all(values == values[0])
+        results[index] = float(values[0])
+        index += 1
+
+
+@pytest.mark.timeout(180)
+async def test_worker_killed_while_writing_replies_loses_no_call(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    running = await Suite(redis_server.url, tmp_path, timeout_s=60).start(with_worker=False)
+    worker = None
+    try:
+        await running.push("pipelined", affine_model(), max_batch_size=32)
+        worker = await _start_worker(running, tmp_path, "w0")
+        stop, results = asyncio.Event(), {}
+        clients = [asyncio.ensure_future(_client(running, 10_000 * c, stop, results)) for c in range(16)]
+        rng = random.Random(7)
+        killed_with_calls_in_flight = 0
+        for attempt in range(3):
+            await asyncio.sleep(rng.uniform(0.3, 0.8))
+            answered = len(results)
+            worker.send_signal(signal.SIGKILL)
+            await worker.wait()
+            killed_with_calls_in_flight += len(results) > 0 and not any(c.done() for c in clients)
+            worker = await _start_worker(running, tmp_path, f"w{attempt + 1}")
+            assert len(results) >= answered
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*clients)  # every call of every client got its one, correct reply
+        assert killed_with_calls_in_flight == 3
+        assert len(results) > 100
+        assert all(value == 2.0 * index + 1 for index, value in results.items())
+        queue = keys.queue("pipelined", 1)
+        assert await running.redis.xlen(queue) == 0
+        assert (await running.redis.xpending(queue, keys.QUEUE_GROUP))["pending"] == 0
+    finally:
+        if worker is not None and worker.returncode is None:
+            worker.send_signal(signal.SIGTERM)
+            await worker.wait()
+        await running.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_redis_killed_without_persistence_fails_waiting_calls_at_once(tmp_path: Path) -> None:
+    own_redis = EmbeddedRedis(tmp_path / "redis", persistence=False).start()
+    restarted = EmbeddedRedis(tmp_path / "redis", port=own_redis.port, persistence=False)
+    running = await Suite(own_redis.url, tmp_path).start()
+    try:
+        await running.push("unserved", affine_model(), pool="nobody-serves-this")
+        calls = [
+            asyncio.ensure_future(running.inference.ModelInfer(_request("unserved", 1.0), timeout=10)) for _ in range(5)
+        ]
+        await asyncio.sleep(0.5)  # queued, waiting for a worker that never comes
+        assert await running.redis.xlen(keys.queue("unserved", 1)) == 5
+        own_redis.kill()
+        restarted.start()  # empty: the queued requests and the reply stream are gone
+        loop = asyncio.get_running_loop()
+        back = loop.time()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        elapsed_s = loop.time() - back
+        assert all(isinstance(o, grpc.aio.AioRpcError) for o in outcomes), outcomes
+        errors = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+        assert {e.code() for e in errors} == {grpc.StatusCode.UNAVAILABLE}
+        assert {e.details() for e in errors} == {
+            "redis lost the queued request (it restarted without its data); retry the call"
+        }
+        assert elapsed_s < 2.0
+    finally:
+        await running.stop()
+        restarted.stop()
