@@ -38,7 +38,7 @@ lint: $(VENV)/.installed-dev proto
 test: $(VENV)/.installed-dev proto lint
 	$(BIN)/python -m pytest $(ARGS)
 
-## bench: benchmarks against raw ONNX Runtime
+## bench: one table: raw ONNX Runtime, a bare Python gRPC floor, a worker direct, MaaS via the queue (ARGS="--short")
 bench: $(VENV)/.installed-dev proto
 	$(BIN)/python -m bench.throughput $(ARGS)
 

@@ -1,138 +1,230 @@
-"""Throughput and latency of MaaS (`maas up`, real processes) against raw ONNX Runtime.
+"""Throughput and latency of MaaS against raw ONNX Runtime and a bare Python gRPC server, in one run.
 
-Usage: python -m bench.throughput [--seconds 5] [--concurrency 1,8,32] [--workers 1]
+Usage: python -m bench.throughput [--seconds 5] [--concurrency 1,8,32] [--models tiny,heavy]
+       [--systems floor,direct,maas] [--workers 1] [--short] [--json PATH]
 
-Prints one row per scenario with the ratio of MaaS's throughput to raw ONNX Runtime's, both
-measured in this run on this machine (a batch-1 ``InferenceSession.run`` loop in one thread).
+For each model (tiny: y = 2x + 1 on [-1, 16]; heavy: 4 x Gemm 2048x2048 + Relu) it measures, on
+this machine and in this run:
+
+1. raw ONNX Runtime (CPU EP, in-process): a batch-1 ``session.run`` loop, and the best of batch
+   sizes 1..64 (inferences per second);
+2. ``floor``: a bare grpc.aio KServe v2 server running ORT inline (bench/floor.py), the least a
+   Python gRPC server can cost;
+3. ``direct``: a MaaS inference worker's own GRPCInferenceService (no gateway, no queue);
+4. ``maas``: ``maas up`` (real processes, default log level) through the gateway and the Redis
+   queue, deployed with ``maas models push --max-batch-size 32`` and the default batch wait;
+
+each with closed-loop batch-1 clients (``python -m bench.load``, one process per measurement,
+the same for every system), and prints one table with the ratios, then the tracked targets.
+Exits non-zero only if something fails to start or a measurement has no successful request.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
-from inference import grpc_service_pb2 as pb
-from inference import grpc_service_pb2_grpc
+from bench import models as bench_models
+from bench import rawort
+from bench.models import BenchModel
+from bench.report import SYSTEMS, Report, Row, render
+from bench.suite import REPO, Floor, MaasUp, clean_env, probe
 
-WIDTH = 256
+_LOAD_SLACK_S = 90.0
+"""Time a load process may take beyond its measurement before it is given up as failed."""
 
 
-def mlp_model(width: int = WIDTH) -> bytes:
-    """Two dense layers with ReLU on FP32 [-1, width]: small, but real compute."""
-    rng = np.random.default_rng(0)
-    w1, w2 = (rng.standard_normal((width, width), dtype=np.float32) / 16 for _ in range(2))
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("MatMul", ["r", "w2"], ["y"]),
-    ]
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
-    model = helper.make_model(
-        helper.make_graph(nodes, "mlp", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)]
+@dataclass(frozen=True)
+class Options:
+    """What to measure."""
+
+    seconds: float
+    concurrency: list[int]
+    models: list[str]
+    systems: list[str]
+    workers: int
+    access_log_sample: float
+    heavy_width: int
+    json_path: Path | None
+
+    @property
+    def sweep_seconds(self) -> float:
+        """Time per batch size of the raw ORT sweep."""
+        return max(0.25, self.seconds / 4)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=None, help="Per measurement (default 5; --short: 1).")
+    parser.add_argument("--concurrency", default=None, help="Client counts (default 1,8,32; --short: 1,8).")
+    parser.add_argument("--models", default="tiny,heavy")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--workers", type=int, default=1, help="Inference workers of maas up.")
+    parser.add_argument(
+        "--access-log-sample", type=float, default=0.01, help="maas up's share of OK calls logged (errors: all)."
     )
-    model.ir_version = 8
-    return model.SerializeToString()
+    parser.add_argument("--short", action="store_true", help="CI mode: 1 s, clients 1,8, heavy model 256 wide.")
+    parser.add_argument("--json", type=Path, default=None, help="Also write the results as JSON here.")
+    args = parser.parse_args(argv)
+    systems = _csv(args.systems)
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown system(s) {unknown}; choose from {','.join(SYSTEMS)}")
+    return Options(
+        seconds=args.seconds if args.seconds is not None else (1.0 if args.short else 5.0),
+        concurrency=[int(c) for c in _csv(args.concurrency or ("1,8" if args.short else "1,8,32"))],
+        models=_csv(args.models),
+        systems=systems,
+        workers=args.workers,
+        access_log_sample=args.access_log_sample,
+        heavy_width=bench_models.SHORT_HEAVY_WIDTH if args.short else bench_models.HEAVY_WIDTH,
+        json_path=args.json,
+    )
 
 
-def raw_ort(model: bytes, seconds: float) -> float:
-    """Batch-1 requests per second of a plain InferenceSession loop."""
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    x = np.ones((1, WIDTH), np.float32)
-    count, end = 0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        session.run(None, {"x": x})
-        count += 1
-    return count / seconds
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def start_suite(data_dir: Path, workers: int) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    """Run `maas up` and return it with its endpoints."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    up = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--workers", str(workers), "--gateway-port", "0",
-         "--registry-port", "0", "--data-dir", str(data_dir), "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    path = data_dir / "run" / "endpoints.json"
-    deadline = time.monotonic() + 120
-    while not path.exists():
-        if up.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("maas up did not start")
-        time.sleep(0.2)
-    return up, json.loads(path.read_text())
+def run_load(url: str, model: BenchModel, clients: int, seconds: float) -> dict[str, object]:
+    """One measurement by a fresh ``bench.load`` process; a failed process reads as no request."""
+    command = [sys.executable, "-m", "bench.load", "--url", url, "--model", model.name, "--width", str(model.width),
+               "--concurrency", str(clients), "--seconds", str(seconds)]  # fmt: skip
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=seconds + _LOAD_SLACK_S
+        )
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 0 and lines:
+            result: dict[str, object] = json.loads(lines[-1])
+            return result
+        failure = f"load process exited with code {done.returncode}: {done.stderr[-800:]}"
+    except subprocess.TimeoutExpired:
+        failure = f"load process did not finish within {seconds + _LOAD_SLACK_S:g} s"
+    return {"requests": 0, "errors": 1, "rps": 0.0, "p50_ms": None, "p99_ms": None, "first_error": failure}
 
 
-async def _client(stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub, end: float, lat: list[float]) -> int:
-    request = pb.ModelInferRequest(model_name="mlp")
-    request.inputs.add(name="x", datatype="FP32", shape=[1, WIDTH])
-    request.raw_input_contents.append(np.ones((1, WIDTH), np.float32).tobytes())
-    count = 0
-    while time.perf_counter() < end:
-        started = time.perf_counter()
-        await stub.ModelInfer(request, timeout=30)
-        lat.append(time.perf_counter() - started)
-        count += 1
-    return count
+def _ms(value: object) -> float | None:
+    return None if value is None else float(str(value))
 
 
-async def maas_run(gateway: str, concurrency: int, seconds: float) -> tuple[float, float, float]:
-    """Return (requests/s, p50 ms, p99 ms) with ``concurrency`` closed-loop clients."""
-    async with grpc.aio.insecure_channel(gateway) as channel:
-        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        await _client(stub, time.perf_counter() + 0.5, [])  # warm-up
-        latencies: list[float] = []
-        end = time.perf_counter() + seconds
-        counts = await asyncio.gather(*(_client(stub, end, latencies) for _ in range(concurrency)))
-    quantiles = statistics.quantiles(latencies, n=100)
-    return sum(counts) / seconds, quantiles[49] * 1000, quantiles[98] * 1000
+def _mean_batch(maas: MaasUp | None, name: str, before: tuple[float, float] | None) -> float | None:
+    """Mean executed batch size since ``before``, from the workers' histograms (None if unknown)."""
+    after = maas.batch_totals(name) if maas is not None else None
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args()
-    model = mlp_model()
-    onnx.checker.check_model(onnx.load_from_string(model))
-    raw = raw_ort(model, args.seconds)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_path = Path(tmp) / "mlp.onnx"
-        model_path.write_bytes(model)
-        up, endpoints = start_suite(Path(tmp) / "data", args.workers)
-        try:
-            env = os.environ | {"MAAS_REGISTRY": endpoints["registry"]}
-            subprocess.run(
-                [sys.executable, "-m", "services.cli", "models", "push", str(model_path), "--name", "mlp",
-                 "--max-batch-size", "32", "--max-wait-ms", "2"],
-                env=env, check=True, stdout=subprocess.DEVNULL,
-            )  # fmt: skip
-            print(f"raw ONNX Runtime, batch 1, 1 thread: {raw:,.0f} req/s  (model: MLP {WIDTH}x{WIDTH} x2, CPU)")
-            print(f"{'clients':>8} {'MaaS req/s':>12} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8}")
-            for concurrency in (int(c) for c in args.concurrency.split(",")):
-                rate, p50, p99 = asyncio.run(maas_run(endpoints["gateway"], concurrency, args.seconds))
-                print(f"{concurrency:>8} {rate:>12,.0f} {rate / raw:>7.2f} {p50:>8.2f} {p99:>8.2f}")
-        finally:
-            up.send_signal(signal.SIGINT)
-            up.wait(60)
+def measure(system: str, url: str, model: BenchModel, opts: Options, maas: MaasUp | None) -> list[Row]:
+    """Every concurrency level on one system serving one model."""
+    rows = []
+    for clients in opts.concurrency:
+        if maas is not None:
+            maas.check_alive()
+        before = maas.batch_totals(model.name) if system == "maas" and maas else None
+        result = run_load(url, model, clients, opts.seconds)
+        mean_batch = 1.0 if system != "maas" else _mean_batch(maas, model.name, before)
+        row = Row(
+            model=model.name, system=system, clients=clients, requests=int(str(result["requests"])),
+            errors=int(str(result["errors"])), rps=float(str(result["rps"])), p50_ms=_ms(result["p50_ms"]),
+            p99_ms=_ms(result["p99_ms"]), mean_batch=mean_batch, first_error=str(result.get("first_error") or ""),
+        )  # fmt: skip
+        p50 = "-" if row.p50_ms is None else f"{row.p50_ms:.2f}"
+        progress(f"{model.name} {system} c={clients}: {row.rps:,.0f} req/s, p50 {p50} ms, {row.errors} error(s)")
+        rows.append(row)
+    return rows
+
+
+def start_maas(stack: ExitStack, work: Path, paths: dict[str, Path], opts: Options, report: Report) -> MaasUp:
+    """``maas up``, push every model, wait until served; records each deployment's max_wait_ms."""
+    progress(f"starting maas up ({opts.workers} worker(s))")
+    maas = stack.enter_context(MaasUp(work, opts.workers, opts.access_log_sample))
+    for name, path in paths.items():
+        progress(f"maas models push {name}")
+        maas.push(path, name)
+    for model in report.models:
+        probe(maas.gateway, model.name, model.width)
+        report.max_wait_ms[model.name] = maas.max_wait_ms(model.name)
+    return maas
+
+
+def measure_model(model: BenchModel, path: Path, work: Path, opts: Options, maas: MaasUp | None) -> list[Row]:
+    """Every system on one model."""
+    rows: list[Row] = []
+    for system in opts.systems:
+        if system == "floor":
+            with Floor(path, model.name, work) as floor:
+                probe(floor.url, model.name, model.width)
+                rows += measure("floor", floor.url, model, opts, None)
+            continue
+        assert maas is not None
+        url = maas.direct_url(model.name) if system == "direct" else maas.gateway
+        probe(url, model.name, model.width)
+        rows += measure(system, url, model, opts, maas)
+    return rows
+
+
+def run(opts: Options) -> Report:
+    """Build the models, measure raw ORT, start the servers, measure every row."""
+    built = bench_models.build(opts.models, opts.heavy_width)
+    config: dict[str, object] = {
+        "seconds": opts.seconds, "concurrency": opts.concurrency, "systems": opts.systems, "workers": opts.workers,
+        "access_log_sample": opts.access_log_sample,
+        "cpus": os.cpu_count(), "onnxruntime": ort.__version__,
+    }  # fmt: skip
+    report = Report(config=config, models=built, raw={})
+    for model in built:
+        progress(f"raw ONNX Runtime: {model.name}")
+        report.raw[model.name] = rawort.measure(model, opts.seconds, opts.sweep_seconds)
+    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        paths = {m.name: work / f"{m.name}.onnx" for m in built}
+        for model in built:
+            paths[model.name].write_bytes(model.data)
+        maas = start_maas(stack, work, paths, opts, report) if {"direct", "maas"} & set(opts.systems) else None
+        for model in built:
+            report.rows += measure_model(model, paths[model.name], work, opts, maas)
+        progress("stopping")
+    report.add_ratios()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(argv)
+    started = time.monotonic()
+    try:
+        report = run(opts)
+    except RuntimeError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench interrupted", file=sys.stderr)
+        return 130
+    print(render(report))
+    print(f"(took {time.monotonic() - started:.0f} s)")
+    if opts.json_path is not None:
+        opts.json_path.write_text(json.dumps(report.to_json(), indent=2))
+    empty = [f"{r.model} {r.system} c={r.clients}" for r in report.rows if r.requests == 0]
+    if empty:
+        print(f"no successful request in: {', '.join(empty)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,19 +12,19 @@ from dataclasses import dataclass
 from typing import Any
 
 ENQUEUE_MANY_LUA = """
--- KEYS[1]: queue stream; ARGV[1]: max queue length; ARGV[2]: fields per entry (n);
--- ARGV[3..]: the entries, n field-value pairs each. Returns one reply per entry: its id, or 0
--- when the queue was full. The length is checked before each XADD, atomically with it:
--- trimming with MAXLEN would drop unread requests.
+-- KEYS[1]: queue stream; ARGV[1]: max queue length; ARGV[2]: reply stream of every entry;
+-- ARGV[3..]: the entries, 4 values each: id, deadline_ms, rid, req (QueuedRequest's fields).
+-- Returns one reply per entry: its stream id, or 0 when the queue was full. The length is
+-- checked before each XADD, atomically with it: trimming with MAXLEN would drop unread requests.
 local limit = tonumber(ARGV[1])
-local width = 2 * tonumber(ARGV[2])
 local length = redis.call('XLEN', KEYS[1])
 local ids = {}
-for first = 3, #ARGV, width do
+for first = 3, #ARGV, 4 do
   if length >= limit then
     ids[#ids + 1] = 0
   else
-    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, first, first + width - 1))
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'id', ARGV[first], 'reply', ARGV[2],
+      'deadline_ms', ARGV[first + 1], 'rid', ARGV[first + 2], 'req', ARGV[first + 3])
     length = length + 1
   end
 end
@@ -80,6 +80,10 @@ class QueuedRequest:
     """Serialized ``inference.ModelInferRequest``."""
     request_id: str = ""
     """The caller's request id (``x-request-id``), for logs."""
+
+    def enqueue_args(self) -> tuple[str, int, str, bytes]:
+        """Return this entry's values as ``ENQUEUE_MANY_LUA`` takes them (after its reply stream)."""
+        return self.id, self.deadline_ms, self.request_id, self.payload
 
     def to_fields(self) -> dict[str, bytes | str | int]:
         """Return the stream entry's fields."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -18,7 +17,7 @@ import redis.exceptions
 import structlog
 
 from services.common.errors import MaasError, Unavailable
-from services.common.queue import ENQUEUE_MANY_LUA
+from services.common.queue import ENQUEUE_MANY_LUA, QueuedRequest
 from services.common.redis_conn import redis_errors
 
 log = structlog.get_logger(__name__)
@@ -30,7 +29,7 @@ class _Pending:
 
     queue: str
     max_length: int
-    fields: Sequence[bytes | str | int]
+    entry: QueuedRequest
     future: asyncio.Future[bool] = field(repr=False)
 
 
@@ -55,8 +54,8 @@ class Admission:
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail(self._take(), Unavailable("gateway is stopping; retry"))
 
-    async def enqueue(self, queue: str, max_length: int, fields: Sequence[bytes | str | int]) -> bool:
-        """Append one entry of ``fields`` (name, value, ...) to ``queue`` unless it holds ``max_length``.
+    async def enqueue(self, queue: str, max_length: int, entry: QueuedRequest) -> bool:
+        """Append ``entry`` to ``queue`` unless the queue holds ``max_length`` entries.
 
         Returns:
             Whether the entry was queued (False: the queue is full).
@@ -67,7 +66,7 @@ class Admission:
         """
         assert self._wake is not None, "Admission.start() was not called"
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(queue, max_length, fields, future))
+        self._pending.append(_Pending(queue, max_length, entry, future))
         self._wake.set()
         return await future
 
@@ -92,16 +91,15 @@ class Admission:
                     self._fail(batch, MaasError(f"request queue: {type(exc).__name__}"))
 
     async def _flush(self, batch: list[_Pending]) -> None:
-        groups: dict[tuple[str, int], list[_Pending]] = defaultdict(list)
+        groups: dict[tuple[str, int, str], list[_Pending]] = defaultdict(list)
         for item in batch:
-            groups[(item.queue, item.max_length)].append(item)
+            groups[(item.queue, item.max_length, item.entry.reply_to)].append(item)
         try:
             with redis_errors("request queue"):
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for (queue, max_length), items in groups.items():
-                        width = len(items[0].fields) // 2
-                        args = [max_length, width, *(value for item in items for value in item.fields)]
-                        pipe.eval(ENQUEUE_MANY_LUA, 1, queue, *args)
+                    for (queue, max_length, reply_to), items in groups.items():
+                        values = [value for item in items for value in item.entry.enqueue_args()]
+                        pipe.eval(ENQUEUE_MANY_LUA, 1, queue, max_length, reply_to, *values)
                     results = await pipe.execute(raise_on_error=False)
         except MaasError as exc:
             self._fail(batch, exc)

@@ -176,6 +176,7 @@ class Router:
         self._catalog = catalog
         self._replies = replies
         self._admission = admission
+        IN_FLIGHT.set_function(lambda: replies.in_flight)
         self._default_timeout_s = default_timeout_s
         self._call_ids = itertools.count(1)
         """Call ids need only be unique on this process's own reply stream."""
@@ -258,7 +259,6 @@ class Router:
             request_id=str(structlog.contextvars.get_contextvars().get("request_id", "")),
         )
         future = self._replies.expect(entry.id)
-        IN_FLIGHT.inc()
         try:
             async with asyncio.timeout(timeout_s):
                 await self._admit(target, entry)
@@ -266,15 +266,13 @@ class Router:
         except TimeoutError:
             raise await self._deadline_error(target, timeout_s) from None
         finally:
-            IN_FLIGHT.dec()
             self._replies.forget(entry.id)
         if reply.code != 0:
             raise error_for_code(code_from_value(reply.code), reply.message)
         return reply.payload
 
     async def _admit(self, target: Target, entry: QueuedRequest) -> None:
-        fields = [item for pair in entry.to_fields().items() for item in pair]
-        if not await self._admission.enqueue(target.queue, target.deployment.max_queue_length, fields):
+        if not await self._admission.enqueue(target.queue, target.deployment.max_queue_length, entry):
             raise ResourceExhausted(
                 f"model '{target.model.name}' is overloaded: {target.deployment.max_queue_length} requests "
                 "are already queued; retry with backoff"

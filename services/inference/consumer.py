@@ -65,6 +65,19 @@ def _stream_fields(fields: Mapping[Any, Any]) -> dict[FieldT, EncodableT]:
     return dict(fields)
 
 
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """Return ``action`` made idempotent: only its first call acts."""
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return call
+
+
 def is_nogroup(exc: BaseException) -> bool:
     """Whether ``exc`` is Redis's NOGROUP error (the stream or group vanished: restart or flush)."""
     return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("NOGROUP")
@@ -193,12 +206,16 @@ class QueueConsumer:
         self._loops: list[asyncio.Task[None]] = []
         self._stop: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
+        """Batches whose model runs are under way (``max_concurrent_batches``)."""
+        self._sending: asyncio.Semaphore | None = None
+        """Batches read and not yet answered (twice as many: replies overlap the next run)."""
         self._progress = progress
 
     def start(self) -> None:
         """Start the read and reclaim loops (the group is created by the loops, retried)."""
         self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(self._settings.max_concurrent_batches)
+        self._sending = asyncio.Semaphore(2 * self._settings.max_concurrent_batches)
         self._loops = [
             asyncio.create_task(supervise("read", self._read_loop, self._stop, queue=self.queue)),
             asyncio.create_task(supervise("reclaim", self._reclaim_loop, self._stop, queue=self.queue)),
@@ -249,20 +266,30 @@ class QueueConsumer:
     # Reading -----------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        assert self._stop is not None and self._slots is not None
+        assert self._stop is not None and self._slots is not None and self._sending is not None
         await self.ensure_group()
         await self._recover_own_pending()
         while not self._stop.is_set():
-            await self._slots.acquire()
+            # NOTE: a run slot frees when a batch's runs end, not when its replies are written,
+            # so the next batch is read (as late as possible: what piled up meanwhile) and run
+            # while the previous replies travel; _sending bounds the batches not yet answered.
+            await self._sending.acquire()
+            try:
+                await self._slots.acquire()
+            except BaseException:
+                self._sending.release()
+                raise
             try:
                 entries = [] if self._stop.is_set() else await self._read_batch()
             except BaseException:
                 self._slots.release()
+                self._sending.release()
                 raise
             if entries:
                 self._spawn(entries)
             else:
                 self._slots.release()
+                self._sending.release()
 
     async def _recover_own_pending(self) -> None:
         # NOTE: a worker restarted under the same id (`maas up`, a StatefulSet) owns what its
@@ -301,21 +328,24 @@ class QueueConsumer:
         return stream_entries(reply)
 
     def _spawn(self, entries: list[Entry]) -> None:
+        assert self._slots is not None
         ids = [entry_id for entry_id, _fields in entries]
         self._in_flight.update(ids)
-        task = asyncio.create_task(self._process(entries))
+        release = _once(self._slots.release)
+        task = asyncio.create_task(self._process(entries, ran=release))
         self._batches.add(task)
-        task.add_done_callback(lambda done: self._batch_done(done, ids))
+        task.add_done_callback(lambda done: self._batch_done(done, ids, release))
 
     def _notify(self) -> None:
         if self._progress is not None:
             self._progress.set()
 
-    def _batch_done(self, task: asyncio.Task[None], ids: Sequence[bytes]) -> None:
-        assert self._slots is not None
+    def _batch_done(self, task: asyncio.Task[None], ids: Sequence[bytes], release: Callable[[], None]) -> None:
+        assert self._sending is not None
         self._batches.discard(task)
         self._in_flight.difference_update(ids)
-        self._slots.release()
+        release()
+        self._sending.release()
         self._notify()
         error = None if task.cancelled() else task.exception()
         # NOTE: a failed batch's entries stay pending; reclaim runs them again one by one.
@@ -326,7 +356,8 @@ class QueueConsumer:
 
     # Processing --------------------------------------------------------------------------
 
-    async def _process(self, entries: Sequence[Entry]) -> None:
+    async def _process(self, entries: Sequence[Entry], *, ran: Callable[[], None] | None = None) -> None:
+        """Answer ``entries``; ``ran`` is called once the model runs are over, before the replies go out."""
         now = now_ms()
         answers: list[_Answer] = []
         jobs: list[_Job] = []
@@ -337,6 +368,8 @@ class QueueConsumer:
             else:
                 answers.append(admitted)
         answers += await self._run_jobs(jobs)
+        if ran is not None:
+            ran()  # the next batch may be read and run while these replies are written
         await self._send_all(answers)
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now: int) -> _Job | _Answer:

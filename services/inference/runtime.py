@@ -21,7 +21,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
-from services.common.dtypes import from_numpy, from_ort
+from services.common.dtypes import datatype, from_numpy, from_ort
 from services.common.errors import InvalidArgument, MaasError
 from services.common.metadata import TensorSpec
 from services.inference.settings import ProviderSetting
@@ -178,10 +178,12 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(name=arg.name, datatype=from_ort(arg.type).name, shape=dims)
 
 
-def _create_session(path: Path, providers: list[str], intra_op_threads: int) -> ort.InferenceSession:
+def _create_session(path: Path, providers: list[str], intra_op_threads: int, spinning: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if intra_op_threads > 0:
         options.intra_op_num_threads = intra_op_threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
@@ -212,6 +214,7 @@ class ModelRuntime:
         intra_op_threads: int,
         executor: Executor,
         inline_run_max_s: float = 0.0,
+        spinning: bool = False,
     ) -> ModelRuntime:
         """Create a session for the ONNX file at ``path`` in a thread (never on the event loop).
 
@@ -221,7 +224,7 @@ class ModelRuntime:
         """
         wanted = select_providers(providers, ort.get_available_providers(), has_gpu=has_gpu_driver())
         try:
-            session = await asyncio.to_thread(_create_session, path, wanted, intra_op_threads)
+            session = await asyncio.to_thread(_create_session, path, wanted, intra_op_threads, spinning)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise MaasError(f"model '{model}' version {version} failed to load: {_first_line(exc)}") from exc
         if providers == "cuda" and _CUDA not in session.get_providers():
@@ -234,7 +237,26 @@ class ModelRuntime:
             inputs=tuple(_spec(arg) for arg in session.get_inputs()),
             outputs=tuple(_spec(arg) for arg in session.get_outputs()),
         )
-        return cls(model, version, signature, list(session.get_providers()), session, executor, inline_run_max_s)
+        runtime = cls(model, version, signature, list(session.get_providers()), session, executor, inline_run_max_s)
+        runtime._avg_run_s = await asyncio.to_thread(runtime._warm_up)
+        return runtime
+
+    def _warm_up(self) -> float:
+        """Run once on zeros (variable dimensions 1) and return how long it took, inf if it failed.
+
+        The first run of a session allocates its buffers; its time also tells whether later runs
+        are short enough to run on the event loop (measured here, alone, not under a busy loop).
+        """
+        feeds: dict[str, Array] = {}
+        for spec in self.signature.inputs:
+            shape = tuple(1 if dim < 0 else dim for dim in spec.shape)
+            dt = datatype(spec.datatype)
+            feeds[spec.name] = np.full(shape, "", object) if dt.itemsize is None else np.zeros(shape, dt.numpy)
+        try:
+            self._timed_run(list(self.signature.output_names), feeds)  # first run: allocations
+            return self._timed_run(list(self.signature.output_names), feeds)[1]
+        except Exception:  # a model whose inputs zeros do not fit (e.g. data-dependent shapes)
+            return math.inf
 
     async def run(self, feeds: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
         """Run the model on the executor and return the outputs by name.

@@ -42,8 +42,15 @@ class InferenceSettings(ServiceSettings):
     inline_run_max_us: int = Field(default=200, ge=0)
     """Runs whose recent average is shorter than this (in µs) execute on the event loop instead of
     the thread pool, whose hand-off costs more than such a run; 0 always uses the thread pool."""
-    max_concurrent_batches: int = Field(default=2, ge=1)
-    """Batches of one queue in flight at once (and size of the model-run thread pool)."""
+    max_concurrent_batches: int = Field(default=1, ge=1)
+    """Batches of one queue whose model runs go on at once (the run thread pool has one thread more).
+
+    A batch's replies are written while the next batch is read and run. On a CPU one run
+    already uses every core (``intra_op_threads``), and a later read takes a fuller batch.
+    """
+    ort_spinning: bool = False
+    """Let ONNX Runtime's threads spin-wait for work between runs: a little lower latency on
+    cores the worker has to itself, CPU burnt that Redis, the gateway or neighbours need otherwise."""
     block_ms: int = Field(default=1000, ge=1, le=1000)
     """How long one XREADGROUP blocks, in ms; at most 1000 so a drain is seen within a second."""
     reclaim_idle_ms: int = Field(default=15000, ge=100)

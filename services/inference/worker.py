@@ -99,7 +99,8 @@ class InferenceWorker:
 
     async def start(self) -> None:
         """Load the deployed models (first reconcile), then start the background loops."""
-        self._executor = ThreadPoolExecutor(self.settings.max_concurrent_batches, thread_name_prefix="ort-run")
+        # One thread more than a queue may use: another model's run never waits behind its runs.
+        self._executor = ThreadPoolExecutor(self.settings.max_concurrent_batches + 1, thread_name_prefix="ort-run")
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -184,6 +185,7 @@ class InferenceWorker:
             intra_op_threads=self.settings.intra_op_threads,
             executor=self._executor,
             inline_run_max_s=self.settings.inline_run_max_us / 1e6,
+            spinning=self.settings.ort_spinning,
         )
         log.info(
             "model_loaded",

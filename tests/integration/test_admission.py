@@ -21,9 +21,8 @@ from tests.models import affine_model
 pytestmark = pytest.mark.integration
 
 
-def _fields(call_id: str) -> list[bytes | str | int]:
-    entry = QueuedRequest(id=call_id, reply_to="maas:v1:replies:t", deadline_ms=now_ms() + 60_000, payload=b"p")
-    return [item for pair in entry.to_fields().items() for item in pair]
+def _entry(call_id: str) -> QueuedRequest:
+    return QueuedRequest(id=call_id, reply_to="maas:v1:replies:t", deadline_ms=now_ms() + 60_000, payload=b"p")
 
 
 async def _eval_calls(redis: aioredis.Redis) -> int:
@@ -47,25 +46,26 @@ async def test_calls_of_one_turn_share_one_round_trip_and_stop_exactly_at_the_li
     before = await _eval_calls(redis_client)
 
     results = await asyncio.gather(
-        *(admission.enqueue(full, 5, _fields(f"f{i}")) for i in range(7)),
-        *(admission.enqueue(roomy, 100, _fields(f"r{i}")) for i in range(3)),
+        *(admission.enqueue(full, 5, _entry(f"f{i}")) for i in range(7)),
+        *(admission.enqueue(roomy, 100, _entry(f"r{i}")) for i in range(3)),
     )
 
     # One script per queue, in one pipelined round trip; the queue already held one entry.
     assert await _eval_calls(redis_client) - before == 2
     assert results == [True] * 4 + [False] * 3 + [True] * 3
     assert await redis_client.xlen(full) == 5
-    queued = [fields[b"id"] for _id, fields in await redis_client.xrange(roomy)]
-    assert queued == [b"r0", b"r1", b"r2"]
+    queued = [QueuedRequest.from_fields(fields) for _id, fields in await redis_client.xrange(roomy)]
+    assert [q.id for q in queued] == ["r0", "r1", "r2"]
+    assert {(q.reply_to, q.payload) for q in queued} == {("maas:v1:replies:t", b"p")}
 
 
 async def test_a_queue_at_its_limit_admits_again_once_it_drains(
     redis_client: aioredis.Redis, admission: Admission
 ) -> None:
     queue = keys.queue("m", 1)
-    assert [await admission.enqueue(queue, 1, _fields(str(i))) for i in range(2)] == [True, False]
+    assert [await admission.enqueue(queue, 1, _entry(str(i))) for i in range(2)] == [True, False]
     await redis_client.delete(queue)
-    assert await admission.enqueue(queue, 1, _fields("again"))
+    assert await admission.enqueue(queue, 1, _entry("again"))
 
 
 async def test_redis_unreachable_fails_every_waiting_call(redis_client: aioredis.Redis) -> None:
@@ -74,7 +74,7 @@ async def test_redis_unreachable_fails_every_waiting_call(redis_client: aioredis
     await running.start()
     try:
         results = await asyncio.gather(
-            *(running.enqueue(keys.queue("m", 1), 10, _fields(str(i))) for i in range(3)), return_exceptions=True
+            *(running.enqueue(keys.queue("m", 1), 10, _entry(str(i))) for i in range(3)), return_exceptions=True
         )
     finally:
         await running.stop()

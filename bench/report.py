@@ -1,0 +1,191 @@
+"""The benchmark's results: rows, ratios, targets, the printed table and the JSON document."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from bench.models import BenchModel
+from bench.rawort import RawOrt
+from bench.suite import BATCH_HISTOGRAM
+
+SYSTEMS = {
+    "floor": "bare grpc.aio server, ORT inline in the handler (bench/floor.py)",
+    "direct": "MaaS inference worker's own GRPCInferenceService (queue-less)",
+    "maas": "MaaS through the gateway and the Redis queue (maas up)",
+}
+
+
+@dataclass
+class Row:
+    """One measurement: a system serving a model to ``clients`` closed-loop clients."""
+
+    model: str
+    system: str
+    clients: int
+    requests: int
+    errors: int
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_batch: float | None
+    first_error: str = ""
+    x_raw_batch1: float | None = None
+    x_raw_best: float | None = None
+    x_floor: float | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure the benchmark tracks, with its goal (printed only, never enforced)."""
+
+    name: str
+    value: float | None
+    goal: float
+    at_least: bool
+    unit: str = ""
+    fmt: str = ".2f"
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the goal is met (None when not measured)."""
+        if self.value is None:
+            return None
+        return self.value >= self.goal if self.at_least else self.value <= self.goal
+
+
+@dataclass
+class Report:
+    """Everything one run measured."""
+
+    config: dict[str, object]
+    models: list[BenchModel]
+    raw: dict[str, RawOrt]
+    max_wait_ms: dict[str, int | None] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+
+    def find(self, model: str, system: str, clients: int) -> Row | None:
+        """The row of one measurement, if it was made."""
+        return next((r for r in self.rows if (r.model, r.system, r.clients) == (model, system, clients)), None)
+
+    def add_ratios(self) -> None:
+        """Fill each row's ratios to raw ORT and to the floor at the same model and concurrency."""
+        for row in self.rows:
+            raw = self.raw.get(row.model)
+            if raw is not None:
+                row.x_raw_batch1 = row.rps / raw.batch1_ips
+                row.x_raw_best = row.rps / raw.best_ips
+            floor = self.find(row.model, "floor", row.clients)
+            if floor is not None and floor.rps > 0:
+                row.x_floor = row.rps / floor.rps
+
+    @property
+    def total_errors(self) -> int:
+        """Errors over every measurement."""
+        return sum(r.errors for r in self.rows)
+
+    def targets(self) -> list[Target]:
+        """The tracked figures (None where the run did not measure them)."""
+        tiny32, tiny1 = self.find("tiny", "maas", 32), self.find("tiny", "maas", 1)
+        heavy32 = self.find("heavy", "maas", 32)
+        return [
+            Target("tiny c=32 MaaS / floor req/s", tiny32.x_floor if tiny32 else None, 0.65, at_least=True),
+            Target("tiny c=1 MaaS p50", tiny1.p50_ms if tiny1 else None, 1.5, at_least=False, unit=" ms"),
+            Target("heavy c=32 MaaS / raw ORT best batched", heavy32.x_raw_best if heavy32 else None, 0.25, True),
+            Target("total errors", float(self.total_errors), 0, at_least=False, fmt=".0f"),
+        ]
+
+    def to_json(self) -> dict[str, object]:
+        """The whole report as a JSON-able dict."""
+        return {
+            "config": self.config,
+            "models": {m.name: {"width": m.width, "description": m.description} for m in self.models},
+            "raw_ort": {name: raw.to_json() for name, raw in self.raw.items()},
+            "max_wait_ms": self.max_wait_ms,
+            "rows": [asdict(r) for r in self.rows],
+            "total_errors": self.total_errors,
+            "targets": [asdict(t) | {"met": t.met} for t in self.targets()],
+        }
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+_COLUMNS = (
+    ("model", "<6"), ("system", "<7"), ("clients", ">7"), ("req/s", ">9"), ("p50 ms", ">8"), ("p99 ms", ">8"),
+    ("errors", ">6"), ("mean batch", ">10"), ("x ORT b1", ">8"), ("x ORT best", ">10"), ("x floor", ">7"),
+)  # fmt: skip
+
+
+def _cells(row: Row) -> tuple[str, ...]:
+    return (
+        row.model, row.system, str(row.clients), _num(row.rps, ",.0f"), _num(row.p50_ms, ".2f"),
+        _num(row.p99_ms, ".2f"), str(row.errors), _num(row.mean_batch, ".2f"), _num(row.x_raw_batch1, ".2f"),
+        _num(row.x_raw_best, ".2f"), _num(row.x_floor, ".2f"),
+    )  # fmt: skip
+
+
+def _line(cells: tuple[str, ...]) -> str:
+    return "  ".join(format(cell, spec) for cell, (_, spec) in zip(cells, _COLUMNS, strict=True)).rstrip()
+
+
+def header_lines(report: Report) -> list[str]:
+    """What was measured, raw ONNX Runtime's figures and the deployments' batching."""
+    cfg = report.config
+    lines = [
+        f"MaaS benchmark on {cfg['cpus']} CPU(s), onnxruntime {cfg['onnxruntime']} (CPU EP, default intra-op threads); "
+        f"{cfg['seconds']:g} s per measurement after a 0.5 s warm-up; closed-loop batch-1 clients "
+        "(tritonclient gRPC aio, one load process per measurement)",
+    ]
+    lines += [f"  model {m.name}: {m.description}" for m in report.models]
+    lines += [f"  system {name}: {desc}" for name, desc in SYSTEMS.items() if name in cfg["systems"]]
+    if report.max_wait_ms:
+        waits = ", ".join(f"{name} {_num(ms, 'd')} ms" for name, ms in report.max_wait_ms.items())
+        lines.append(
+            f"  MaaS: {cfg['workers']} worker(s), max_batch_size 32, deployment max_wait_ms: {waits}, "
+            f"access log: {cfg.get('access_log_sample', 1.0):g} of OK calls (maas up --access-log-sample)"
+        )
+        lines.append(f"  mean batch (maas rows): workers' {BATCH_HISTOGRAM} delta _sum / _count, warm-up included")
+    lines.append("raw ONNX Runtime, in-process session.run loop:")
+    for name, raw in report.raw.items():
+        sweep = ", ".join(f"{b}: {ips:,.0f}" for b, ips in raw.by_batch.items())
+        lines.append(
+            f"  {name:<6} batch-1 {raw.batch1_ips:,.0f} inf/s (p50 {raw.batch1_p50_ms:.3f} ms); "
+            f"best batched {raw.best_ips:,.0f} inf/s at batch {raw.best_batch}  [inf/s by batch: {sweep}]"
+        )
+    return lines
+
+
+def table_lines(report: Report) -> list[str]:
+    """The comparison table."""
+    head = _line(tuple(name for name, _ in _COLUMNS))
+    return [head, "-" * len(head), *(_line(_cells(row)) for row in report.rows)]
+
+
+def target_lines(report: Report) -> list[str]:
+    """The tracked figures against their goals."""
+    lines = ["targets:"]
+    for t in report.targets():
+        goal = f"{'>=' if t.at_least else '<='} {t.goal:g}{t.unit}" if t.goal else "0"
+        verdict = {None: "not measured", True: "met", False: "MISSED"}[t.met]
+        value = "-" if t.value is None else f"{t.value:{t.fmt}}{t.unit}"
+        lines.append(f"  {t.name:<40} {value:>10}   target {goal:<10} {verdict}")
+    return lines
+
+
+def error_lines(report: Report) -> list[str]:
+    """The first error of each row that had errors."""
+    return [
+        f"  {r.model} {r.system} c={r.clients}: {r.errors} error(s), first: {r.first_error}"
+        for r in report.rows
+        if r.errors
+    ]
+
+
+def render(report: Report) -> str:
+    """Header, table, errors and targets as printed."""
+    errors = error_lines(report)
+    parts = [*header_lines(report), "", *table_lines(report), ""]
+    if errors:
+        parts += ["errors:", *errors, ""]
+    return "\n".join([*parts, *target_lines(report)])

@@ -1,0 +1,41 @@
+"""`python -m bench.throughput --short`: the benchmark runs end to end and every measurement is clean.
+
+Timings depend on the machine, so nothing here asserts on throughput or latency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_short_benchmark_measures_every_system_without_errors(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.throughput", "--short", "--json", str(out)],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAAS_")},
+        capture_output=True,
+        text=True,
+        timeout=230,
+        check=False,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["system"] for row in rows} == {"floor", "direct", "maas"}
+    assert {row["model"] for row in rows} == {"tiny", "heavy"}
+    for row in rows:
+        assert row["requests"] > 0, row
+        assert row["errors"] == 0, row
+    for row in (r for r in rows if r["system"] == "maas"):
+        assert row["mean_batch"] is not None, row
+        assert row["mean_batch"] >= 1, row
