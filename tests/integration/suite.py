@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 from pathlib import Path
 
 import grpc
@@ -16,6 +20,24 @@ from services.inference.settings import InferenceSettings
 from services.inference.worker import InferenceWorker
 from services.registry import server as registry_server
 from services.registry.settings import RegistrySettings
+
+
+async def start_service_process(
+    module: str, ready: Path, env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, int]:
+    """Run ``python -m module`` with ``env`` (on top of a MAAS_-free environment) until it writes ``ready``.
+
+    Returns:
+        The process and the gRPC port from its ready file.
+    """
+    await asyncio.to_thread(ready.unlink, missing_ok=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", module, env=clean | env)
+    async with asyncio.timeout(60):
+        while not await asyncio.to_thread(ready.exists):
+            assert process.returncode is None, f"{module} exited during start-up"
+            await asyncio.sleep(0.05)
+    return process, int(json.loads(await asyncio.to_thread(ready.read_text))["port"])
 
 
 class Suite:

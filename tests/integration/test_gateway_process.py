@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import sys
 from pathlib import Path
 
 import grpc
@@ -15,7 +12,7 @@ import pytest
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
-from tests.integration.suite import Suite
+from tests.integration.suite import Suite, start_service_process
 from tests.models import slow_model
 
 pytestmark = pytest.mark.integration
@@ -32,20 +29,19 @@ def _slow_request() -> pb.ModelInferRequest:
 
 async def _start_gateway(suite: Suite, tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
     ready = tmp_path / "gateway.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")} | {
-        "MAAS_REDIS_URL": suite.redis_url,
-        "MAAS_GATEWAY_REGISTRY_ADDRESS": suite.registry_address,
-        "MAAS_GATEWAY_PORT": "0",
-        "MAAS_GATEWAY_READY_FILE": str(ready),
-        "MAAS_GATEWAY_DRAIN_DELAY_S": "1",
-        "MAAS_GATEWAY_SHUTDOWN_GRACE_S": "30",
-    }
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.gateway", env=env)
-    async with asyncio.timeout(60):
-        while not ready.exists():
-            assert process.returncode is None, "gateway exited during start-up"
-            await asyncio.sleep(0.1)
-    return process, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+    process, port = await start_service_process(
+        "services.gateway",
+        ready,
+        {
+            "MAAS_REDIS_URL": suite.redis_url,
+            "MAAS_GATEWAY_REGISTRY_ADDRESS": suite.registry_address,
+            "MAAS_GATEWAY_PORT": "0",
+            "MAAS_GATEWAY_READY_FILE": str(ready),
+            "MAAS_GATEWAY_DRAIN_DELAY_S": "1",
+            "MAAS_GATEWAY_SHUTDOWN_GRACE_S": "30",
+        },
+    )
+    return process, f"127.0.0.1:{port}"
 
 
 @pytest.mark.timeout(120)

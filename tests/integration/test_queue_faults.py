@@ -8,11 +8,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import random
 import signal
-import sys
 from pathlib import Path
 
 import grpc
@@ -23,7 +20,7 @@ import redis.asyncio as aioredis
 from inference import grpc_service_pb2 as pb
 from services.common import keys
 from services.common.embedded_redis import EmbeddedRedis
-from tests.integration.suite import Suite
+from tests.integration.suite import Suite, start_service_process
 from tests.models import affine_model
 
 pytestmark = pytest.mark.integration
@@ -41,22 +38,20 @@ def _request(model: str, value: float) -> pb.ModelInferRequest:
 
 async def _start_worker(suite: Suite, tmp_path: Path, name: str) -> asyncio.subprocess.Process:
     ready = tmp_path / f"{name}.json"
-    ready.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")} | {
-        "MAAS_REDIS_URL": suite.redis_url,
-        "MAAS_INFERENCE_REGISTRY_ADDRESS": suite.registry_address,
-        "MAAS_INFERENCE_WORKER_ID": "killed-worker",  # a restart under the same id runs its pending at once
-        "MAAS_INFERENCE_PROVIDERS": "cpu",
-        "MAAS_INFERENCE_CACHE_DIR": str(tmp_path / "cache"),
-        "MAAS_INFERENCE_READY_FILE": str(ready),
-        "MAAS_INFERENCE_LOG_LEVEL": "warning",
-    }
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.inference", env=env)
-    async with asyncio.timeout(60):
-        while not ready.exists():
-            assert process.returncode is None, "worker exited during start-up"
-            await asyncio.sleep(0.05)
-    assert json.loads(ready.read_text())["port"] > 0
+    process, port = await start_service_process(
+        "services.inference",
+        ready,
+        {
+            "MAAS_REDIS_URL": suite.redis_url,
+            "MAAS_INFERENCE_REGISTRY_ADDRESS": suite.registry_address,
+            "MAAS_INFERENCE_WORKER_ID": "killed-worker",  # a restart under the same id runs its pending at once
+            "MAAS_INFERENCE_PROVIDERS": "cpu",
+            "MAAS_INFERENCE_CACHE_DIR": str(tmp_path / "cache"),
+            "MAAS_INFERENCE_READY_FILE": str(ready),
+            "MAAS_INFERENCE_LOG_LEVEL": "warning",
+        },
+    )
+    assert port > 0
     return process
 
 
