@@ -5,8 +5,9 @@ Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
 - Read with ``XREADGROUP ... COUNT max_batch_size BLOCK block_ms`` (<= 1 s, so a drain is seen)
   and run what came at once: batches form by themselves while the previous batch computes,
   because requests pile up in the stream. Only a deployment with ``max_wait_ms`` > 0 waits that
-  long to top a partial batch up. The batch runs in a task so the next read overlaps it, bounded
-  by a semaphore of ``max_concurrent_batches``.
+  long to top a partial batch up. The batch runs in a task; ``max_concurrent_batches`` bounds the
+  batches whose model runs go on at once, and a batch's replies are written while the next batch
+  is read and run.
 - A batch's answers are one MULTI: an ``XADD reply NOMKSTREAM`` per answer (to whichever gateway
   waits for it), then one ``XACK`` and one ``XDEL`` of every entry, so XLEN is the backlog, a dead
   gateway's reply stream is never recreated, and a worker killed mid-write leaves either every
@@ -198,9 +199,9 @@ class QueueConsumer:
         self._settings = settings
         self._labels = {"model": deployment.model, "version": str(deployment.version)}
         self._counters: dict[grpc.StatusCode, Any] = {}
+        """``REQUESTS`` children by code: labelling a metric per request costs a dict lookup and a lock."""
         self._batch_size = BATCH_SIZE.labels(**self._labels)
         self._run_seconds = RUN_SECONDS.labels(**self._labels)
-        """``REQUESTS`` children by code: labelling a metric per request costs a dict lookup and a lock."""
         self._in_flight: set[bytes] = set()
         self._batches: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -317,9 +318,16 @@ class QueueConsumer:
             return entries
         # NOTE: Redis resolves BLOCK timeouts on its hz tick (100 ms by default), so a short
         # XREADGROUP BLOCK <max_wait_ms> would wait up to 100 ms. The fill wait uses the event
-        # loop's timer and a non-blocking read instead.
-        await asyncio.sleep(wait_ms / 1000)
-        return entries + await self._read(size - len(entries), None)
+        # loop's timer and a non-blocking read instead. Entries waiting for it count as in flight
+        # already: kept claimed, never reclaimed (by this worker or another) and run twice.
+        ids = [entry_id for entry_id, _fields in entries]
+        self._in_flight.update(ids)
+        try:
+            await asyncio.sleep(wait_ms / 1000)
+            return entries + await self._read(size - len(entries), None)
+        except BaseException:
+            self._in_flight.difference_update(ids)
+            raise
 
     async def _read(self, count: int, block_ms: int | None) -> list[Entry]:
         reply = await self._redis.xreadgroup(

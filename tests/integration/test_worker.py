@@ -363,6 +363,23 @@ async def test_a_batch_of_expired_malformed_and_valid_entries_answers_each(
     assert await group_pending(redis_client) == 0
 
 
+async def test_entries_waiting_for_a_fuller_batch_are_not_reclaimed_and_run_twice(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    source = DirectoryModelSource(tmp_path / "models")
+    source.add("affine", affine_model(), max_batch_size=8, max_wait_ms=600)  # longer than reclaim_idle_ms
+    await create_reply_stream(redis_client)
+    for index in range(3):
+        await enqueue_affine(redis_client, f"w{index}", rows(index))
+    settings = worker_settings(redis_server.url, tmp_path, reclaim_idle_ms=100, reclaim_interval_s=0.05)
+
+    async with running_worker(settings, source) as worker:
+        await worker.run_until_empty()
+
+    replies = await read_replies(redis_client)
+    assert {call_id: len(answers) for call_id, answers in replies.items()} == {"w0": 1, "w1": 1, "w2": 1}
+
+
 async def test_reply_stream_of_a_gone_gateway_is_not_recreated(
     redis_server: EmbeddedRedis, redis_client: aioredis.Redis, source: DirectoryModelSource, tmp_path: Path
 ) -> None:
@@ -720,12 +737,14 @@ async def _served(worker: InferenceWorker, expected: list[str]) -> bool:
 async def test_killed_worker_process_loses_no_request(
     redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
-    calls = 2000  # enough that the victim is still busy when it is killed, however fast it runs
+    calls = 300
     await create_reply_stream(redis_client)
     async with running_registry(redis_server.url, tmp_path / "blobs") as registry:
         await registry.create_model("affine")
         await registry.upload_version("affine", affine_model())
-        await registry.deploy("affine", 1, max_batch_size=4, max_wait_ms=0)
+        # The victim reads every call in one batch, then waits a second to top it up: it is killed
+        # with all of them in flight, however fast it would run them.
+        await registry.deploy("affine", 1, max_batch_size=1024, max_wait_ms=1000)
         victim = start_worker_process(redis_server.url, registry.address, tmp_path / "victim.log")
         try:
             await eventually(lambda: _beat_lists(redis_client, "victim", "affine:1"), timeout_s=60)
@@ -749,6 +768,7 @@ async def test_killed_worker_process_loses_no_request(
     replies = await read_replies(redis_client)
     assert sorted(replies) == sorted(f"c{index}" for index in range(calls))
     for index in range(calls):
+        assert len(replies[f"c{index}"]) == 1, (index, replies[f"c{index}"])
         [reply] = replies[f"c{index}"]  # reply + ack are one transaction: never answered twice
         np.testing.assert_array_equal(output_y(reply), 2 * rows(index) + 1)
     assert await redis_client.xlen(QUEUE) == 0
