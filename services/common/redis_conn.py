@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
@@ -73,6 +74,20 @@ def create_redis(url: str, timeout_s: float, *, max_idle_s: float = MAX_IDLE_S) 
     return aioredis.Redis.from_pool(pool)
 
 
+def _pack_command(*args: Any) -> list[bytes]:
+    """Pack one command with hiredis's C packer (what redis-py's sync client does)."""
+    name = args[0]
+    if isinstance(name, str):
+        args = (*name.encode().split(), *args[1:])
+    elif b" " in name:
+        args = (*name.split(), *args[1:])
+    values: Any = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+    try:
+        return [hiredis.pack_command(values)]
+    except TypeError as exc:
+        raise redis.exceptions.DataError(str(exc)) from exc
+
+
 def _closed_by_server(connection: AbstractConnection) -> bool:
     """Whether a connected connection's socket saw EOF or an error, or is being closed."""
     reader, writer = connection._reader, connection._writer
@@ -94,6 +109,9 @@ class _Pool(ConnectionPool):
         """Create a connection whose socket closes when the server closes its end."""
         connection: AbstractConnection = super().make_connection()  # type: ignore[no-untyped-call]
         connection.register_connect_callback(self._on_connect)  # type: ignore[no-untyped-call]
+        # NOTE: redis-py's asyncio connection packs commands in Python (its sync one uses
+        # hiredis): a tenth of the gateway's and the worker's time per call went there.
+        connection.pack_command = _pack_command  # type: ignore[method-assign]
         return connection
 
     def _on_connect(self, connection: AbstractConnection) -> None:
