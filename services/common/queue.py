@@ -38,9 +38,19 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 def stream_entries(reply: Any) -> list[Entry]:
-    """Flatten an XREAD/XREADGROUP reply: RESP2 ``[[stream, entries]]``, RESP3 ``{stream: entries}``, or None."""
+    """Flatten an XREAD/XREADGROUP reply: RESP2 ``[[stream, entries]]``, RESP3 ``{stream: entries}``, or None.
+
+    Fields come as a dict (redis-py's parsing), a flat ``[name, value, ...]`` list (the raw
+    reply), or None (an entry deleted while pending): the result always holds a dict.
+    """
     streams = reply.items() if isinstance(reply, dict) else reply or []
-    return [(entry_id, fields) for _stream, entries in streams for entry_id, fields in entries]
+    return [(entry_id, _field_dict(fields)) for _stream, entries in streams for entry_id, fields in entries]
+
+
+def _field_dict(fields: Any) -> dict[bytes, bytes]:
+    if isinstance(fields, dict):
+        return fields
+    return dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
 
 
 def now_ms() -> int:

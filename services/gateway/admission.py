@@ -18,7 +18,7 @@ import structlog
 
 from services.common.errors import MaasError, Unavailable
 from services.common.queue import ENQUEUE_MANY_LUA, QueuedRequest
-from services.common.redis_conn import redis_errors
+from services.common.redis_conn import redis_errors, send_commands
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +31,10 @@ class _Pending:
     max_length: int
     entry: QueuedRequest
     future: asyncio.Future[bool] = field(repr=False)
+
+
+def _values(items: list[_Pending]) -> list[str | int | bytes]:
+    return [value for item in items for value in item.entry.enqueue_args()]
 
 
 class Admission:
@@ -94,13 +98,21 @@ class Admission:
         groups: dict[tuple[str, int, str], list[_Pending]] = defaultdict(list)
         for item in batch:
             groups[(item.queue, item.max_length, item.entry.reply_to)].append(item)
+        commands = [
+            (
+                "EVAL",
+                ENQUEUE_MANY_LUA,
+                1,
+                queue,
+                max_length,
+                reply_to,
+                *(v for i in items for v in i.entry.enqueue_args()),
+            )
+            for (queue, max_length, reply_to), items in groups.items()
+        ]
         try:
             with redis_errors("request queue"):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for (queue, max_length, reply_to), items in groups.items():
-                        values = [value for item in items for value in item.entry.enqueue_args()]
-                        pipe.eval(ENQUEUE_MANY_LUA, 1, queue, max_length, reply_to, *values)
-                    results = await pipe.execute(raise_on_error=False)
+                results = await send_commands(self._redis, commands)
         except MaasError as exc:
             self._fail(batch, exc)
             return

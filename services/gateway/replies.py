@@ -11,6 +11,7 @@ import structlog
 
 from services.common.errors import Unavailable
 from services.common.queue import MalformedEntry, Reply, stream_entries
+from services.common.redis_conn import send_commands
 
 log = structlog.get_logger(__name__)
 
@@ -134,11 +135,18 @@ class ReplyReader:
     async def _read_once(self) -> None:
         # One round trip: check the stream still exists, trim what was read (exactly: an
         # approximate MINID keeps whole macro nodes), then block for new replies.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.exists(self.stream)
-            pipe.xtrim(self.stream, minid=self._last_id, approximate=False)
-            pipe.xread({self.stream: self._last_id}, block=self._block_ms, count=_READ_COUNT)
-            exists, _trimmed, batches = await pipe.execute()
+        replies = await send_commands(
+            self._redis,
+            [
+                ("EXISTS", self.stream),
+                ("XTRIM", self.stream, "MINID", self._last_id),
+                ("XREAD", "COUNT", _READ_COUNT, "BLOCK", self._block_ms, "STREAMS", self.stream, self._last_id),
+            ],
+        )
+        for reply in replies:
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise reply
+        exists, _trimmed, batches = replies
         if not exists:
             await self._recover_lost_stream()
             return

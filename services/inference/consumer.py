@@ -36,6 +36,7 @@ from services.common import keys
 from services.common.errors import InvalidArgument, MaasError
 from services.common.metadata import DeploymentRecord
 from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, now_ms, stream_entries
+from services.common.redis_conn import send_commands
 from services.inference import batcher, convert
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime
 from services.inference.settings import InferenceSettings
@@ -330,9 +331,12 @@ class QueueConsumer:
             raise
 
     async def _read(self, count: int, block_ms: int | None) -> list[Entry]:
-        reply = await self._redis.xreadgroup(
-            keys.QUEUE_GROUP, self._settings.worker_id, {self.queue: ">"}, count=count, block=block_ms
-        )
+        command: list[str | int] = ["XREADGROUP", "GROUP", keys.QUEUE_GROUP, self._settings.worker_id, "COUNT", count]
+        if block_ms is not None:
+            command += ["BLOCK", block_ms]
+        [reply] = await send_commands(self._redis, [[*command, "STREAMS", self.queue, ">"]])
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise reply  # NOGROUP: the supervisor restarts the loop, which recreates the group
         return stream_entries(reply)
 
     def _spawn(self, entries: list[Entry]) -> None:
@@ -425,13 +429,16 @@ class QueueConsumer:
         if not answers:
             return
         ids = [answer.entry_id for answer in answers]
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for answer in answers:
-                if answer.reply is not None and answer.reply_to is not None:
-                    pipe.xadd(answer.reply_to, _stream_fields(answer.reply.to_fields()), nomkstream=True)
-            pipe.xack(self.queue, keys.QUEUE_GROUP, *ids)
-            pipe.xdel(self.queue, *ids)
-            results = await pipe.execute(raise_on_error=False)
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        for answer in answers:
+            if answer.reply is not None and answer.reply_to is not None:
+                fields = (item for pair in answer.reply.to_fields().items() for item in pair)
+                commands.append(("XADD", answer.reply_to, "NOMKSTREAM", "*", *fields))
+        commands += [("XACK", self.queue, keys.QUEUE_GROUP, *ids), ("XDEL", self.queue, *ids), ("EXEC",)]
+        replies = await send_commands(self._redis, commands)
+        results = replies[-1]
+        if isinstance(results, redis.exceptions.ResponseError):
+            raise results  # EXECABORT: nothing was applied, the entries stay pending
         for result in results:
             if isinstance(result, redis.exceptions.ResponseError):
                 # e.g. WRONGTYPE: a reply key that is not a stream; that caller gets its deadline.

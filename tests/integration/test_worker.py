@@ -336,6 +336,25 @@ async def test_one_batch_answers_two_gateways_in_one_round_trip(
     assert await group_pending(redis_client) == 0
 
 
+async def test_a_reply_key_of_the_wrong_type_fails_only_its_own_reply(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, source: DirectoryModelSource, tmp_path: Path
+) -> None:
+    broken = keys.replies("gw-broken")
+    await redis_client.set(broken, "not a stream")
+    await create_reply_stream(redis_client)
+    await enqueue_affine(redis_client, "lost", rows(0), reply_to=broken)
+    await enqueue_affine(redis_client, "kept", rows(1))
+
+    with capture_logs() as logs:
+        async with running_worker(worker_settings(redis_server.url, tmp_path), source) as worker:
+            await worker.run_until_empty()
+
+    assert sorted(await read_replies(redis_client)) == ["kept"]
+    assert [e["error"][:9] for e in logs if e["event"] == "reply_rejected"] == ["WRONGTYPE"]
+    assert await redis_client.xlen(QUEUE) == 0
+    assert await group_pending(redis_client) == 0
+
+
 async def test_a_batch_of_expired_malformed_and_valid_entries_answers_each(
     redis_server: EmbeddedRedis, redis_client: aioredis.Redis, source: DirectoryModelSource, tmp_path: Path
 ) -> None:
