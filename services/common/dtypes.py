@@ -145,13 +145,8 @@ def decode_raw(dt: DataType, shape: Sequence[int], raw: bytes, *, name: str) -> 
     return np.frombuffer(raw, dtype=dt.numpy).reshape(shape)
 
 
-def decode_bytes(raw: bytes, count: int, *, name: str) -> npt.NDArray[np.object_]:
-    """Decode ``count`` length-prefixed BYTES elements.
-
-    Raises:
-        InvalidArgument: The buffer is truncated or has bytes left over.
-    """
-    out = np.empty(count, dtype=object)
+def _bytes_spans(raw: bytes, count: int, name: str) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
     offset = 0
     for i in range(count):
         if offset + 4 > len(raw):
@@ -160,10 +155,31 @@ def decode_bytes(raw: bytes, count: int, *, name: str) -> npt.NDArray[np.object_
         offset += 4
         if offset + length > len(raw):
             raise InvalidArgument(f"input '{name}': BYTES element {i} claims {length} bytes past the end")
-        out[i] = raw[offset : offset + length]
+        spans.append((offset, offset + length))
         offset += length
     if offset != len(raw):
         raise InvalidArgument(f"input '{name}': BYTES contents have {len(raw) - offset} bytes after {count} elements")
+    return spans
+
+
+def check_bytes(raw: bytes, count: int, *, name: str) -> None:
+    """Check that ``raw`` holds exactly ``count`` length-prefixed BYTES elements, without copying them.
+
+    Raises:
+        InvalidArgument: The buffer is truncated or has bytes left over.
+    """
+    _bytes_spans(raw, count, name)
+
+
+def decode_bytes(raw: bytes, count: int, *, name: str) -> npt.NDArray[np.object_]:
+    """Decode ``count`` length-prefixed BYTES elements.
+
+    Raises:
+        InvalidArgument: The buffer is truncated or has bytes left over.
+    """
+    out = np.empty(count, dtype=object)
+    for i, (start, end) in enumerate(_bytes_spans(raw, count, name)):
+        out[i] = raw[start:end]
     return out
 
 

@@ -12,49 +12,94 @@ from typing import Any
 import grpc
 import structlog
 
-from services.common.errors import MaasError
+from services.common.errors import InvalidArgument, MaasError
 
 log = structlog.get_logger(__name__)
 
 _Around = Callable[[grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, around: _Around) -> grpc.RpcMethodHandler:
-    """Return ``handler`` with every behaviour run inside ``around(context)``."""
+class _Undecodable:
+    """What a lenient deserializer returns for bytes that are not the RPC's message."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # NOTE: a deserializer that raises makes gRPC answer UNKNOWN ("Unexpected <DecodeError>")
+    # before any handler runs; returning a marker lets the handler answer INVALID_ARGUMENT.
+    if deserialize is None:
+        return None
+    owner = getattr(deserialize, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    what = f"a serialized {descriptor.full_name}" if descriptor is not None else "a valid message"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # protobuf's DecodeError and friends
+            return _Undecodable(f"the request is not {what} (protobuf decoding failed)")
+
+    return parse
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(request.message)
+    return request
+
+
+def _as_is(request: Any) -> Any:
+    return request
+
+
+async def _each_decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, around: _Around, *, checks_decoding: bool = False
+) -> grpc.RpcMethodHandler:
+    """Return ``handler`` with every behaviour run inside ``around(context)``.
+
+    With ``checks_decoding``, a request that is not the RPC's message raises ``InvalidArgument``
+    inside ``around`` instead of failing in gRPC as UNKNOWN.
+    """
+    deserializer = _lenient(handler.request_deserializer) if checks_decoding else handler.request_deserializer
+    check: Callable[[Any], Any] = _decoded if checks_decoding else _as_is
+    check_each: Callable[[Any], Any] = _each_decoded if checks_decoding else _as_is
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with around(context):
-                return await inner_uu(request, context)
+                return await inner_uu(check(request), context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, handler.response_serializer)
     if handler.stream_unary is not None:
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with around(context):
-                return await inner_su(requests, context)
+                return await inner_su(check_each(requests), context)
 
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, handler.response_serializer)
     streaming = handler.unary_stream or handler.stream_stream
     assert streaming is not None
+    is_unary_in = handler.unary_stream is not None
 
     async def stream_out(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         async with around(context):
-            async for reply in streaming(request, context):
+            incoming = check(request) if is_unary_in else check_each(request)
+            async for reply in streaming(incoming, context):
                 yield reply
 
-    factory = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.unary_stream is not None
-        else grpc.stream_stream_rpc_method_handler
-    )
-    return factory(stream_out, handler.request_deserializer, handler.response_serializer)
+    factory = grpc.unary_stream_rpc_method_handler if is_unary_in else grpc.stream_stream_rpc_method_handler
+    return factory(stream_out, deserializer, handler.response_serializer)
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -147,7 +192,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Abort with the taxonomy's code and message; anything else is INTERNAL, logged once."""
 
     def __init__(self) -> None:
-        self._cache = _HandlerCache(lambda handler, _rpc: _wrap_handler(handler, _ErrorScope))
+        self._cache = _HandlerCache(lambda handler, _rpc: _wrap_handler(handler, _ErrorScope, checks_decoding=True))
 
     async def intercept_service(
         self,

@@ -116,12 +116,14 @@ class ModelCatalog:
         """Resolve a call's model and version to its deployed target.
 
         Raises:
-            NotFound: The model does not exist.
+            NotFound: The model, or the version asked for, does not exist.
             FailedPrecondition: It is not deployed, or another version is.
             InvalidArgument: The version string is malformed.
         """
         model = await self.model(name)
         number = parse_version(name, version)
+        if number:
+            await self.version(name, number)  # NotFound for a version that does not exist
         deployment = model.deployment
         if deployment is None:
             raise FailedPrecondition(f"model '{name}' is not deployed; deploy it with `maas deploy {name}`")

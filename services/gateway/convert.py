@@ -23,26 +23,35 @@ def _content_count(tensor: pb.ModelInferRequest.InferInputTensor) -> int | None:
     return len(getattr(tensor.contents, field)) if field else 0
 
 
+def _has_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
+    return bool(tensor.HasField("contents") and tensor.contents.ByteSize() > 0)
+
+
+def _input_view(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> InputView:
+    return InputView(
+        name=tensor.name,
+        datatype=tensor.datatype,
+        shape=tuple(tensor.shape),
+        raw_bytes=None if raw is None else len(raw),
+        content_count=_content_count(tensor) if raw is None else None,
+        raw=raw,
+        has_both=raw is not None and _has_contents(tensor),
+        parameters=tuple(tensor.parameters),
+    )
+
+
 def infer_call(request: pb.ModelInferRequest) -> InferCall:
     """Extract what the router validates; the serialized request travels on untouched."""
     raw = request.raw_input_contents
-    inputs = tuple(
-        InputView(
-            name=tensor.name,
-            datatype=tensor.datatype,
-            shape=tuple(tensor.shape),
-            raw_bytes=len(raw[i]) if i < len(raw) else None,
-            content_count=None if i < len(raw) else _content_count(tensor),
-        )
-        for i, tensor in enumerate(request.inputs)
-    )
     return InferCall(
         model=request.model_name,
         version=request.model_version,
-        inputs=inputs,
+        inputs=tuple(_input_view(tensor, raw[i] if i < len(raw) else None) for i, tensor in enumerate(request.inputs)),
         outputs=tuple(output.name for output in request.outputs),
         raw_count=len(raw),
         payload=request.SerializeToString(),
+        parameters=tuple(request.parameters),
+        output_parameters=tuple((output.name, name) for output in request.outputs for name in output.parameters),
     )
 
 

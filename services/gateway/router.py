@@ -54,6 +54,12 @@ class InputView:
     """Size of its raw_input_contents entry, if raw contents are used."""
     content_count: int | None
     """Number of elements in its typed ``contents`` field, if that is used."""
+    raw: bytes | None = field(default=None, repr=False)
+    """Its raw_input_contents entry (a reference, not a copy), for the BYTES framing check."""
+    has_both: bool = False
+    """Whether raw_input_contents and typed ``contents`` are both set for it."""
+    parameters: tuple[str, ...] = ()
+    """Names of its ``parameters``."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,10 @@ class InferCall:
     outputs: tuple[str, ...]
     raw_count: int
     payload: bytes = field(repr=False)
+    parameters: tuple[str, ...] = ()
+    """Names of the request's ``parameters``."""
+    output_parameters: tuple[tuple[str, str], ...] = ()
+    """(output name, parameter name) of every requested output's ``parameters``."""
 
 
 @dataclass
@@ -101,17 +111,18 @@ def _check_shape(view: InputView, spec: TensorSpec) -> None:
 
 def _check_data(view: InputView, dt: dtypes.DataType) -> None:
     count = math.prod(view.shape)
+    if view.has_both:
+        raise InvalidArgument(
+            f"input '{view.name}': both raw_input_contents and contents are set; send the data in one of them"
+        )
     if view.raw_bytes is not None:
         if dt.itemsize is not None and view.raw_bytes != count * dt.itemsize:
             raise InvalidArgument(
                 f"input '{view.name}': raw_input_contents has {view.raw_bytes} bytes, expected "
                 f"{count * dt.itemsize} ({count} x {dt.name} of {dt.itemsize} bytes for shape {list(view.shape)})"
             )
-        if dt.itemsize is None and view.raw_bytes < 4 * count:
-            raise InvalidArgument(
-                f"input '{view.name}': raw_input_contents has {view.raw_bytes} bytes, too few for "
-                f"{count} length-prefixed BYTES elements"
-            )
+        if dt.itemsize is None:
+            dtypes.check_bytes(view.raw or b"", count, name=view.name)
     elif view.content_count is not None:
         if dt.contents_field is None:
             raise InvalidArgument(f"input '{view.name}': {dt.name} tensors must be sent in raw_input_contents")
@@ -124,6 +135,44 @@ def _check_data(view: InputView, dt: dtypes.DataType) -> None:
         raise InvalidArgument(f"input '{view.name}' has no data: set raw_input_contents or contents")
 
 
+_SEQUENCE_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end"})
+
+
+def _unsupported(where: str, name: str) -> InvalidArgument:
+    if name in _SEQUENCE_PARAMETERS:
+        why = "MaaS serves stateless models only (no sequence batching)"
+    elif name.startswith("shared_memory"):
+        why = "shared memory is not supported; send tensors in the request"
+    elif name == "classification":
+        why = "class_count (Triton's classification extension) is not supported yet"
+    else:
+        why = "MaaS does not implement it; remove it"
+    return InvalidArgument(f"{where}parameter '{name}' is not supported: {why}")
+
+
+def _check_parameters(call: InferCall) -> None:
+    # NOTE: an ignored parameter is a silent wrong answer (a sequence run as stateless calls, a
+    # classification returned as the raw tensor): refuse every one MaaS does not implement.
+    for name in call.parameters:
+        raise _unsupported("", name)
+    for view in call.inputs:
+        for name in view.parameters:
+            raise _unsupported(f"input '{view.name}': ", name)
+    for output, name in call.output_parameters:
+        raise _unsupported(f"output '{output}': ", name)
+
+
+def _check_batch(call: InferCall, version: VersionRecord, max_batch_size: int) -> None:
+    if max_batch_size <= 0 or not version.is_batchable:
+        return
+    for view in call.inputs:
+        if view.shape and view.shape[0] > max_batch_size:
+            raise InvalidArgument(
+                f"input '{view.name}': batch size {view.shape[0]} exceeds the deployment's "
+                f"max_batch_size {max_batch_size}; split the request"
+            )
+
+
 def _check_input(view: InputView, spec: TensorSpec) -> None:
     dt = dtypes.datatype(view.datatype)
     if view.datatype != spec.datatype:
@@ -134,12 +183,18 @@ def _check_input(view: InputView, spec: TensorSpec) -> None:
     _check_data(view, dt)
 
 
-def validate(call: InferCall, version: VersionRecord) -> None:
-    """Check a call's inputs and requested outputs against the version's signature.
+def validate(call: InferCall, version: VersionRecord, max_batch_size: int = 0) -> None:
+    """Check a call's parameters, inputs and requested outputs against the version's signature.
+
+    Args:
+        call: The call.
+        version: The version it goes to.
+        max_batch_size: The deployment's largest batch (rows of one request); 0: no limit.
 
     Raises:
         InvalidArgument: The first problem found, naming the tensor and what was expected.
     """
+    _check_parameters(call)
     if call.raw_count and call.raw_count != len(call.inputs):
         raise InvalidArgument(
             f"raw_input_contents has {call.raw_count} entries, expected one per input ({len(call.inputs)})"
@@ -158,6 +213,7 @@ def validate(call: InferCall, version: VersionRecord) -> None:
     for name in call.outputs:
         if name not in outputs:
             raise InvalidArgument(f"unknown output '{name}': model '{call.model}' has {_names(version.outputs)}")
+    _check_batch(call, version, max_batch_size)
 
 
 class Router:
@@ -207,9 +263,17 @@ class Router:
         model, record = await self._catalog.metadata_version(name, version)
         return record, model.deployment
 
-    def model_statistics(self, name: str, version: str) -> dict[tuple[str, int], ModelStats]:
-        """Return this gateway's statistics, of one model (and version) if ``name`` is given."""
+    async def model_statistics(self, name: str, version: str) -> dict[tuple[str, int], ModelStats]:
+        """Return this gateway's statistics, of one model (and version) if ``name`` is given.
+
+        Raises:
+            NotFound: The model, or that version of it, does not exist.
+        """
         number = parse_version(name, version) if name else 0
+        if name:
+            await self._catalog.model(name)
+        if number:
+            await self._catalog.version(name, number)
         return {
             key: stats
             for key, stats in self.stats.items()
@@ -241,7 +305,7 @@ class Router:
         started = time.perf_counter_ns()
         code = "OK"
         try:
-            validate(call, target.version)
+            validate(call, target.version, target.deployment.max_batch_size)
             return await self._send(call, target, time_remaining_s)
         except Exception as exc:
             code = getattr(exc, "grpc_code", grpc.StatusCode.INTERNAL).name

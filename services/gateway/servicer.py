@@ -57,7 +57,7 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         """Report this gateway's cumulative statistics."""
-        return convert.model_statistics(self._router.model_statistics(request.name, request.version))
+        return convert.model_statistics(await self._router.model_statistics(request.name, request.version))
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         """List the registry's models."""

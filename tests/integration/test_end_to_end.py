@@ -74,8 +74,8 @@ async def test_tritonclient_end_to_end(suite: Suite) -> None:
     assert "nope" in unknown["error"]["message"]
     assert bad_shape["error"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert "input 'x': dimension 1 is 3, expected 4 (model shape [-1, 4])" in bad_shape["error"]["message"]
-    assert bad_version["error"]["status"] == "StatusCode.FAILED_PRECONDITION"
-    assert "version 2 is not deployed; the deployed version is 1" in bad_version["error"]["message"]
+    assert bad_version["error"]["status"] == "StatusCode.NOT_FOUND"
+    assert "model 'affine' has no version 2" in bad_version["error"]["message"]
     [model_stats] = stats["ok"]["model_stats"]
     assert model_stats["inference_stats"]["success"]["count"] == "2"
     assert model_stats["inference_stats"]["fail"]["count"] == "1"
@@ -150,6 +150,46 @@ async def test_not_deployed_is_failed_precondition(suite: Suite) -> None:
         await suite.inference.ModelInfer(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "model 'idle' is not deployed" in (info.value.details() or "")
+
+
+async def test_a_version_that_exists_but_is_not_served_is_failed_precondition(suite: Suite) -> None:
+    await suite.push("affine", affine_model())
+    await suite.registry.upload_version("affine", affine_model(scale=3.0))
+    request = _affine_request()
+    request.model_name, request.model_version = "affine", "2"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.inference.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details() == "model 'affine' version 2 is not deployed; the deployed version is 1"
+    request.model_version = "99"
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await suite.inference.ModelInfer(request, timeout=10)
+    assert (missing.value.code(), missing.value.details()) == (
+        grpc.StatusCode.NOT_FOUND,
+        "model 'affine' has no version 99",
+    )
+
+
+async def test_statistics_of_an_unknown_model_or_version_is_not_found(suite: Suite) -> None:
+    await suite.push("affine", affine_model())
+    for name, version, details in [("nope", "", "model 'nope' not found"), ("affine", "7", "has no version 7")]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await suite.inference.ModelStatistics(pb.ModelStatisticsRequest(name=name, version=version), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert details in (info.value.details() or "")
+    everything = await suite.inference.ModelStatistics(pb.ModelStatisticsRequest(), timeout=5)
+    assert list(everything.model_stats) == []
+
+
+async def test_an_undecodable_request_is_invalid_argument(suite: Suite) -> None:
+    for method in ("ModelInfer", "ModelMetadata"):
+        call = suite.channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(b"\xff\xff\xff\xff", timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == (
+            f"the request is not a serialized inference.{method}Request (protobuf decoding failed)"
+        )
 
 
 def _affine_request() -> pb.ModelInferRequest:

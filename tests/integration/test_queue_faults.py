@@ -72,7 +72,7 @@ async def test_worker_killed_while_writing_replies_loses_no_call(
     running = await Suite(redis_server.url, tmp_path, timeout_s=60).start(with_worker=False)
     worker = None
     try:
-        await running.push("pipelined", affine_model(), max_batch_size=32)
+        await running.push("pipelined", affine_model(), max_batch_size=ROWS)
         worker = await _start_worker(running, tmp_path, "w0")
         stop, results = asyncio.Event(), {}
         clients = [asyncio.ensure_future(_client(running, 10_000 * c, stop, results)) for c in range(16)]
@@ -108,7 +108,7 @@ async def test_redis_killed_without_persistence_fails_waiting_calls_at_once(tmp_
     restarted = EmbeddedRedis(tmp_path / "redis", port=own_redis.port, persistence=False)
     running = await Suite(own_redis.url, tmp_path).start()
     try:
-        await running.push("unserved", affine_model(), pool="nobody-serves-this")
+        await running.push("unserved", affine_model(), pool="nobody-serves-this", max_batch_size=ROWS)
         calls = [
             asyncio.ensure_future(running.inference.ModelInfer(_request("unserved", 1.0), timeout=10)) for _ in range(5)
         ]

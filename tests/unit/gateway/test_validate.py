@@ -132,3 +132,55 @@ def test_model_config_excludes_batch_dimension_when_batched() -> None:
     unbatched = convert.model_config(VERSION, None).config
     assert unbatched.max_batch_size == 0
     assert list(unbatched.input[0].dims) == [-1, 4]
+
+
+def _rejected(request: pb.ModelInferRequest, max_batch_size: int = 0) -> str:
+    with pytest.raises(InvalidArgument) as info:
+        validate(convert.infer_call(request), VERSION, max_batch_size)
+    return info.value.message
+
+
+def test_raw_and_typed_contents_together_are_refused() -> None:
+    request = _request()
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 8)
+    assert _rejected(request) == (
+        "input 'x': both raw_input_contents and contents are set; send the data in one of them"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x09\x00\x00\x00a", "input 's': BYTES element 0 claims 9 bytes past the end"),
+        (b"\xff\xff\xff\xffa", "input 's': BYTES element 0 claims 4294967295 bytes past the end"),
+        (b"\x01\x00\x00\x00a", "input 's': BYTES contents end before element 1 of 2"),
+        (b"\x01\x00\x00\x00a\x01\x00\x00\x00b\x00", "input 's': BYTES contents have 1 bytes after 2 elements"),
+    ],
+)
+def test_bytes_framing_is_checked_before_enqueueing(raw: bytes, message: str) -> None:
+    request = _request()
+    request.raw_input_contents[1] = raw
+    assert _rejected(request) == message
+
+
+@pytest.mark.parametrize(
+    ("where", "name", "message"),
+    [
+        ("request", "sequence_id", "parameter 'sequence_id' is not supported: MaaS serves stateless models only"),
+        ("request", "priority", "parameter 'priority' is not supported: MaaS does not implement it; remove it"),
+        ("input", "shared_memory_region", "input 'x': parameter 'shared_memory_region' is not supported: shared"),
+        ("output", "classification", "output 'y': parameter 'classification' is not supported: class_count"),
+    ],
+)
+def test_parameters_maas_does_not_implement_are_refused(where: str, name: str, message: str) -> None:
+    request = _request(output="y")
+    holder = {"request": request, "input": request.inputs[0], "output": request.outputs[0]}[where]
+    holder.parameters[name].int64_param = 1
+    assert _rejected(request).startswith(message)
+
+
+def test_batch_size_is_checked_against_the_deployment() -> None:
+    request = _request()
+    validate(convert.infer_call(request), VERSION, 2)
+    expected = "input 'x': batch size 2 exceeds the deployment's max_batch_size 1; split the request"
+    assert _rejected(request, 1) == expected
