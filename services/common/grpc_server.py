@@ -24,13 +24,7 @@ from services.common.settings import ServiceSettings
 log = structlog.get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-"""Largest gRPC message accepted or sent (tensors and artifact chunks)."""
-
-_SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
-]
+"""Largest gRPC message MaaS's own clients accept or send (servers: ``max_message_bytes``)."""
 
 
 @dataclass
@@ -67,7 +61,12 @@ def create_grpc_server(
         The server (not started) with its health servicer and the bound port.
     """
     interceptors = [RequestContextInterceptor(settings.access_log_sample), ErrorInterceptor()]
-    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     add_servicers(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

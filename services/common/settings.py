@@ -25,6 +25,9 @@ class ServiceSettings(BaseSettings):
     """JSON log lines (False: human-readable console lines)."""
     log_level: str = "info"
     """Lowest level logged: debug, info, warning, error."""
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=1024 * 1024 * 1024)
+    """Largest gRPC message this server accepts or sends, counted after decompression (larger:
+    RESOURCE_EXHAUSTED, refused before it is held in memory)."""
     access_log_sample: float = Field(default=1.0, ge=0.0, le=1.0)
     """Fraction of successful RPCs that log their ``rpc_finished`` line (failed ones always do)."""
     shutdown_grace_s: float = 10.0

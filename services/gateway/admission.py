@@ -19,6 +19,7 @@ import structlog
 from services.common.errors import MaasError, Unavailable
 from services.common.queue import ENQUEUE_MANY_LUA, QueuedRequest
 from services.common.redis_conn import redis_errors, send_commands
+from services.common.tasks import finish_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -54,8 +55,7 @@ class Admission:
     async def stop(self) -> None:
         """Stop sending; calls still waiting fail as unavailable."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await finish_tasks([self._task], 0)
         self._fail(self._take(), Unavailable("gateway is stopping; retry"))
 
     async def enqueue(self, queue: str, max_length: int, entry: QueuedRequest) -> bool:

@@ -15,6 +15,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.metadata import DeploymentRecord, ModelRecord, VersionRecord
 from services.common.redis_conn import redis_errors
 from services.common.registry_client import RegistryClient
+from services.common.tasks import finish_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -64,8 +65,7 @@ class ModelCatalog:
     async def stop(self) -> None:
         """Stop following events."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await finish_tasks([self._task], 0)
 
     async def _follow_events(self) -> None:
         while True:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from inference import grpc_service_pb2 as pb
 from inference import model_config_pb2 as mc
@@ -52,6 +52,7 @@ def infer_call(request: pb.ModelInferRequest) -> InferCall:
         payload=request.SerializeToString(),
         parameters=tuple(request.parameters),
         output_parameters=tuple((output.name, name) for output in request.outputs for name in output.parameters),
+        tensor_bytes=sum(len(item) for item in raw) + sum(t.contents.ByteSize() for t in request.inputs),
     )
 
 
@@ -90,8 +91,13 @@ def _dims(spec: TensorSpec, batched: bool) -> list[int]:
     return list(spec.shape[1:] if batched else spec.shape)
 
 
-def model_config(version: VersionRecord, deployment: DeploymentRecord | None) -> pb.ModelConfigResponse:
-    """Describe a version as a Triton model configuration (batch dimension excluded when batched)."""
+def model_config(
+    version: VersionRecord, deployment: DeploymentRecord | None, limits: Mapping[str, int]
+) -> pb.ModelConfigResponse:
+    """Describe a version as a Triton model configuration (batch dimension excluded when batched).
+
+    The gateway's size ``limits`` are reported as ``parameters`` (string values, in bytes).
+    """
     max_batch = deployment.max_batch_size if deployment and version.is_batchable else 0
     config = mc.ModelConfig(
         name=version.model,
@@ -109,6 +115,8 @@ def model_config(version: VersionRecord, deployment: DeploymentRecord | None) ->
     )
     if max_batch > 0 and deployment is not None:
         config.dynamic_batching.max_queue_delay_microseconds = deployment.max_wait_ms * 1000
+    for name, value in limits.items():
+        config.parameters[name].string_value = str(value)
     return pb.ModelConfigResponse(config=config)
 
 

@@ -12,6 +12,7 @@ import structlog
 from services.common.errors import Unavailable
 from services.common.queue import MalformedEntry, Reply, stream_entries
 from services.common.redis_conn import send_commands
+from services.common.tasks import finish_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -58,9 +59,7 @@ class ReplyReader:
         if self._idle is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await finish_tasks(self._tasks, 0)
         try:
             await self._redis.delete(self.stream)
         except redis.exceptions.RedisError as exc:

@@ -76,6 +76,8 @@ class InferCall:
     """Names of the request's ``parameters``."""
     output_parameters: tuple[tuple[str, str], ...] = ()
     """(output name, parameter name) of every requested output's ``parameters``."""
+    tensor_bytes: int = 0
+    """Bytes of tensor data the call carries (raw and typed contents)."""
 
 
 @dataclass
@@ -227,6 +229,8 @@ class Router:
         admission: Admission,
         *,
         default_timeout_s: float,
+        max_request_tensor_bytes: int,
+        max_message_bytes: int,
     ) -> None:
         self._redis = redis
         self._catalog = catalog
@@ -234,6 +238,8 @@ class Router:
         self._admission = admission
         IN_FLIGHT.set_function(lambda: replies.in_flight)
         self._default_timeout_s = default_timeout_s
+        self.limits = {"max_request_tensor_bytes": max_request_tensor_bytes, "max_message_bytes": max_message_bytes}
+        """The gateway's size limits, reported in ModelConfig's parameters."""
         self._call_ids = itertools.count(1)
         """Call ids need only be unique on this process's own reply stream."""
         self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -305,6 +311,7 @@ class Router:
         started = time.perf_counter_ns()
         code = "OK"
         try:
+            self._check_size(call)
             validate(call, target.version, target.deployment.max_batch_size)
             return await self._send(call, target, time_remaining_s)
         except Exception as exc:
@@ -312,6 +319,14 @@ class Router:
             raise
         finally:
             self._record(target, code, time.perf_counter_ns() - started)
+
+    def _check_size(self, call: InferCall) -> None:
+        limit = self.limits["max_request_tensor_bytes"]
+        if call.tensor_bytes > limit:
+            raise ResourceExhausted(
+                f"the request's tensors hold {call.tensor_bytes} bytes, more than this gateway's limit of {limit} "
+                "(max_request_tensor_bytes); split the request"
+            )
 
     async def _send(self, call: InferCall, target: Target, time_remaining_s: float | None) -> bytes:
         timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)

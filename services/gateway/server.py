@@ -55,7 +55,10 @@ def create_gateway(settings: GatewaySettings, redis: aioredis.Redis, registry: R
         redis, keys.replies(settings.gateway_id), ttl_s=settings.reply_stream_ttl_s, block_ms=settings.block_ms
     )
     admission = Admission(redis)
-    router = Router(redis, catalog, replies, admission, default_timeout_s=settings.default_timeout_s)
+    router = Router(
+        redis, catalog, replies, admission, default_timeout_s=settings.default_timeout_s,
+        max_request_tensor_bytes=settings.max_request_tensor_bytes, max_message_bytes=settings.max_message_bytes,
+    )  # fmt: skip
     return Gateway(catalog, replies, admission, router)
 
 

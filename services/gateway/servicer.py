@@ -53,7 +53,8 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         """Describe a model as a Triton model configuration."""
-        return convert.model_config(*await self._router.model_config(request.name, request.version))
+        version, deployment = await self._router.model_config(request.name, request.version)
+        return convert.model_config(version, deployment, self._router.limits)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         """Report this gateway's cumulative statistics."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from services.common.errors import InvalidArgument, MaasError
 from services.common.metadata import DeploymentRecord
 from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, now_ms, stream_entries
 from services.common.redis_conn import send_commands
+from services.common.tasks import finish_tasks
 from services.inference import batcher, convert
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime
 from services.inference.settings import InferenceSettings
@@ -57,8 +58,6 @@ RUN_SECONDS = Histogram("maas_inference_run_seconds", "Duration of one model run
 _BACKOFF_INITIAL_S = 0.5
 _BACKOFF_MAX_S = 5.0
 _CLAIM_COUNT = 100
-_CANCEL_ATTEMPTS = 50
-_CANCEL_RETRY_S = 0.1
 _DEAD_LETTER_MAXLEN = 10_000
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -122,26 +121,6 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], stop: asyncio
         if await sleep_unless(stop, backoff_s):
             return
         backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
-
-
-async def finish_tasks(tasks: Iterable[asyncio.Task[None]], timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` for ``tasks``, then cancel those still running until they end."""
-    tasks = list(tasks)
-    pending = {task for task in tasks if not task.done()}
-    if pending:
-        _done, pending = await asyncio.wait(pending, timeout=timeout_s)
-    for _attempt in range(_CANCEL_ATTEMPTS):
-        if not pending:
-            break
-        # NOTE: on Python 3.11 asyncio.wait_for (redis-py wraps every socket write in it) can
-        # swallow a cancellation that lands as the write completes; the task then runs on, so
-        # cancel again until it ends.
-        for task in pending:
-            task.cancel()
-        _done, pending = await asyncio.wait(pending, timeout=_CANCEL_RETRY_S)
-    if pending:
-        log.error("tasks_not_cancelled", tasks=sorted(task.get_name() for task in pending))
-    await asyncio.gather(*(task for task in tasks if task.done()), return_exceptions=True)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from services.common import events, keys
 from services.common.errors import MaasError, NotFound
 from services.common.metadata import DeploymentRecord, VersionRecord
 from services.common.queue import now_ms
-from services.inference.consumer import QueueConsumer, finish_tasks, sleep_unless, supervise
+from services.common.tasks import finish_tasks
+from services.inference.consumer import QueueConsumer, sleep_unless, supervise
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime, parse_version
 from services.inference.settings import InferenceSettings
 

@@ -43,11 +43,20 @@ async def start_service_process(
 class Suite:
     """Registry + gateway (+ optionally a worker) built with the production wiring functions."""
 
-    def __init__(self, redis_url: str, data_dir: Path, *, pool: str = "default", timeout_s: float = 20) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        data_dir: Path,
+        *,
+        pool: str = "default",
+        timeout_s: float = 20,
+        gateway: dict[str, object] | None = None,
+    ) -> None:
         self.redis_url = redis_url
         self.timeout_s = timeout_s
         self.data_dir = data_dir
         self.pool = pool
+        self.gateway_overrides = gateway or {}
         self.redis = create_redis(redis_url, timeout_s=2)
         self.worker: InferenceWorker | None = None
         self._servers: list[GrpcServer] = []
@@ -76,7 +85,7 @@ class Suite:
     async def _start_gateway(self) -> None:
         settings = GatewaySettings(
             port=0, redis_url=self.redis_url, registry_address=self.registry_address, default_timeout_s=self.timeout_s,
-            redis_timeout_s=2, block_ms=200,
+            redis_timeout_s=2, block_ms=200, **self.gateway_overrides,
         )  # fmt: skip
         self._gateway_registry = RegistryClient(self.registry_address)
         self.gateway = gateway_server.create_gateway(settings, self.redis, self._gateway_registry)

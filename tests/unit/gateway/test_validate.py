@@ -125,11 +125,13 @@ def test_parse_version_rejects(text: str) -> None:
 def test_model_config_excludes_batch_dimension_when_batched() -> None:
     from services.common.metadata import DeploymentRecord
 
-    config = convert.model_config(VERSION, DeploymentRecord(model="affine", version=1, max_batch_size=16)).config
+    deployment = DeploymentRecord(model="affine", version=1, max_batch_size=16)
+    config = convert.model_config(VERSION, deployment, {"max_request_tensor_bytes": 1024}).config
     assert config.max_batch_size == 16
     assert list(config.input[0].dims) == [4]
     assert config.platform == "onnxruntime_onnx"
-    unbatched = convert.model_config(VERSION, None).config
+    assert config.parameters["max_request_tensor_bytes"].string_value == "1024"
+    unbatched = convert.model_config(VERSION, None, {}).config
     assert unbatched.max_batch_size == 0
     assert list(unbatched.input[0].dims) == [-1, 4]
 
