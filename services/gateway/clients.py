@@ -16,6 +16,7 @@ from services.common.metadata import DeploymentRecord, ModelRecord, VersionRecor
 from services.common.redis_conn import redis_errors
 from services.common.registry_client import RegistryClient
 from services.common.tasks import finish_tasks
+from services.gateway.overrides import DeployOverrides
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +33,11 @@ class Target:
     def queue(self) -> str:
         """The version's request stream."""
         return keys.queue(self.model.name, self.version.version)
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (a falsy 0 or "" counts), else None."""
+    return next((value for value in values if value is not None), None)
 
 
 def parse_version(model: str, version: str) -> int:
@@ -137,10 +143,22 @@ class ModelCatalog:
         """List every model of the registry (uncached)."""
         return await self._registry.list_models()
 
-    async def load(self, name: str) -> None:
-        """Deploy the latest version of a model that is not deployed."""
-        if (await self._registry.get_model(name)).deployment is None:
-            await self._registry.deploy(name)
+    async def load(self, name: str, overrides: DeployOverrides) -> None:
+        """Deploy the latest version of a model that is not deployed; apply ``overrides`` to it.
+
+        Settings ``overrides`` leaves unset keep the current deployment's values.
+        """
+        current = (await self._registry.get_model(name)).deployment
+        if current is not None and overrides == DeployOverrides():
+            return
+        await self._registry.deploy(
+            name,
+            current.version if current else 0,
+            max_batch_size=_first(overrides.max_batch_size, current and current.max_batch_size),
+            max_wait_ms=_first(overrides.max_wait_ms, current and current.max_wait_ms),
+            pool=_first(overrides.pool, current and current.pool),
+            max_queue_length=current.max_queue_length if current else None,
+        )
         self.invalidate(name)
 
     async def unload(self, name: str) -> None:

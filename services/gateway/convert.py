@@ -7,7 +7,9 @@ from collections.abc import Iterable, Mapping
 from inference import grpc_service_pb2 as pb
 from inference import model_config_pb2 as mc
 from services.common import dtypes
+from services.common.errors import InvalidArgument
 from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
+from services.gateway.overrides import DeployOverrides, parse_load_config
 from services.gateway.router import InferCall, InputView, ModelStats
 
 SERVER_NAME = "maas"
@@ -54,6 +56,27 @@ def infer_call(request: pb.ModelInferRequest) -> InferCall:
         output_parameters=tuple((output.name, name) for output in request.outputs for name in output.parameters),
         tensor_bytes=sum(len(item) for item in raw) + sum(t.contents.ByteSize() for t in request.inputs),
     )
+
+
+def load_overrides(request: pb.RepositoryModelLoadRequest) -> DeployOverrides:
+    """The deployment changes a RepositoryModelLoad asks for (its ``config`` parameter).
+
+    Raises:
+        InvalidArgument: A parameter MaaS does not take, or a config it cannot honour.
+    """
+    overrides = DeployOverrides()
+    for name, parameter in request.parameters.items():
+        if name.startswith("file:"):
+            raise InvalidArgument(
+                f"parameter '{name}': model files cannot be loaded through RepositoryModelLoad; "
+                "push a version with `maas models push`"
+            )
+        if name != "config":
+            raise InvalidArgument(f"parameter '{name}' is not supported by RepositoryModelLoad; it takes 'config' only")
+        if parameter.WhichOneof("parameter_choice") != "string_param":
+            raise InvalidArgument("parameter 'config' must be a string_param holding the JSON model configuration")
+        overrides = parse_load_config(request.model_name, parameter.string_param)
+    return overrides
 
 
 def infer_response(payload: bytes) -> pb.ModelInferResponse:

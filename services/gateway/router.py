@@ -29,6 +29,7 @@ from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, 
 from services.common.queue import QueuedRequest, now_ms
 from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog, Target, parse_version
+from services.gateway.overrides import DeployOverrides
 from services.gateway.replies import ReplyReader
 
 log = structlog.get_logger(__name__)
@@ -290,9 +291,9 @@ class Router:
         """List the registry's models."""
         return await self._catalog.list_models()
 
-    async def load(self, name: str) -> None:
-        """Deploy a model's latest version unless it is deployed already."""
-        await self._catalog.load(name)
+    async def load(self, name: str, overrides: DeployOverrides) -> None:
+        """Deploy a model's latest version unless it is deployed already, with ``overrides`` applied."""
+        await self._catalog.load(name, overrides)
 
     async def unload(self, name: str) -> None:
         """Undeploy a model."""

@@ -67,8 +67,8 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        """Deploy a model's latest version unless it is deployed."""
-        await self._router.load(request.model_name)
+        """Deploy a model's latest version unless it is deployed; apply a ``config`` parameter's changes."""
+        await self._router.load(request.model_name, convert.load_overrides(request))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(

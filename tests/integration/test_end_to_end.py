@@ -350,6 +350,37 @@ async def test_unsupported_rpcs_say_so(suite: Suite) -> None:
     assert "ModelStreamInfer is not supported" in (stream.value.details() or "")
 
 
+def _load(name: str, **parameters: pb.ModelRepositoryParameter) -> pb.RepositoryModelLoadRequest:
+    return pb.RepositoryModelLoadRequest(model_name=name, parameters=parameters)
+
+
+async def test_repository_load_applies_a_config_and_refuses_what_maas_lacks(suite: Suite) -> None:
+    await suite.push("affine", affine_model(), max_batch_size=4, max_wait_ms=3, max_queue_length=50)
+    config = pb.ModelRepositoryParameter(string_param='{"max_batch_size": 16}')
+    await suite.inference.RepositoryModelLoad(_load("affine", config=config), timeout=5)
+    deployment = (await suite.registry.get_model("affine")).deployment
+    assert deployment is not None
+    # The setting given changes; the others keep their values.
+    assert (deployment.max_batch_size, deployment.max_wait_ms, deployment.max_queue_length) == (16, 3, 50)
+    reply = await suite.inference.ModelConfig(pb.ModelConfigRequest(name="affine"), timeout=5)
+    assert reply.config.max_batch_size == 16
+    refused = {
+        "{oops": "parameter 'config' is not valid JSON",
+        '{"instance_group": [{"count": 2}]}': "config 'instance_group' is not supported by MaaS",
+    }
+    for text, details in refused.items():
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            bad = pb.ModelRepositoryParameter(string_param=text)
+            await suite.inference.RepositoryModelLoad(_load("affine", config=bad), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert details in (info.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as files:
+        model_file = pb.ModelRepositoryParameter(bytes_param=b"onnx")
+        await suite.inference.RepositoryModelLoad(_load("affine", **{"file:1/model.onnx": model_file}), timeout=5)
+    assert files.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "push a version with `maas models push`" in (files.value.details() or "")
+
+
 async def test_repository_load_and_unload_deploy_and_undeploy(suite: Suite) -> None:
     await suite.registry.create_model("affine")
     await suite.registry.upload_version("affine", affine_model())
