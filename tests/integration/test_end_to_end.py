@@ -392,3 +392,38 @@ async def test_repository_load_and_unload_deploy_and_undeploy(suite: Suite) -> N
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await suite.inference.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="nope"), timeout=5)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+_UNKNOWN_MODEL_CALLS = [
+    ("ModelMetadata", pb.ModelMetadataRequest(name="nope")),
+    ("ModelConfig", pb.ModelConfigRequest(name="nope")),
+    ("ModelStatistics", pb.ModelStatisticsRequest(name="nope")),
+    ("ModelInfer", pb.ModelInferRequest(model_name="nope")),
+    ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="nope")),
+    ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="nope")),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_message"), _UNKNOWN_MODEL_CALLS, ids=[c[0] for c in _UNKNOWN_MODEL_CALLS])
+async def test_every_model_rpc_answers_not_found_for_an_unknown_model(
+    suite: Suite, rpc: str, request_message: object
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await getattr(suite.inference, rpc)(request_message, timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "model 'nope'" in (info.value.details() or "")
+
+
+@pytest.mark.parametrize("rpc", ["ModelMetadata", "ModelConfig", "ModelStatistics", "ModelInfer"])
+async def test_every_model_rpc_answers_invalid_argument_for_a_malformed_version(suite: Suite, rpc: str) -> None:
+    await suite.push("affine", affine_model())
+    request = {
+        "ModelMetadata": pb.ModelMetadataRequest(name="affine", version="v1"),
+        "ModelConfig": pb.ModelConfigRequest(name="affine", version="v1"),
+        "ModelStatistics": pb.ModelStatisticsRequest(name="affine", version="v1"),
+        "ModelInfer": pb.ModelInferRequest(model_name="affine", model_version="v1"),
+    }[rpc]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await getattr(suite.inference, rpc)(request, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be a positive integer, got 'v1'" in (info.value.details() or "")
