@@ -42,9 +42,14 @@ def _input_view(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
     )
 
 
+def request_size(request: pb.ModelInferRequest) -> int:
+    """Bytes of the serialized request (computed, not serialized: no copy of the tensors)."""
+    return int(request.ByteSize())
+
+
 def infer_call(request: pb.ModelInferRequest) -> InferCall:
     """Extract what the router validates; the serialized request travels on untouched."""
-    raw = request.raw_input_contents
+    raw = list(request.raw_input_contents)  # NOTE: each access to the field copies the bytes
     return InferCall(
         model=request.model_name,
         version=request.model_version,
@@ -54,7 +59,6 @@ def infer_call(request: pb.ModelInferRequest) -> InferCall:
         payload=request.SerializeToString(),
         parameters=tuple(request.parameters),
         output_parameters=tuple((output.name, name) for output in request.outputs for name in output.parameters),
-        tensor_bytes=sum(len(item) for item in raw) + sum(t.contents.ByteSize() for t in request.inputs),
     )
 
 

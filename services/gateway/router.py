@@ -77,8 +77,6 @@ class InferCall:
     """Names of the request's ``parameters``."""
     output_parameters: tuple[tuple[str, str], ...] = ()
     """(output name, parameter name) of every requested output's ``parameters``."""
-    tensor_bytes: int = 0
-    """Bytes of tensor data the call carries (raw and typed contents)."""
 
 
 @dataclass
@@ -312,7 +310,6 @@ class Router:
         started = time.perf_counter_ns()
         code = "OK"
         try:
-            self._check_size(call)
             validate(call, target.version, target.deployment.max_batch_size)
             return await self._send(call, target, time_remaining_s)
         except Exception as exc:
@@ -321,11 +318,18 @@ class Router:
         finally:
             self._record(target, code, time.perf_counter_ns() - started)
 
-    def _check_size(self, call: InferCall) -> None:
+    def check_request_size(self, size_bytes: int) -> None:
+        """Refuse a call whose serialized request (its tensors, mostly) is over the limit.
+
+        Called before the request is converted, so an oversized call costs no further copies.
+
+        Raises:
+            ResourceExhausted: It is larger than ``max_request_tensor_bytes``.
+        """
         limit = self.limits["max_request_tensor_bytes"]
-        if call.tensor_bytes > limit:
+        if size_bytes > limit:
             raise ResourceExhausted(
-                f"the request's tensors hold {call.tensor_bytes} bytes, more than this gateway's limit of {limit} "
+                f"the request holds {size_bytes} bytes, more than this gateway's limit of {limit} "
                 "(max_request_tensor_bytes); split the request"
             )
 

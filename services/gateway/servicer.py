@@ -48,6 +48,7 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         """Run inference through the model's queue."""
+        self._router.check_request_size(convert.request_size(request))
         payload = await self._router.infer(convert.infer_call(request), context.time_remaining())
         return convert.infer_response(payload)
 

@@ -38,7 +38,7 @@ class GatewaySettings(ServiceSettings):
     block_ms: int = 1000
     """How long one XREAD on the reply stream blocks."""
     max_request_tensor_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
-    """Most tensor bytes one inference call may carry (raw and typed contents together); larger
-    calls get RESOURCE_EXHAUSTED before anything is written to Redis."""
+    """Most bytes one inference request may hold (its tensors, plus a few bytes of names and
+    shapes); larger calls get RESOURCE_EXHAUSTED before they are copied or written to Redis."""
     drain_delay_s: float = 2.0
     """After SIGTERM, keep serving this long while load balancers remove the endpoint."""

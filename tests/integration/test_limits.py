@@ -25,10 +25,10 @@ ROW_BYTES = 4096
 """One row of the model's FP32 [-1, 1024] input."""
 
 
-def _request(rows: int, extra: int = 0) -> pb.ModelInferRequest:
+def _request(rows: int) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="limited")
     request.inputs.add(name="inp", datatype="FP32", shape=[rows, 1024])
-    request.raw_input_contents.append(np.zeros((rows, 1024), np.float32).tobytes() + b"\0" * extra)
+    request.raw_input_contents.append(np.zeros((rows, 1024), np.float32).tobytes())
     return request
 
 
@@ -60,15 +60,16 @@ async def test_a_compressed_message_counts_after_decompression(limited: Suite) -
 
 
 async def test_tensors_over_the_limit_are_refused_before_enqueueing(limited: Suite) -> None:
-    error = await _refused(limited, _request(rows=TENSOR_LIMIT // ROW_BYTES, extra=1))
+    over = _request(rows=TENSOR_LIMIT // ROW_BYTES)  # the tensor alone fills the limit; names and shape add
+    error = await _refused(limited, over)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error.details() == (
-        f"the request's tensors hold {TENSOR_LIMIT + 1} bytes, more than this gateway's limit of {TENSOR_LIMIT} "
+        f"the request holds {over.ByteSize()} bytes, more than this gateway's limit of {TENSOR_LIMIT} "
         "(max_request_tensor_bytes); split the request"
     )
     assert await limited.redis.xlen(keys.queue("limited", 1)) == 0
-    # At the limit the call is admitted (and, with no worker here, waits out its deadline).
-    at_limit = await _refused(limited, _request(rows=TENSOR_LIMIT // ROW_BYTES))
+    # Under the limit the call is admitted (and, with no worker here, waits out its deadline).
+    at_limit = await _refused(limited, _request(rows=TENSOR_LIMIT // ROW_BYTES - 1))
     assert at_limit.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
