@@ -227,22 +227,25 @@ async def send_commands(client: aioredis.Redis, commands: Sequence[Sequence[Any]
         redis.exceptions.TimeoutError: A reply took longer than the client's socket timeout.
     """
     pool = client.connection_pool
-    for attempt in range(_RETRIES + 1):
-        connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(connection.pack_commands(commands))
-            return [await _read_reply(connection) for _command in commands]
-        except redis.exceptions.ConnectionError:
-            await connection.disconnect(nowait=True)
-            if attempt == _RETRIES:
-                raise
-        except BaseException:
-            # NOTE: a reply half read (timeout, cancellation) leaves the connection unusable.
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(connection)
-    raise AssertionError("unreachable")  # pragma: no cover
+    connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+
+    async def exchange() -> list[Any]:
+        await connection.send_packed_command(connection.pack_commands(commands))
+        return [await _read_reply(connection) for _command in commands]
+
+    async def drop(_error: Exception) -> None:
+        await connection.disconnect(nowait=True)  # the retry reconnects it
+
+    try:
+        # NOTE: the pool's own retry policy (see create_redis), as redis-py's commands use it.
+        result: list[Any] = await connection.retry.call_with_retry(exchange, drop)
+        return result
+    except BaseException:
+        # NOTE: a reply half read (timeout, cancellation) leaves the connection unusable.
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
 
 
 async def _read_reply(connection: AbstractConnection) -> Any:
