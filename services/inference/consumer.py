@@ -30,7 +30,6 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from prometheus_client import Counter, Histogram
-from redis.typing import EncodableT, FieldT
 
 from services.common import keys
 from services.common.errors import InvalidArgument, MaasError
@@ -62,8 +61,9 @@ _DEAD_LETTER_MAXLEN = 10_000
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
-def _stream_fields(fields: Mapping[Any, Any]) -> dict[FieldT, EncodableT]:
-    return dict(fields)
+def _flat(fields: Mapping[Any, Any]) -> list[Any]:
+    """A stream entry's fields as XADD takes them: name, value, name, value, ..."""
+    return [item for pair in fields.items() for item in pair]
 
 
 def _once(action: Callable[[], None]) -> Callable[[], None]:
@@ -404,15 +404,15 @@ class QueueConsumer:
         reply = Reply(id=job.queued.id, code=0, payload=convert.encode_infer_response(result))
         return _Answer(job.entry_id, job.queued.reply_to, reply, grpc.StatusCode.OK)
 
-    async def _send_all(self, answers: Sequence[_Answer]) -> None:
+    async def _send_all(self, answers: Sequence[_Answer], *, first: Sequence[tuple[Any, ...]] = ()) -> None:
+        """Reply to, ack and delete ``answers`` in one MULTI, after the commands in ``first``."""
         if not answers:
             return
         ids = [answer.entry_id for answer in answers]
-        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        commands: list[tuple[Any, ...]] = [("MULTI",), *first]
         for answer in answers:
             if answer.reply is not None and answer.reply_to is not None:
-                fields = (item for pair in answer.reply.to_fields().items() for item in pair)
-                commands.append(("XADD", answer.reply_to, "NOMKSTREAM", "*", *fields))
+                commands.append(("XADD", answer.reply_to, "NOMKSTREAM", "*", *_flat(answer.reply.to_fields())))
         commands += [("XACK", self.queue, keys.QUEUE_GROUP, *ids), ("XDEL", self.queue, *ids), ("EXEC",)]
         replies = await send_commands(self._redis, commands)
         results = replies[-1]
@@ -522,15 +522,12 @@ class QueueConsumer:
         code = grpc.StatusCode.INTERNAL
         message = f"request failed {self._settings.max_deliveries} times; moved to dead-letter stream"
         dead = {**fields, b"dlq_entry_id": entry_id, b"dlq_deliveries": str(deliveries).encode()}
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead_letter, _stream_fields(dead), maxlen=_DEAD_LETTER_MAXLEN, approximate=True)
-            call_id, reply_to = fields.get(b"id"), fields.get(b"reply")
-            if call_id is not None and reply_to is not None:
-                reply = Reply(id=call_id.decode(errors="replace"), code=code.value[0], message=message)
-                pipe.xadd(reply_to.decode(errors="replace"), _stream_fields(reply.to_fields()), nomkstream=True)
-            pipe.xack(self.queue, keys.QUEUE_GROUP, entry_id)
-            pipe.xdel(self.queue, entry_id)
-            await pipe.execute()
-        self._answered(code)
+        call_id, reply_to = fields.get(b"id"), fields.get(b"reply")
+        reply = None
+        if call_id is not None and reply_to is not None:
+            reply = Reply(id=call_id.decode(errors="replace"), code=code.value[0], message=message)
+        answer = _Answer(entry_id, None if reply_to is None else reply_to.decode(errors="replace"), reply, code)
+        to_dead_letter = ("XADD", self.dead_letter, "MAXLEN", "~", _DEAD_LETTER_MAXLEN, "*", *_flat(dead))
+        await self._send_all([answer], first=[to_dead_letter])
         self._notify()
         log.warning("request_dead_lettered", queue=self.queue, entry_id=entry_id.decode(), deliveries=deliveries)
