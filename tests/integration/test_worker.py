@@ -213,6 +213,12 @@ async def group_pending(redis: aioredis.Redis, queue: str = QUEUE) -> int:
     return int(summary["pending"])
 
 
+async def assert_drained(redis: aioredis.Redis) -> None:
+    """The queue holds nothing and nothing read is unacknowledged."""
+    assert await redis.xlen(QUEUE) == 0
+    assert await group_pending(redis) == 0
+
+
 async def eventually(check: Callable[[], Any], timeout_s: float = 10.0) -> None:
     for _ in range(int(timeout_s / 0.05)):
         if await check():
@@ -243,8 +249,7 @@ async def test_replies_hold_the_model_outputs_and_the_queue_is_emptied(
         response = pb.ModelInferResponse.FromString(reply.payload)
         assert (response.model_name, response.model_version, response.id) == ("affine", "1", f"client-{call_id}")
         np.testing.assert_array_equal(output_y(reply), 2 * x + 1)
-    assert await redis_client.xlen(QUEUE) == 0
-    assert await group_pending(redis_client) == 0
+    await assert_drained(redis_client)
 
 
 async def test_requests_are_stacked_up_to_max_batch_size(
@@ -307,8 +312,7 @@ async def test_malformed_entries_get_invalid_argument_and_the_worker_keeps_servi
         "no-req": (INVALID_ARGUMENT, "malformed queue entry: field req missing"),
     }
     np.testing.assert_array_equal(output_y(replies["fine"][0]), 2 * rows(7) + 1)
-    assert await redis_client.xlen(QUEUE) == 0
-    assert await group_pending(redis_client) == 0
+    await assert_drained(redis_client)
 
 
 async def test_one_batch_answers_two_gateways_in_one_round_trip(
@@ -332,8 +336,7 @@ async def test_one_batch_answers_two_gateways_in_one_round_trip(
     for index, call_id in enumerate(streams):
         [reply] = (mine if call_id.startswith("a") else theirs)[call_id]
         np.testing.assert_array_equal(output_y(reply), 2 * rows(index) + 1)
-    assert await redis_client.xlen(QUEUE) == 0
-    assert await group_pending(redis_client) == 0
+    await assert_drained(redis_client)
 
 
 async def test_a_reply_key_of_the_wrong_type_fails_only_its_own_reply(
@@ -351,8 +354,7 @@ async def test_a_reply_key_of_the_wrong_type_fails_only_its_own_reply(
 
     assert sorted(await read_replies(redis_client)) == ["kept"]
     assert [e["error"][:9] for e in logs if e["event"] == "reply_rejected"] == ["WRONGTYPE"]
-    assert await redis_client.xlen(QUEUE) == 0
-    assert await group_pending(redis_client) == 0
+    await assert_drained(redis_client)
 
 
 async def test_a_batch_of_expired_malformed_and_valid_entries_answers_each(
@@ -378,8 +380,7 @@ async def test_a_batch_of_expired_malformed_and_valid_entries_answers_each(
         "fieldless": (INVALID_ARGUMENT, 1),
     }
     np.testing.assert_array_equal(output_y(replies["valid"][0]), 2 * rows(3) + 1)
-    assert await redis_client.xlen(QUEUE) == 0
-    assert await group_pending(redis_client) == 0
+    await assert_drained(redis_client)
 
 
 async def test_entries_waiting_for_a_fuller_batch_are_not_reclaimed_and_run_twice(
@@ -553,8 +554,7 @@ async def test_poison_entry_goes_to_the_dead_letter_stream(
     [(_dlq_id, dead)] = await redis_client.xrange(keys.dead_letter("affine", 1))
     assert QueuedRequest.from_fields(dead).id == "poison"
     assert (dead[b"dlq_entry_id"], dead[b"dlq_deliveries"]) == (poison_id, b"4")
-    assert await redis_client.xlen(QUEUE) == 0
-    assert await group_pending(redis_client) == 0
+    await assert_drained(redis_client)
 
 
 # Reconcile, heartbeat, drain ----------------------------------------------------------------
@@ -790,8 +790,7 @@ async def test_killed_worker_process_loses_no_request(
         assert len(replies[f"c{index}"]) == 1, (index, replies[f"c{index}"])
         [reply] = replies[f"c{index}"]  # reply + ack are one transaction: never answered twice
         np.testing.assert_array_equal(output_y(reply), 2 * rows(index) + 1)
-    assert await redis_client.xlen(QUEUE) == 0
-    assert await group_pending(redis_client) == 0
+    await assert_drained(redis_client)
 
 
 async def test_sigterm_drains_the_worker_process_and_exits_0(
