@@ -26,13 +26,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.connection import HiredisRespSerializer
 
 from services.common.errors import Unavailable
 
@@ -45,6 +45,9 @@ _SWEEP_INTERVAL_S = 1.0
 """How often a pool in use looks through its idle connections."""
 
 _RETRIES = 1
+
+_HIREDIS_PACKER = HiredisRespSerializer()
+"""redis-py's own hiredis command packer (its sync client's; the asyncio one packs in Python)."""
 """Retries of a command after a connection error, each on a freshly opened connection."""
 
 
@@ -74,20 +77,6 @@ def create_redis(url: str, timeout_s: float, *, max_idle_s: float = MAX_IDLE_S) 
     return aioredis.Redis.from_pool(pool)
 
 
-def _pack_command(*args: Any) -> list[bytes]:
-    """Pack one command with hiredis's C packer (what redis-py's sync client does)."""
-    name = args[0]
-    if isinstance(name, str):
-        args = (*name.encode().split(), *args[1:])
-    elif b" " in name:
-        args = (*name.split(), *args[1:])
-    values: Any = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
-    try:
-        return [hiredis.pack_command(values)]
-    except TypeError as exc:
-        raise redis.exceptions.DataError(str(exc)) from exc
-
-
 def _closed_by_server(connection: AbstractConnection) -> bool:
     """Whether a connected connection's socket saw EOF or an error, or is being closed."""
     reader, writer = connection._reader, connection._writer
@@ -111,7 +100,7 @@ class _Pool(ConnectionPool):
         connection.register_connect_callback(self._on_connect)  # type: ignore[no-untyped-call]
         # NOTE: redis-py's asyncio connection packs commands in Python (its sync one uses
         # hiredis): a tenth of the gateway's and the worker's time per call went there.
-        connection.pack_command = _pack_command  # type: ignore[method-assign]
+        connection.pack_command = _HIREDIS_PACKER.pack  # type: ignore[method-assign,assignment]
         return connection
 
     def _on_connect(self, connection: AbstractConnection) -> None:
