@@ -201,7 +201,7 @@ class ModelRuntime:
     inline_run_max_s: float = 0.0
     """Runs expected to be shorter than this execute on the event loop (see ``run``)."""
     _avg_run_s: float = field(default=math.inf, repr=False)
-    """Moving average of recent run times; unknown (infinite) until the first run."""
+    """Moving average of recent run times, seeded by the warm-up at load (infinite if it failed)."""
 
     @classmethod
     async def load(
@@ -242,7 +242,7 @@ class ModelRuntime:
         return runtime
 
     def _warm_up(self) -> float:
-        """Run once on zeros (variable dimensions 1) and return how long it took, inf if it failed.
+        """Run twice on zeros (variable dimensions 1); return the second run's time, inf if it failed.
 
         The first run of a session allocates its buffers; its time also tells whether later runs
         are short enough to run on the event loop (measured here, alone, not under a busy loop).
