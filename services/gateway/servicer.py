@@ -48,8 +48,12 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         """Run inference through the model's queue."""
+        return await self._infer(request, context.time_remaining())
+
+    async def _infer(self, request: pb.ModelInferRequest, time_remaining_s: float | None) -> pb.ModelInferResponse:
+        # NOTE: the one path of a request, for ModelInfer and each request of ModelStreamInfer.
         self._router.check_request_size(convert.request_size(request))
-        payload = await self._router.infer(convert.infer_call(request), context.time_remaining())
+        payload = await self._router.infer(convert.infer_call(request), time_remaining_s)
         return convert.infer_response(payload)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
