@@ -220,9 +220,18 @@ class _ErrorScope:
     async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
         if not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
             return  # success, cancellation, or an abort already chosen
-        if isinstance(exc, MaasError):
-            log.info("rpc_error", code=exc.grpc_code.name, message=exc.message)
-            await self._context.abort(exc.grpc_code, exc.message)
-        request_id = structlog.contextvars.get_contextvars().get("request_id", "-")
-        log.error("rpc_internal_error", exc_info=exc)
-        await self._context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id={request_id})")
+        await self._context.abort(*status_of(exc))
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC code and client-safe message for what a call raised; logs it (once) too.
+
+    A ``MaasError`` keeps its own code and message (logged at info); anything else is a bug:
+    INTERNAL with the request id, logged at error with its traceback.
+    """
+    if isinstance(exc, MaasError):
+        log.info("rpc_error", code=exc.grpc_code.name, message=exc.message)
+        return exc.grpc_code, exc.message
+    request_id = structlog.contextvars.get_contextvars().get("request_id", "-")
+    log.error("rpc_internal_error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (request_id={request_id})"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import grpc
+
 from inference import grpc_service_pb2 as pb
 from inference import model_config_pb2 as mc
 from services.common import dtypes
@@ -88,6 +90,25 @@ def infer_response(payload: bytes) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse()
     response.ParseFromString(payload)
     return response
+
+
+def stream_response(
+    request: pb.ModelInferRequest,
+    response: pb.ModelInferResponse | None,
+    error: tuple[grpc.StatusCode, str] | None,
+) -> pb.ModelStreamInferResponse:
+    """One answer on a ModelStreamInfer stream: the response, or the request's error.
+
+    An error is Triton's ``error_message``; MaaS also fills ``infer_response`` with the request's
+    id, model and version, and the status code name as its ``error_code`` parameter, so a client
+    can tell which request failed and whether to retry it.
+    """
+    if error is None:
+        return pb.ModelStreamInferResponse(infer_response=response)
+    code, message = error
+    failed = pb.ModelInferResponse(id=request.id, model_name=request.model_name, model_version=request.model_version)
+    failed.parameters["error_code"].string_param = code.name
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
 
 def _tensor_metadata(specs: Iterable[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:

@@ -20,6 +20,7 @@ from services.gateway.replies import ReplyReader
 from services.gateway.router import Router
 from services.gateway.servicer import GRPCInferenceServiceServicer
 from services.gateway.settings import GatewaySettings
+from services.gateway.streams import Streams
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +35,7 @@ class Gateway:
     replies: ReplyReader
     admission: Admission
     router: Router
+    streams: Streams
 
     async def start(self) -> None:
         """Follow registry events, start reading the reply stream and admitting calls."""
@@ -59,14 +61,15 @@ def create_gateway(settings: GatewaySettings, redis: aioredis.Redis, registry: R
         redis, catalog, replies, admission, default_timeout_s=settings.default_timeout_s,
         max_request_tensor_bytes=settings.max_request_tensor_bytes, max_message_bytes=settings.max_message_bytes,
     )  # fmt: skip
-    return Gateway(catalog, replies, admission, router)
+    return Gateway(catalog, replies, admission, router, Streams(settings.max_stream_in_flight))
 
 
-def create_server(settings: GatewaySettings, router: Router) -> GrpcServer:
+def create_server(settings: GatewaySettings, gateway: Gateway) -> GrpcServer:
     """Build the gateway's gRPC server (not started) and bind it."""
 
     def add(server: object) -> None:
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GRPCInferenceServiceServicer(router), server)
+        servicer = GRPCInferenceServiceServicer(gateway.router, gateway.streams)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
     return create_grpc_server(settings, [SERVICE_NAME], add)
 
@@ -88,11 +91,13 @@ async def serve(settings: GatewaySettings) -> None:
     redis = create_redis(settings.redis_url, settings.redis_timeout_s)
     registry = RegistryClient(settings.registry_address, timeout_s=settings.registry_timeout_s)
     gateway = create_gateway(settings, redis, registry)
-    handle = create_server(settings, gateway.router)
+    handle = create_server(settings, gateway)
 
     async def before_stop() -> None:
         # Endpoints are removed concurrently with SIGTERM: keep serving while that happens.
         await asyncio.sleep(settings.drain_delay_s)
+        # Then streams take no new requests: they answer what they hold and end (UNAVAILABLE).
+        gateway.streams.drain()
 
     await _wait_for_redis(redis)
     await gateway.start()

@@ -12,6 +12,7 @@ from inference import grpc_service_pb2_grpc
 from services.common.errors import Unimplemented
 from services.gateway import convert
 from services.gateway.router import Router
+from services.gateway.streams import Streams
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -23,8 +24,9 @@ def _unimplemented(rpc: str) -> Unimplemented:
 class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """KServe v2 inference over the MaaS queue."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, streams: Streams) -> None:
         self._router = router
+        self._streams = streams
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         """Report liveness."""
@@ -86,9 +88,13 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Not supported yet."""
-        raise _unimplemented("ModelStreamInfer")
-        yield pb.ModelStreamInferResponse()  # pragma: no cover - makes this an async generator
+        """Run each request of the stream through the queue; answer each as it completes."""
+
+        async def infer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+            return await self._infer(request, context.time_remaining())
+
+        async for request, response, error in self._streams.serve(request_iterator, infer):
+            yield convert.stream_response(request, response, error)
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
         """Not supported: tensors travel in the request."""

@@ -40,5 +40,8 @@ class GatewaySettings(ServiceSettings):
     max_request_tensor_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Most bytes one inference request may hold (its tensors, plus a few bytes of names and
     shapes); larger calls get RESOURCE_EXHAUSTED before they are copied or written to Redis."""
+    max_stream_in_flight: int = Field(default=64, ge=1)
+    """Most requests of one ModelStreamInfer stream in flight at once; the gateway reads the
+    stream's next request only when one of them is answered (backpressure)."""
     drain_delay_s: float = 2.0
     """After SIGTERM, keep serving this long while load balancers remove the endpoint."""

@@ -89,7 +89,7 @@ class Suite:
         )  # fmt: skip
         self._gateway_registry = RegistryClient(self.registry_address)
         self.gateway = gateway_server.create_gateway(settings, self.redis, self._gateway_registry)
-        handle = gateway_server.create_server(settings, self.gateway.router)
+        handle = gateway_server.create_server(settings, self.gateway)
         await self.gateway.start()
         await self._start(handle)
         self.gateway_address = f"127.0.0.1:{handle.port}"
