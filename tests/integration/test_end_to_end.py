@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -339,15 +338,6 @@ async def test_unsupported_rpcs_say_so(suite: Suite) -> None:
     assert shm.value.details() == (
         "SystemSharedMemoryStatus is not supported by the MaaS gateway; use ModelInfer with tensors in the request"
     )
-
-    async def one_request() -> AsyncIterator[pb.ModelInferRequest]:
-        yield _affine_request()
-
-    with pytest.raises(grpc.aio.AioRpcError) as stream:
-        async for _reply in suite.inference.ModelStreamInfer(one_request(), timeout=5):
-            pass
-    assert stream.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "ModelStreamInfer is not supported" in (stream.value.details() or "")
 
 
 def _load(name: str, **parameters: pb.ModelRepositoryParameter) -> pb.RepositoryModelLoadRequest:
