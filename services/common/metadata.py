@@ -11,8 +11,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-"""Valid model names: 1-64 of letters, digits, '.', '_', '-', starting with a letter or digit."""
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Valid model names: 1-64 of letters, digits, '.', '_', '-', starting with a letter or digit.
+
+Match the whole name with ``fullmatch``: a ``$`` anchor would let a trailing newline in."""
 PLATFORM = "onnxruntime_onnx"
 
 DEFAULT_MAX_BATCH_SIZE = 8

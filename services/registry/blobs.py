@@ -128,7 +128,7 @@ class LocalBlobStore:
     def _model_dir(self, model: str) -> Path:
         # NOTE: the registry validates names before they get here; this guards the filesystem
         # against a caller that does not (a name like '../x' must never become a path).
-        if not MODEL_NAME_RE.match(model):
+        if not MODEL_NAME_RE.fullmatch(model):
             raise ValueError(f"invalid model name {model!r}")
         return self.root / model
 

@@ -126,12 +126,13 @@ class DeploySpec:
 
 
 def _shown(value: str) -> str:
-    """Return ``value`` cut short enough to echo in an error message."""
-    return value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
+    """Return ``value`` cut short enough to echo in an error message, control characters escaped."""
+    shown = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
 
 
 def _check_name(name: str, what: str = "model name") -> None:
-    if not MODEL_NAME_RE.match(name):
+    if not MODEL_NAME_RE.fullmatch(name):
         raise InvalidArgument(f"{what} '{_shown(name)}' is invalid: {_NAME_RULE}")
 
 

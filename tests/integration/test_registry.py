@@ -151,6 +151,18 @@ async def test_invalid_model_name_is_invalid_argument(stub: Stub, name: str) -> 
     assert error.details() == f"model name '{name}' is invalid: {NAME_RULE}"
 
 
+@pytest.mark.parametrize(
+    ("name", "shown"), [("abc\n", "abc\\n"), ("a\x00b", "a\\x00b"), ("../x", "../x"), ("\uff41bc", "\uff41bc")]
+)
+async def test_names_with_newlines_nul_paths_or_look_alikes_are_refused(stub: Stub, name: str, shown: str) -> None:
+    error = await rpc_error(create(stub, name))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == f"model name '{shown}' is invalid: {NAME_RULE}"
+    listed = await stub.ListModels(registry_pb2.ListModelsRequest())
+    assert not listed.models
+
+
 async def test_delete_unknown_model_is_not_found(stub: Stub) -> None:
     error = await rpc_error(stub.DeleteModel(registry_pb2.DeleteModelRequest(name="ghost")))
 
