@@ -36,6 +36,8 @@ lint: $(VENV)/.installed-dev proto
 
 ## test: install with dev extras, lint, and run the whole test suite
 test: $(VENV)/.installed-dev proto lint
+	@if command -v node >/dev/null && [ ! -d tests/node/node_modules ]; then \
+		npm ci --prefix tests/node --no-audit --no-fund; fi
 	$(BIN)/python -m pytest $(ARGS)
 
 ## bench: one table: raw ONNX Runtime, a bare Python gRPC floor, a worker direct, MaaS via the queue (ARGS="--short")

@@ -3,11 +3,14 @@
 Runs in its own process: tritonclient bundles its own ``inference.*`` protobuf descriptors,
 which cannot share a process with MaaS's generated ones (duplicate symbols).
 
-Usage: python tests/triton_probe.py URL  <  [{"op": "infer", "model": ..., "inputs": {...}}, ...]
+Usage: python tests/triton_probe.py URL [--ssl CA.pem [--cert CERT.pem --key KEY.pem]] [--api-key KEY]
+           <  [{"op": "infer", "model": ..., "inputs": {...}}, ...]
+(``--ssl``: TLS with that root certificate, as tritonclient's ``ssl=True, root_certificates=...``.)
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any
@@ -57,8 +60,34 @@ def _run(client: grpcclient.InferenceServerClient, call: dict[str, Any]) -> Any:
     raise ValueError(f"unknown op {op}")
 
 
+def _client(url: str, *options: str) -> grpcclient.InferenceServerClient:
+    given = dict(zip(options[::2], options[1::2], strict=True))
+    if "--ssl" not in given:
+        return grpcclient.InferenceServerClient(url)
+    return grpcclient.InferenceServerClient(
+        url, ssl=True, root_certificates=given["--ssl"], certificate_chain=given.get("--cert"),
+        private_key=given.get("--key"),
+    )  # fmt: skip
+
+
+class _Keyed:
+    """A client whose every call sends ``headers`` (``--api-key KEY``: ``authorization: Bearer KEY``)."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, headers: dict[str, str]) -> None:
+        self._client, self._headers = client, headers
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        return functools.partial(attr, headers=self._headers) if callable(attr) and name != "close" else attr
+
+
+def _keyed(client: grpcclient.InferenceServerClient, *options: str) -> Any:
+    given = dict(zip(options[::2], options[1::2], strict=True))
+    return _Keyed(client, {"authorization": f"Bearer {given['--api-key']}"}) if "--api-key" in given else client
+
+
 def main() -> None:
-    client = grpcclient.InferenceServerClient(sys.argv[1])
+    client = _keyed(_client(*sys.argv[1:]), *sys.argv[2:])
     results = []
     for call in json.load(sys.stdin):
         try:

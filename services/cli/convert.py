@@ -10,6 +10,8 @@ import numpy as np
 import numpy.typing as npt
 
 from inference import grpc_service_pb2 as pb
+from services.client import convert as client_convert
+from services.client.results import InferResult, ModelMetadata
 from services.common import dtypes
 from services.common.errors import InvalidArgument
 
@@ -47,23 +49,21 @@ def _cast(name: str, array: npt.NDArray[Any], datatype: str) -> npt.NDArray[Any]
         raise InvalidArgument(f"--input '{name}': values of type {array.dtype} cannot be sent as {datatype}") from exc
 
 
-def infer_request(
-    model: str, version: str, arrays: dict[str, npt.NDArray[Any]], metadata: pb.ModelMetadataResponse
-) -> pb.ModelInferRequest:
-    """Build a request, casting each array to the datatype the model declares for it.
+def cast_inputs(
+    model: str, arrays: dict[str, npt.NDArray[Any]], signature: ModelMetadata
+) -> dict[str, npt.NDArray[Any]]:
+    """Cast each array to the datatype the model declares for it.
 
     Raises:
-        InvalidArgument: An input name is not one of the model's.
+        InvalidArgument: An input name is not one of the model's, or its values cannot be cast.
     """
-    declared = {tensor.name: tensor.datatype for tensor in metadata.inputs}
-    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    declared = {tensor.name: tensor.datatype for tensor in signature.inputs}
+    cast: dict[str, npt.NDArray[Any]] = {}
     for name, array in arrays.items():
         if name not in declared:
             raise InvalidArgument(f"--input '{name}': model '{model}' has inputs {sorted(declared)}")
-        cast = _cast(name, array, declared[name])
-        request.inputs.add(name=name, datatype=declared[name], shape=cast.shape)
-        request.raw_input_contents.append(dtypes.encode_raw(cast))
-    return request
+        cast[name] = _cast(name, array, declared[name])
+    return cast
 
 
 def _jsonable(array: npt.NDArray[Any]) -> Any:
@@ -72,21 +72,23 @@ def _jsonable(array: npt.NDArray[Any]) -> Any:
     return array.tolist()
 
 
+def result_json(result: InferResult) -> dict[str, Any]:
+    """Return a reply as a JSON-ready dict (BYTES decoded as UTF-8)."""
+    outputs = {
+        name: {"datatype": dtypes.from_numpy(array.dtype).name, "shape": list(array.shape), "data": _jsonable(array)}
+        for name, array in result.items()
+    }
+    return {"model_name": result.model_name, "model_version": result.model_version, "outputs": outputs}
+
+
+def infer_request(
+    model: str, version: str, arrays: dict[str, npt.NDArray[Any]], metadata: pb.ModelMetadataResponse
+) -> pb.ModelInferRequest:
+    """Build the request ``maas infer`` sends: ``cast_inputs``, then the client's encoding."""
+    cast = cast_inputs(model, arrays, client_convert.metadata_from_proto(metadata))
+    return client_convert.infer_request(model, cast, version=version, outputs=())
+
+
 def infer_result(response: pb.ModelInferResponse) -> dict[str, Any]:
-    """Decode every output into a JSON-ready dict."""
-    outputs: dict[str, Any] = {}
-    for index, tensor in enumerate(response.outputs):
-        dt = dtypes.datatype(tensor.datatype)
-        array = dtypes.decode_raw(dt, tuple(tensor.shape), response.raw_output_contents[index], name=tensor.name)
-        outputs[tensor.name] = {"datatype": tensor.datatype, "shape": list(tensor.shape), "data": _jsonable(array)}
-    return {"model_name": response.model_name, "model_version": response.model_version, "outputs": outputs}
-
-
-def metadata_request(model: str, version: str) -> pb.ModelMetadataRequest:
-    """Build a ModelMetadata request."""
-    return pb.ModelMetadataRequest(name=model, version=version)
-
-
-def ready_request(model: str) -> pb.ModelReadyRequest:
-    """Build a ModelReady request."""
-    return pb.ModelReadyRequest(name=model)
+    """Decode a reply as ``maas infer`` prints it: the client's decoding, then ``result_json``."""
+    return result_json(client_convert.infer_result(response))

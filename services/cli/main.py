@@ -6,26 +6,31 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import grpc
+import structlog
 import typer
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from inference import grpc_service_pb2_grpc
 from services.cli import convert
 from services.cli.examples import affine_model
 from services.cli.supervisor import Supervisor, UpOptions
-from services.common.errors import MaasError, NotFound, map_rpc_error
+from services.client import MaasClient
+from services.common.auth import bearer
+from services.common.errors import MaasError
 from services.common.logging import configure_logging
-from services.common.metadata import ModelRecord
-from services.common.registry_client import RegistryClient
-
-_T = TypeVar("_T")
+from services.common.metadata import ModelRecord, VersionRecord, parse_class_labels
+from services.common.redis_acl import redact_url
+from services.common.registry_client import ProgressCallback
+from services.common.tls import CertificateFiles, TlsConfigError, channel_credentials
 
 app = typer.Typer(help="MaaS: register ONNX models and call them over gRPC (KServe v2).", no_args_is_help=True)
 models_app = typer.Typer(help="Push, list, show and remove models.", no_args_is_help=True)
@@ -39,10 +44,11 @@ app.add_typer(inference_app, name="inference")
 
 out = Console()
 err = Console(stderr=True)
+log = structlog.get_logger(__name__)
 
 
 class CliSettings(BaseSettings):
-    """Where the CLI finds the services (``MAAS_GATEWAY``, ``MAAS_REGISTRY``)."""
+    """Where the CLI finds the services (``MAAS_GATEWAY``, ``MAAS_REGISTRY``), and TLS (``MAAS_TLS_*``)."""
 
     model_config = SettingsConfigDict(env_prefix="MAAS_", extra="ignore")
 
@@ -50,22 +56,60 @@ class CliSettings(BaseSettings):
     """host:port of the gateway (the defaults of `maas up`)."""
     registry: str = "127.0.0.1:8002"
     """host:port of the registry."""
+    tls_ca: Path | None = None
+    """PEM CA of the services' certificates: call them over TLS (``--ca``)."""
+    tls_cert: Path | None = None
+    """PEM client certificate, for servers that require mutual TLS (``--cert``)."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert`` (``--key``)."""
+    api_key: SecretStr | None = None
+    """API key sent with every call (``--api-key``, env ``MAAS_API_KEY``); unset: ``api_key_file``."""
+    api_key_file: Path = Path(".maas/auth/admin.key")
+    """File holding the key when none is given (``maas up`` writes its admin key there; env ``MAAS_API_KEY_FILE``)."""
+
+    def key(self) -> str | None:
+        """Return the API key to send: ``api_key``, else the contents of ``api_key_file`` if it exists."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        try:
+            return self.api_key_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
 
-def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+_tls_flags: dict[str, Any] = {}
+"""``--ca``, ``--cert`` and ``--key`` as given before the command (they override ``MAAS_TLS_*``)."""
+
+
+@app.callback()
+def _global_options(
+    ca: Annotated[Path | None, typer.Option(help="PEM CA: call the services over TLS (env MAAS_TLS_CA).")] = None,
+    cert: Annotated[Path | None, typer.Option(help="PEM client certificate, mutual TLS (env MAAS_TLS_CERT).")] = None,
+    key: Annotated[Path | None, typer.Option(help="PEM key of --cert (env MAAS_TLS_KEY).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="API key (env MAAS_API_KEY; default: the key file `maas up` writes).")
+    ] = None,
+) -> None:
+    """MaaS: register ONNX models and call them over gRPC (KServe v2)."""
+    _tls_flags.update(_given(tls_ca=ca, tls_cert=cert, tls_key=key, api_key=api_key))
+
+
+@contextmanager
+def _client() -> Iterator[MaasClient]:
+    """Yield a client of the services CliSettings names; a MaaS error ends the command with its status."""
+    settings = CliSettings(**_tls_flags)
     try:
-        return asyncio.run(coro)
+        credentials = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    except TlsConfigError as exc:
+        err.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        metadata = bearer(settings.key())
+        with MaasClient(settings.gateway, settings.registry, credentials=credentials, metadata=metadata) as client:
+            yield client
     except MaasError as exc:
         err.print(f"[red]error[/red] {exc.grpc_code.name}: {exc.message}")
         raise typer.Exit(1) from None
-
-
-async def _with_registry(action: Callable[[RegistryClient], Awaitable[_T]]) -> _T:
-    client = RegistryClient(CliSettings().registry)
-    try:
-        return await action(client)
-    finally:
-        await client.close()
 
 
 def _given(**options: Any) -> dict[str, Any]:
@@ -150,12 +194,18 @@ def up(
     access_log_sample: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Fraction of successful calls logged (errors always are).")
     ] = 1.0,
+    tls: Annotated[bool, typer.Option(help="Serve TLS everywhere (local CA, certificates in DATA_DIR/tls).")] = False,
+    mtls: Annotated[bool, typer.Option(help="Also require client certificates (mutual TLS; implies --tls).")] = False,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="No API keys: anyone may call anything.")] = False,
 ) -> None:
     """Run the whole suite on this machine: Redis, registry, gateway and workers. Ctrl-C stops it."""
     configure_logging(log_level, json=bool(log_json), service="up")
+    if no_auth:
+        log.warning("auth_disabled", hint="--no-auth: every caller may call, upload, deploy or delete anything")
     options = UpOptions(
         data_dir=data_dir.resolve(), workers=workers, gateway_port=gateway_port, registry_port=registry_port,
         redis_url=redis_url, log_json=bool(log_json), log_level=log_level, access_log_sample=access_log_sample,
+        tls=tls, mtls=mtls, auth=not no_auth,
     )  # fmt: skip
     supervisor = Supervisor(options)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
@@ -164,8 +214,15 @@ def up(
         endpoints = supervisor.start()
         err.print(
             f"[bold green]MaaS is up[/]: gateway [bold]{endpoints['gateway']}[/] (KServe v2 gRPC), "
-            f"registry {endpoints['registry']}, {workers} worker(s), redis {endpoints['redis_url']}. Ctrl-C stops."
+            f"registry {endpoints['registry']}, {workers} worker(s), "
+            f"redis {redact_url(str(endpoints['redis_url']))}. Ctrl-C stops."
         )
+        if supervisor.auth_files is not None:
+            key_hint = _auth_hint(supervisor.auth_files.admin_key, str(endpoints["gateway"]))
+            err.print(key_hint, markup=False, highlight=False, soft_wrap=True)
+        if supervisor.certs is not None:
+            hint = _tls_hint(supervisor.certs, str(endpoints["gateway"]), is_mutual=mtls)
+            err.print(hint, markup=False, highlight=False, soft_wrap=True)  # commands to copy: no line breaks
         supervisor.supervise()
     except RuntimeError as exc:
         err.print(f"[red]error[/red] {exc}")
@@ -174,11 +231,49 @@ def up(
         supervisor.stop()
 
 
+def _auth_hint(key_file: Path, gateway: str) -> str:
+    """How to call a `maas up` suite with its administrator key (printed on the user's terminal only)."""
+    key = key_file.read_text().strip()
+    return (
+        f"API keys are on. Administrator key (also in {key_file}, which the CLI reads from this directory):\n"
+        f"  {key}\n"
+        f"  CLI elsewhere: export MAAS_API_KEY=$(cat {key_file})\n"
+        f'  tritonclient: client.infer(..., headers={{"authorization": "Bearer {key}"}})\n'
+        f'  grpcurl: grpcurl -plaintext -H "authorization: Bearer {key}" {gateway} list\n'
+        "  Create keys for others: maas keys create --tenant T --name N --scope infer --models 'fraud-*'"
+    )
+
+
+def _tls_hint(certs: CertificateFiles, gateway: str, *, is_mutual: bool) -> str:
+    """How to call a `maas up --tls` suite with the CLI, tritonclient and grpcurl."""
+    ca = certs.ca_cert
+    client = f", certificate_chain='{certs.client_cert}', private_key='{certs.client_key}'" if is_mutual else ""
+    curl = f" -cert {certs.client_cert} -key {certs.client_key}" if is_mutual else ""
+    env = f" MAAS_TLS_CERT={certs.client_cert} MAAS_TLS_KEY={certs.client_key}" if is_mutual else ""
+    return (
+        f"TLS{' (mutual)' if is_mutual else ''}: CA {ca}\n"
+        f"  maas:         export MAAS_TLS_CA={ca}{env}\n"
+        f"  tritonclient: InferenceServerClient('{gateway}', ssl=True, root_certificates='{ca}'{client})\n"
+        f"  grpcurl:      grpcurl -cacert {ca}{curl} {gateway} list"
+    )
+
+
 def _describe(model: ModelRecord) -> str:
     if model.deployment is None:
         return "not deployed"
     d = model.deployment
     return f"v{d.version} on pool {d.pool} (max batch {d.max_batch_size}, wait {d.max_wait_ms} ms)"
+
+
+def _read_labels(path: Path) -> tuple[str, ...]:
+    try:
+        return parse_class_labels(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise typer.BadParameter(f"not UTF-8 text: {path}", param_hint="--labels") from None
+
+
+def _labels(version: VersionRecord) -> str:
+    return f"  {len(version.class_labels)} class labels" if version.class_labels else ""
 
 
 @models_app.command("push")
@@ -190,25 +285,32 @@ def models_push(
     max_batch_size: Annotated[int | None, typer.Option(help="Deployment: largest batch.")] = None,
     max_wait_ms: Annotated[int | None, typer.Option(help="Deployment: batch fill wait.")] = None,
     pool: Annotated[str | None, typer.Option(help="Deployment: worker pool.")] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Class labels for class_count: line i names class index i."),
+    ] = None,
 ) -> None:
     """Upload FILE as a new version of model NAME (created if needed) and deploy it."""
-    data = file.read_bytes()
-
-    async def push(client: RegistryClient) -> None:
-        try:
-            await client.get_model(name)
-        except NotFound:
-            await client.create_model(name, description)
-        version = await client.upload_version(name, data)
+    class_labels = () if labels is None else _read_labels(labels)
+    with _client() as client:
+        with _upload_bar(file) as progress:
+            version = client.push(name, file, description=description, progress=progress, class_labels=class_labels)
         size, sha = version.size_bytes, version.sha256[:12]
-        out.print(f"pushed model '{name}' version {version.version} ({size} bytes, sha256 {sha})")
+        out.print(f"pushed model '{name}' version {version.version} ({size} bytes, sha256 {sha}){_labels(version)}")
         if not no_deploy:
-            dep = await client.deploy(
-                name, version.version, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, pool=pool
-            )
+            settings = _given(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, pool=pool)
+            dep = client.deploy(name, version.version, **settings)
             out.print(f"deployed '{name}' version {dep.version} on pool {dep.pool}")
 
-    _run(_with_registry(push))
+
+@contextmanager
+def _upload_bar(file: Path) -> Iterator[ProgressCallback]:
+    """Show a progress bar (on stderr) that the yielded callback drives; it may be called from any thread."""
+    columns = (TextColumn("uploading {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task(file.name, total=file.stat().st_size)
+        yield lambda sent, total: bar.update(task, completed=sent, total=total)
 
 
 @models_app.command("example")
@@ -223,7 +325,8 @@ def models_example(
 @models_app.command("ls")
 def models_ls() -> None:
     """List models and their deployments."""
-    models = _run(_with_registry(lambda c: c.list_models()))
+    with _client() as client:
+        models = client.list_models()
     table = Table("model", "latest", "deployment", "description")
     for model in models:
         table.add_row(model.name, str(model.latest_version or "-"), _describe(model), model.description)
@@ -233,22 +336,20 @@ def models_ls() -> None:
 @models_app.command("show")
 def models_show(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
     """Show a model, its versions and their signatures."""
-
-    async def show(client: RegistryClient) -> None:
-        model = await client.get_model(name)
+    with _client() as client:
+        model = client.get_model(name)
         out.print(f"[bold]{model.name}[/] {model.description}  deployment: {_describe(model)}")
-        for v in await client.list_versions(name):
+        for v in client.list_versions(name):
             sig = ", ".join(f"{t.name}:{t.datatype}{list(t.shape)}" for t in v.inputs)
             outs = ", ".join(f"{t.name}:{t.datatype}{list(t.shape)}" for t in v.outputs)
-            out.print(f"  v{v.version}  {v.size_bytes} bytes  sha256 {v.sha256[:12]}  ({sig}) -> ({outs})")
-
-    _run(_with_registry(show))
+            out.print(f"  v{v.version}  {v.size_bytes} bytes  sha256 {v.sha256[:12]}  ({sig}) -> ({outs}){_labels(v)}")
 
 
 @models_app.command("rm")
 def models_rm(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
     """Delete a model with all its versions and its deployment."""
-    _run(_with_registry(lambda c: c.delete_model(name)))
+    with _client() as client:
+        client.delete_model(name)
     out.print(f"deleted model '{name}'")
 
 
@@ -262,21 +363,18 @@ def deploy(
     max_queue_length: Annotated[int | None, typer.Option(help="Queue limit before RESOURCE_EXHAUSTED.")] = None,
 ) -> None:
     """Deploy a model version (replaces the current deployment)."""
-    dep = _run(
-        _with_registry(
-            lambda c: c.deploy(
-                name, version, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, pool=pool,
-                max_queue_length=max_queue_length,
-            )
-        )
-    )  # fmt: skip
+    settings = _given(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, pool=pool,
+                      max_queue_length=max_queue_length)  # fmt: skip
+    with _client() as client:
+        dep = client.deploy(name, version, **settings)
     out.print(f"deployed '{name}' version {dep.version} on pool {dep.pool} (max batch {dep.max_batch_size})")
 
 
 @app.command()
 def undeploy(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
     """Remove a model's deployment."""
-    _run(_with_registry(lambda c: c.undeploy(name)))
+    with _client() as client:
+        client.undeploy(name)
     out.print(f"undeployed '{name}'")
 
 
@@ -288,43 +386,149 @@ def infer(
     timeout_s: Annotated[float, typer.Option("--timeout", help="Deadline in seconds.")] = 30.0,
 ) -> None:
     """Call a model through the gateway and print its outputs as JSON."""
-    result = _run(_infer(name, version, inputs, timeout_s))
-    typer.echo(json.dumps(result))
-
-
-async def _infer(name: str, version: str, inputs: list[str], timeout_s: float) -> dict[str, Any]:
-    arrays = await asyncio.to_thread(lambda: dict(convert.parse_input(spec) for spec in inputs))
-    async with grpc.aio.insecure_channel(CliSettings().gateway) as channel:
-        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            metadata = await stub.ModelMetadata(convert.metadata_request(name, version), timeout=timeout_s)
-            request = convert.infer_request(name, version, arrays, metadata)
-            return convert.infer_result(await stub.ModelInfer(request, timeout=timeout_s))
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc, "gateway") from exc
+    with _client() as client:
+        arrays = dict(convert.parse_input(spec) for spec in inputs)
+        signature = client.model_metadata(name, version=version, timeout_s=timeout_s)
+        cast = convert.cast_inputs(name, arrays, signature)
+        result = client.infer(name, cast, version=version, timeout_s=timeout_s)
+    typer.echo(json.dumps(convert.result_json(result)))
 
 
 @app.command()
 def status() -> None:
     """Show models, deployments and whether a live worker serves each."""
     table = Table("model", "deployment", "ready")
-    for model, ready in _run(_status()):
-        table.add_row(model.name, _describe(model), "[green]yes[/]" if ready else "[red]no[/]")
+    with _client() as client:
+        for model in client.list_models():
+            ready = client.model_ready(model.name, timeout_s=5)
+            table.add_row(model.name, _describe(model), "[green]yes[/]" if ready else "[red]no[/]")
     out.print(table)
 
 
-async def _status() -> list[tuple[ModelRecord, bool]]:
-    models = await _with_registry(lambda c: c.list_models())
-    async with grpc.aio.insecure_channel(CliSettings().gateway) as channel:
-        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        rows = []
-        for model in models:
-            try:
-                ready = (await stub.ModelReady(convert.ready_request(model.name), timeout=5)).ready
-            except grpc.aio.AioRpcError as exc:
-                raise map_rpc_error(exc, "gateway") from exc
-            rows.append((model, bool(ready)))
-        return rows
+# `maas redis acl`: the Redis users of the service roles (services/common/redis_acl.py).
+redis_app = typer.Typer(help="Redis users (ACL) of the services.", no_args_is_help=True)
+app.add_typer(redis_app, name="redis")
+
+
+@redis_app.command("acl")
+def redis_acl_rules(
+    output_format: Annotated[
+        str, typer.Option("--format", help="file: users.acl lines; commands: ACL SETUSER commands (redis-cli).")
+    ] = "file",
+    passwords: Annotated[
+        Path, typer.Option(help="user=password lines; created with new random passwords (mode 0600) if missing.")
+    ] = Path("redis-passwords.env"),
+) -> None:
+    """Print the Redis users of the gateway, worker, registry and monitor roles (passwords hashed)."""
+    from services.common import redis_acl
+
+    if output_format not in ("file", "commands"):
+        err.print(f"[red]error[/red] --format: expected 'file' or 'commands', got '{output_format}'")
+        raise typer.Exit(2)
+    if not passwords.exists():
+        redis_acl.write_passwords(passwords, redis_acl.new_passwords())
+        err.print(f"wrote new passwords to {passwords} (mode 0600; 'default' is the admin's)")
+    known = redis_acl.read_passwords(passwords)
+    missing = [role for role in redis_acl.ROLES if not known.get(role)]
+    if missing:
+        err.print(f"[red]error[/red] {passwords}: no password for {', '.join(missing)} (user=password lines)")
+        raise typer.Exit(1)
+    if output_format == "file":
+        typer.echo(redis_acl.acl_file(known), nl=False)
+    else:
+        for command in redis_acl.setuser_commands(known):
+            typer.echo(" ".join(command))
+
+
+# `maas keys` and `maas tenants`: identities (admin scope; services/registry/identities.py).
+keys_app = typer.Typer(help="API keys (admin scope).", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants (admin scope).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
+
+_DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _expires_at_ms(expires_in: str | None) -> int:
+    """``30d`` (s, m, h or d) -> the Unix time in ms that far from now; None -> 0 (never)."""
+    if expires_in is None:
+        return 0
+    number, unit = expires_in[:-1], expires_in[-1:]
+    if unit not in _DURATION_UNITS_S or not number.isascii() or not number.isdigit() or int(number) == 0:
+        raise typer.BadParameter(f"expected a positive number and s, m, h or d (e.g. 30d), got '{expires_in}'")
+    return int((time.time() + int(number) * _DURATION_UNITS_S[unit]) * 1000)
+
+
+def _when(at_ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(at_ms / 1000)) + " UTC" if at_ms else "never"
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key belongs to.")],
+    name: Annotated[str, typer.Option(help="A name for people and the audit log.")],
+    scope: Annotated[list[str], typer.Option(help="infer, read, write or admin (repeat).")],
+    models: Annotated[
+        list[str] | None, typer.Option(help="Model-name glob the key may use (repeat; default '*').")
+    ] = None,
+    expires_in: Annotated[str | None, typer.Option(help="Lifetime, e.g. 12h or 30d (default: never).")] = None,
+) -> None:
+    """Create an API key and print it (shown only this once)."""
+    expires_at_ms = _expires_at_ms(expires_in)
+    with _client() as client:
+        record, key = client.create_api_key(tenant, name, scope, models=models or (), expires_at_ms=expires_at_ms)
+    scopes, patterns = ", ".join(record.scopes), ", ".join(record.models)
+    err.print(
+        f"created key '{record.name}' (id {record.id}) of tenant '{record.tenant}': scopes {scopes}; models "
+        f"{patterns}; expires {_when(record.expires_at_ms)}. Store it now: it is not shown again.",
+        soft_wrap=True,
+    )
+    typer.echo(key)
+
+
+@keys_app.command("ls")
+def keys_ls(tenant: Annotated[str, typer.Option(help="Only this tenant's keys.")] = "") -> None:
+    """List API keys (never their secrets)."""
+    with _client() as client:
+        records = client.list_api_keys(tenant)
+    table = Table("tenant", "name", "scopes", "models", "expires", "state")
+    table.add_column("id", no_wrap=True, min_width=16)  # the whole id: `maas keys revoke ID` needs it
+    for r in records:
+        state = "revoked" if r.revoked else "expired" if r.is_expired(int(time.time() * 1000)) else "active"
+        table.add_row(r.tenant, r.name, ",".join(r.scopes), ",".join(r.models), _when(r.expires_at_ms), state, r.id)
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id (see `maas keys ls`).")],
+) -> None:
+    """Revoke an API key: every gateway and registry refuses it within about a second."""
+    with _client() as client:
+        record = client.revoke_api_key(key_id)
+    out.print(f"revoked key '{record.name}' (id {record.id}) of tenant '{record.tenant}'")
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="Tenant name.")],
+    description: Annotated[str, typer.Option(help="Free text.")] = "",
+) -> None:
+    """Create a tenant."""
+    with _client() as client:
+        tenant = client.create_tenant(name, description)
+    out.print(f"created tenant '{tenant.name}'")
+
+
+@tenants_app.command("ls")
+def tenants_ls() -> None:
+    """List the tenants."""
+    with _client() as client:
+        tenants = client.list_tenants()
+    table = Table("tenant", "created", "description")
+    for tenant in tenants:
+        table.add_row(tenant.name, _when(tenant.created_at_ms), tenant.description)
+    out.print(table)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import structlog
 
+from services.common import redis_acl
 from services.common.embedded_redis import EmbeddedRedis, with_parent_death_signal
+from services.common.tls import CertificateFiles, make_certificates
+from services.registry.identities import system_tokens
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +47,53 @@ class UpOptions:
     log_level: str = "info"
     access_log_sample: float = 1.0
     shutdown_grace_s: float = 10.0
+    tls: bool = False
+    """Serve TLS everywhere, with certificates made (once) under ``<data_dir>/tls``."""
+    mtls: bool = False
+    """Also require client certificates (mutual TLS); implies ``tls``."""
+    auth: bool = True
+    """Check API keys on every service (``AuthFiles``: secret and built-in keys in ``<data_dir>/auth``)."""
+
+
+@dataclass(frozen=True)
+class AuthFiles:
+    """The auth secret and built-in keys of ``maas up``, made on first start and reused (all mode 0600)."""
+
+    directory: Path
+
+    @property
+    def secret_file(self) -> Path:
+        """The server secret the keys' HMACs are keyed with (``MAAS_AUTH_SECRET``)."""
+        return self.directory / "secret"
+
+    @property
+    def system_keys(self) -> Path:
+        """``name=key`` lines of the built-in keys (``admin``, ``gateway``, ``worker``): the registry's file."""
+        return self.directory / "system-keys.env"
+
+    @property
+    def admin_key(self) -> Path:
+        """The administrator's key alone, where the CLI looks for it (``MAAS_API_KEY_FILE``)."""
+        return self.directory / "admin.key"
+
+    @classmethod
+    def prepare(cls, directory: Path) -> AuthFiles:
+        """Create what is missing in ``directory``: a secret, the built-in keys and ``admin.key``."""
+        files = cls(directory)
+        if not files.secret_file.exists():
+            redis_acl.write_private(files.secret_file, secrets.token_urlsafe(48) + "\n")
+        if not files.system_keys.exists():
+            redis_acl.write_passwords(files.system_keys, system_tokens())
+        redis_acl.write_private(files.admin_key, files.tokens()["admin"] + "\n")
+        return files
+
+    def secret(self) -> str:
+        """Return the server secret."""
+        return self.secret_file.read_text().strip()
+
+    def tokens(self) -> dict[str, str]:
+        """Return the built-in keys by name."""
+        return redis_acl.read_passwords(self.system_keys)
 
 
 @dataclass
@@ -116,10 +167,14 @@ class Supervisor:
         self.run_dir = options.data_dir / "run"
         self.redis: EmbeddedRedis | None = None
         self.redis_url = options.redis_url or ""
+        self.role_urls: dict[str, str] = {}
+        """Each role's URL with its password (embedded Redis only; an external URL serves all)."""
         self.registry: Child | None = None
         self.gateway: Child | None = None
         self.workers: list[Child] = []
         self.registry_address = ""
+        self.certs: CertificateFiles | None = None
+        self.auth_files: AuthFiles | None = None
         self._stopping = False
 
     def _common_env(self) -> dict[str, str]:
@@ -137,10 +192,40 @@ class Supervisor:
             )
         }
 
+    def _tls_env(self, prefix: str) -> dict[str, str]:
+        """A service's TLS settings: its own certificate, also shown to the registry when it calls it."""
+        if self.certs is None:
+            return {}
+        service = prefix.removeprefix("MAAS_").lower()
+        cert, key = str(self.certs.server_cert(service)), str(self.certs.server_key(service))
+        env = {f"{prefix}_TLS_CERT_FILE": cert, f"{prefix}_TLS_KEY_FILE": key}
+        if self.options.mtls:
+            env[f"{prefix}_TLS_CLIENT_CA_FILE"] = str(self.certs.ca_cert)
+        if service != "registry":
+            env[f"{prefix}_REGISTRY_TLS_CA_FILE"] = str(self.certs.ca_cert)
+            env[f"{prefix}_REGISTRY_TLS_CERT_FILE"], env[f"{prefix}_REGISTRY_TLS_KEY_FILE"] = cert, key
+        return env
+
     def _child(self, name: str, module: str, prefix: str, extra: dict[str, str]) -> Child:
         ready = self.run_dir / f"{name}.json"
-        env = self._common_env() | {f"{prefix}_READY_FILE": str(ready)} | extra
+        env = self._common_env() | self._tls_env(prefix) | {f"{prefix}_READY_FILE": str(ready)} | extra
+        role = redis_acl.SERVICE_ROLES[prefix.removeprefix("MAAS_").lower()]
+        env["MAAS_REDIS_URL"] = self.role_urls.get(role, self.redis_url)
+        env |= self._auth_env(prefix)
         return Child(name=name, module=module, env_prefix=prefix, env=env, ready_file=ready)
+
+    def _auth_env(self, prefix: str) -> dict[str, str]:
+        """A service's auth settings: on with the secret, and its own key towards the registry."""
+        files = self.auth_files
+        if files is None:
+            return {f"{prefix}_AUTH_ENABLED": "false"}
+        env = {f"{prefix}_AUTH_ENABLED": "true", "MAAS_AUTH_SECRET": files.secret()}
+        if prefix == "MAAS_REGISTRY":
+            env["MAAS_REGISTRY_SYSTEM_KEYS_FILE"] = str(files.system_keys)
+        else:
+            role = "gateway" if prefix == "MAAS_GATEWAY" else "worker"
+            env[f"{prefix}_REGISTRY_API_KEY"] = files.tokens()[role]
+        return env
 
     def start(self) -> dict[str, object]:
         """Start Redis (unless external), the registry, the workers and the gateway.
@@ -150,9 +235,12 @@ class Supervisor:
         """
         opts = self.options
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if opts.tls or opts.mtls:
+            self.certs = make_certificates(opts.data_dir / "tls", hosts=[opts.host])
         if not opts.redis_url:
-            self.redis = EmbeddedRedis(opts.data_dir / "redis", port=opts.redis_port, host=opts.host).start()
-            self.redis_url = self.redis.url
+            self._start_redis()
+        if opts.auth:
+            self.auth_files = AuthFiles.prepare(opts.data_dir / "auth")
         self.registry = self._child(
             "registry",
             "services.registry",
@@ -175,6 +263,24 @@ class Supervisor:
             child.wait_ready(_READY_TIMEOUT_S)
         self.registry_address = registry_address
         return self._write_endpoints()
+
+    def _start_redis(self) -> None:
+        """Start the embedded Redis with one ACL user per role (fresh passwords every start).
+
+        The passwords go to ``redis/passwords.env`` (mode 0600; ``default`` is the admin's), the
+        users to ``redis/users.acl`` (hashes only); the endpoints name the read-only ``monitor``.
+        """
+        opts = self.options
+        redis_dir = opts.data_dir.resolve() / "redis"
+        passwords = redis_acl.new_passwords()
+        redis_acl.write_passwords(redis_dir / "passwords.env", passwords)
+        redis_acl.write_private(redis_dir / "users.acl", redis_acl.acl_file(passwords))
+        self.redis = EmbeddedRedis(
+            redis_dir, port=opts.redis_port, host=opts.host, aclfile=redis_dir / "users.acl",
+            password=passwords[redis_acl.ADMIN],
+        ).start()  # fmt: skip
+        self.role_urls = {role: redis_acl.role_url(self.redis.url, role, passwords[role]) for role in redis_acl.ROLES}
+        self.redis_url = self.role_urls["monitor"]
 
     def _worker(self, index: int, registry_address: str) -> Child:
         opts = self.options
@@ -200,8 +306,13 @@ class Supervisor:
             "pids": {c.name: c.process.pid for c in self._children() if c.process is not None}
             | ({"redis": self.redis.pid} if self.redis and self.redis.pid else {}),
         }
+        if self.auth_files is not None:
+            endpoints["api_key_file"] = str(self.auth_files.admin_key)
+        if self.certs is not None:
+            certs = self.certs
+            endpoints["tls"] = {"ca": str(certs.ca_cert), "cert": str(certs.client_cert), "key": str(certs.client_key)}
         tmp = self.run_dir / "endpoints.json.tmp"
-        tmp.write_text(json.dumps(endpoints, indent=2))
+        redis_acl.write_private(tmp, json.dumps(endpoints, indent=2))  # its redis_url has a password
         tmp.replace(self.run_dir / "endpoints.json")
         return endpoints
 

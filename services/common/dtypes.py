@@ -3,6 +3,9 @@
 Raw tensors are little-endian, row-major. A BYTES tensor is the concatenation of its
 elements, each preceded by its length as a 4-byte little-endian unsigned integer (the
 encoding tritonclient and Triton use).
+
+BF16 is refused everywhere with one reason (``BF16_UNSUPPORTED``): ONNX Runtime's Python API has
+no numpy type for bfloat16. BYTES reach a model as UTF-8 text only (``check_utf8``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ _BY_ORT = {dt.ort: dt for dt in DATATYPES.values()}
 _BY_ONNX = {dt.onnx: dt for dt in DATATYPES.values()}
 SUPPORTED = ", ".join(DATATYPES)
 _LENGTH = struct.Struct("<I")
+_BF16_ONNX = 16
+"""``onnx.TensorProto.BFLOAT16``."""
+BF16_UNSUPPORTED = (
+    "the workers run ONNX Runtime's Python API, which has no numpy type for bfloat16 and can neither "
+    "take nor return such tensors as arrays; use FP16 or FP32"
+)
+"""Why every BF16 tensor, in a model or a request, is refused."""
 
 
 def datatype(name: str) -> DataType:
@@ -74,6 +84,8 @@ def datatype(name: str) -> DataType:
     try:
         return DATATYPES[name]
     except KeyError:
+        if name == "BF16":
+            raise InvalidArgument(f"datatype 'BF16' is not supported: {BF16_UNSUPPORTED}") from None
         raise InvalidArgument(f"datatype '{name}' is not supported; expected one of {SUPPORTED}") from None
 
 
@@ -86,6 +98,8 @@ def from_ort(ort_type: str) -> DataType:
     try:
         return _BY_ORT[ort_type]
     except KeyError:
+        if ort_type == "tensor(bfloat16)":
+            raise InvalidArgument(f"ONNX type {ort_type} is not supported: {BF16_UNSUPPORTED}") from None
         message = f"ONNX type {ort_type} is not supported; expected tensors of {SUPPORTED}"
         raise InvalidArgument(message) from None
 
@@ -99,6 +113,10 @@ def from_onnx(elem_type: int) -> DataType:
     try:
         return _BY_ONNX[elem_type]
     except KeyError:
+        if elem_type == _BF16_ONNX:
+            raise InvalidArgument(
+                f"ONNX element type {elem_type} (bfloat16) is not supported: {BF16_UNSUPPORTED}"
+            ) from None
         raise InvalidArgument(f"ONNX element type {elem_type} is not supported") from None
 
 
@@ -181,6 +199,34 @@ def decode_bytes(raw: bytes, count: int, *, name: str) -> npt.NDArray[np.object_
     for i, (start, end) in enumerate(_bytes_spans(raw, count, name)):
         out[i] = raw[start:end]
     return out
+
+
+def check_utf8(array: npt.NDArray[np.generic], *, name: str) -> None:
+    """Check that every element of a decoded BYTES tensor is UTF-8 text: the only bytes a model can get.
+
+    ONNX Runtime's Python API builds each string-tensor element from ``str(element)`` encoded as
+    UTF-8 and decodes string outputs as UTF-8, so only UTF-8 text can reach a model and come back
+    (empty elements and embedded NULs included); other bytes are refused here, per request.
+
+    Args:
+        array: Decoded BYTES elements (``bytes``; other objects are taken as text).
+        name: The tensor's name, for error messages.
+
+    Raises:
+        InvalidArgument: An element is not UTF-8 text (the message names the input and the element).
+    """
+    for index, item in enumerate(array.reshape(-1)):
+        if not isinstance(item, bytes):
+            continue
+        try:
+            item.decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(
+                f"input '{name}': BYTES element {index} is not UTF-8 text "
+                f"(byte {exc.start} is {item[exc.start]:#04x}); "
+                "ONNX Runtime's Python API passes string tensors as UTF-8 text only, so arbitrary bytes cannot "
+                "reach the model: encode them (e.g. base64) or send them as a UINT8 tensor"
+            ) from None
 
 
 def encode_raw(array: npt.NDArray[np.generic]) -> bytes:

@@ -69,13 +69,20 @@ class EmbeddedRedis:
     """A ``redis-server`` child process bound to loopback, with AOF in ``data_dir``.
 
     ``stop()`` (or ``kill()``) then ``start()`` restarts it on the same port and directory.
+    With ``aclfile`` (``services.common.redis_acl.acl_file``) its users come from that file, and
+    ``password`` is the default user's, used to check that the server is up.
     """
 
-    def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1", persistence: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1", persistence: bool = True,
+        aclfile: Path | None = None, password: str | None = None,
+    ) -> None:  # fmt: skip
         self.data_dir = data_dir
         self.host = host
         self.requested_port = port
         self.persistence = persistence
+        self.aclfile = aclfile
+        self.password = password
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -115,12 +122,13 @@ class EmbeddedRedis:
             binary, "--port", str(self.port), "--bind", self.host, "--dir", str(self.data_dir),
             *aof, "--save", "",
             "--daemonize", "no", "--logfile", "redis.log", "--protected-mode", "yes",
+            *(["--aclfile", str(self.aclfile)] if self.aclfile else []),
         ]  # fmt: skip
         self._process = subprocess.Popen(
             with_parent_death_signal(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + _START_TIMEOUT_S
-        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5)
         try:
             while time.monotonic() < deadline:
                 if self._process.poll() is not None:

@@ -10,7 +10,9 @@
     ├── Unavailable (UNAVAILABLE)
     ├── ResourceExhausted (RESOURCE_EXHAUSTED)
     ├── DeadlineExceeded (DEADLINE_EXCEEDED)
-    └── Unimplemented (UNIMPLEMENTED)
+    ├── Unimplemented (UNIMPLEMENTED)
+    ├── Unauthenticated (UNAUTHENTICATED)
+    └── PermissionDenied (PERMISSION_DENIED)
 
 Messages are shown to clients as they are: never put secrets or internals in them.
 ``ErrorInterceptor`` (interceptors.py) is the only place that turns these into statuses.
@@ -79,6 +81,18 @@ class Unimplemented(MaasError):
     grpc_code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(MaasError):
+    """No API key, or one that is unknown, revoked or expired (one message for every reason)."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MaasError):
+    """A valid API key lacks the scope, or the model pattern, that the call needs."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MaasError]] = {
     cls.grpc_code: cls
     for cls in (
@@ -91,6 +105,8 @@ _BY_CODE: dict[grpc.StatusCode, type[MaasError]] = {
         ResourceExhausted,
         DeadlineExceeded,
         Unimplemented,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 

@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 
 from services.common.interceptors import ErrorInterceptor, RequestContextInterceptor
 from services.common.settings import ServiceSettings
+from services.common.tls import server_credentials
 
 log = structlog.get_logger(__name__)
 
@@ -49,18 +50,30 @@ def create_grpc_server(
     settings: ServiceSettings,
     service_names: Sequence[str],
     add_servicers: Callable[[grpc.aio.Server], None],
+    auth: grpc.aio.ServerInterceptor | None = None,
 ) -> GrpcServer:
     """Build a ``grpc.aio`` server with MaaS interceptors, health and reflection, and bind it.
 
     Args:
-        settings: Host and port to bind (port 0 picks a free one).
+        settings: Host and port to bind (port 0 picks a free one); TLS (mutual TLS) when its
+            ``tls_*`` files are set, see ``services.common.tls``.
         service_names: Full names of the services ``add_servicers`` registers.
         add_servicers: Registers the service's servicers on the server.
+        auth: The API key check (``services.common.auth.AuthInterceptor``), run inside the error
+            mapper's scope; None serves without keys.
 
     Returns:
         The server (not started) with its health servicer and the bound port.
+
+    Raises:
+        TlsConfigError: The TLS settings are incomplete or name a file that cannot be read.
     """
-    interceptors = [RequestContextInterceptor(settings.access_log_sample), ErrorInterceptor()]
+    credentials = server_credentials(settings)  # first: bad TLS settings fail before anything is built
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        RequestContextInterceptor(settings.access_log_sample),
+        ErrorInterceptor(),
+        *([auth] if auth is not None else []),
+    ]
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -72,7 +85,8 @@ def create_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     return GrpcServer(server=server, health=health, port=port, service_names=list(service_names))
 
 

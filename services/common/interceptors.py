@@ -122,7 +122,7 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException 
     return "UNKNOWN"
 
 
-class _HandlerCache:
+class HandlerCache:
     """Wrapped handlers by method: built once, not on every call (the inner handler is stable)."""
 
     def __init__(self, wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]) -> None:
@@ -130,6 +130,7 @@ class _HandlerCache:
         self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def get(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """Return ``handler`` wrapped (built on the first call for ``method``)."""
         cached = self._handlers.get(method)
         if cached is None or cached[0] is not handler:
             cached = self._handlers[method] = (handler, self._wrap(handler, method))
@@ -146,7 +147,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, access_log_sample: float = 1.0) -> None:
         self._sample = access_log_sample
-        self._cache = _HandlerCache(self._wrap)
+        self._cache = HandlerCache(self._wrap)
 
     async def intercept_service(
         self,
@@ -192,7 +193,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Abort with the taxonomy's code and message; anything else is INTERNAL, logged once."""
 
     def __init__(self) -> None:
-        self._cache = _HandlerCache(lambda handler, _rpc: _wrap_handler(handler, _ErrorScope, checks_decoding=True))
+        self._cache = HandlerCache(lambda handler, _rpc: _wrap_handler(handler, _ErrorScope, checks_decoding=True))
 
     async def intercept_service(
         self,

@@ -18,6 +18,20 @@ QUEUE_GROUP = "workers"
 """Consumer group every inference worker of a queue reads through."""
 WORKER_PREFIX = f"{PREFIX}worker:"
 """Prefix of worker heartbeat keys."""
+MODEL_PREFIX = f"{PREFIX}model:"
+"""Prefix of each model's hashes (``model``, ``versions``)."""
+QUEUE_PREFIX = f"{PREFIX}queue:"
+"""Prefix of the request streams (``queue``)."""
+DEAD_LETTER_PREFIX = f"{PREFIX}dlq:"
+"""Prefix of the dead-letter streams (``dead_letter``)."""
+STATS_PREFIX = f"{PREFIX}stats:"
+"""Prefix of the statistics hashes (``stats``)."""
+REPLIES_PREFIX = f"{PREFIX}replies:"
+"""Prefix of the gateways' reply streams (``replies``)."""
+TENANTS = f"{PREFIX}tenants"
+"""Hash: tenant name -> tenant JSON (``services.registry.identities``)."""
+API_KEYS = f"{PREFIX}apikeys"
+"""Hash: API key id -> key record JSON (``services.common.auth``: its secret only as an HMAC)."""
 
 
 def model(name: str) -> str:
@@ -38,6 +52,11 @@ def queue(name: str, version: int) -> str:
 def dead_letter(name: str, version: int) -> str:
     """Dead-letter stream of one model version (poison requests)."""
     return f"{PREFIX}dlq:{name}:{version}"
+
+
+def stats(name: str, version: int) -> str:
+    """Hash of one model version's cluster-wide inference statistics (``services.common.stats``)."""
+    return f"{PREFIX}stats:{name}:{version}"
 
 
 def replies(gateway_id: str) -> str:

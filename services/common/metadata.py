@@ -22,6 +22,11 @@ DEFAULT_MAX_WAIT_MS = 0
 DEFAULT_POOL = "default"
 DEFAULT_MAX_QUEUE_LENGTH = 1000
 
+MAX_CLASS_LABELS = 100_000
+"""Most class labels a version may carry."""
+MAX_CLASS_LABEL_BYTES = 1024 * 1024
+"""Most UTF-8 bytes the class labels of a version may hold in all."""
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -49,6 +54,8 @@ class VersionRecord:
     outputs: tuple[TensorSpec, ...]
     created_at_ms: int
     platform: str = PLATFORM
+    class_labels: tuple[str, ...] = ()
+    """Labels of the classification extension: ``class_labels[i]`` names class index i."""
 
     @property
     def is_batchable(self) -> bool:
@@ -65,7 +72,20 @@ class VersionRecord:
         data: dict[str, Any] = json.loads(raw)
         data["inputs"] = tuple(_spec(t) for t in data["inputs"])
         data["outputs"] = tuple(_spec(t) for t in data["outputs"])
+        data["class_labels"] = tuple(data.get("class_labels", ()))
         return cls(**data)
+
+
+def parse_class_labels(text: str) -> tuple[str, ...]:
+    """Split a labels file into class labels: line i (from 0) is the label of class index i.
+
+    Lines end with a line feed (a carriage return before it is dropped); a final line feed adds
+    no label, and an empty line is a class without a label.
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return tuple(line.removesuffix("\r") for line in lines)
 
 
 def _spec(data: dict[str, Any]) -> TensorSpec:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.auth import ApiKeyRecord, TenantRecord
 from services.common.errors import InvalidArgument, map_rpc_error
 from services.common.grpc_server import MAX_MESSAGE_BYTES
 from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
@@ -24,6 +25,38 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+CallMetadata: TypeAlias = Sequence[tuple[str, str]]
+MetadataSource: TypeAlias = CallMetadata | Callable[[], CallMetadata]
+"""Metadata sent with every call: fixed pairs, or a hook called before each call (e.g. a fresh token)."""
+_GrpcMetadata: TypeAlias = tuple[tuple[str, str], ...] | None
+ProgressCallback: TypeAlias = Callable[[int, int], None]
+"""Called as ``progress(sent_bytes, total_bytes)`` after each uploaded chunk."""
+
+
+def create_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """Open a ``grpc.aio`` channel with MaaS's message size limits (TLS when ``credentials`` are given)."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+
+
+def resolve_metadata(source: MetadataSource) -> _GrpcMetadata:
+    """Return the metadata to send with the next call (the hook's answer, if ``source`` is one)."""
+    return tuple(source() if callable(source) else source) or None
+
+
+async def call_upstream(
+    method: Callable[..., Awaitable[_T]], request: Any, *, upstream: str, timeout_s: float, metadata: _GrpcMetadata
+) -> _T:
+    """Await one unary call, raising its failure as a taxonomy error.
+
+    Raises:
+        MaasError: The subclass matching the call's status code (see ``map_rpc_error``).
+    """
+    try:
+        return await method(request, timeout=timeout_s, metadata=metadata)
+    except grpc.aio.AioRpcError as exc:
+        raise map_rpc_error(exc, upstream) from exc
 
 
 def _spec(msg: registry_pb2.TensorSpec) -> TensorSpec:
@@ -41,6 +74,7 @@ def version_from_proto(msg: registry_pb2.Version) -> VersionRecord:
         outputs=tuple(_spec(t) for t in msg.outputs),
         created_at_ms=msg.created_at_ms,
         platform=msg.platform,
+        class_labels=tuple(msg.class_labels),
     )
 
 
@@ -68,13 +102,40 @@ def model_from_proto(msg: registry_pb2.Model) -> ModelRecord:
     )
 
 
+def tenant_from_proto(msg: registry_pb2.Tenant) -> TenantRecord:
+    """Convert a ``Tenant`` message into a domain record."""
+    return TenantRecord(name=msg.name, description=msg.description, created_at_ms=msg.created_at_ms)
+
+
+def api_key_from_proto(msg: registry_pb2.ApiKey) -> ApiKeyRecord:
+    """Convert an ``ApiKey`` message into a domain record (it carries no secret)."""
+    return ApiKeyRecord(
+        id=msg.id,
+        tenant=msg.tenant,
+        name=msg.name,
+        scopes=tuple(msg.scopes),
+        models=tuple(msg.models),
+        created_at_ms=msg.created_at_ms,
+        expires_at_ms=msg.expires_at_ms,
+        revoked=msg.revoked,
+    )
+
+
 class RegistryClient:
     """A ``grpc.aio`` channel to the registry with a timeout on every call."""
 
-    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: MetadataSource = (),
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._metadata_source = metadata
+        self._channel = create_channel(address, credentials)
         self._stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
 
     async def close(self) -> None:
@@ -82,10 +143,8 @@ class RegistryClient:
         await self._channel.close()
 
     async def _call(self, method: Callable[..., Awaitable[_T]], request: Any) -> _T:
-        try:
-            return await method(request, timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc, "registry") from exc
+        metadata = resolve_metadata(self._metadata_source)
+        return await call_upstream(method, request, upstream="registry", timeout_s=self.timeout_s, metadata=metadata)
 
     async def create_model(self, name: str, description: str = "") -> ModelRecord:
         """Create a model (AlreadyExists if taken)."""
@@ -146,19 +205,74 @@ class RegistryClient:
         reply = await self._call(self._stub.ListDeployments, registry_pb2.ListDeploymentsRequest(pool=pool))
         return [deployment_from_proto(d) for d in reply.deployments]
 
-    async def upload_version(self, model: str, data: bytes) -> VersionRecord:
-        """Upload ``data`` as a new version of ``model`` in chunks, with its sha256 and size."""
+    async def create_tenant(self, name: str, description: str = "") -> TenantRecord:
+        """Create a tenant (admin scope; AlreadyExists if taken)."""
+        req = registry_pb2.CreateTenantRequest(name=name, description=description)
+        return tenant_from_proto((await self._call(self._stub.CreateTenant, req)).tenant)
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        """List the tenants (admin scope)."""
+        reply = await self._call(self._stub.ListTenants, registry_pb2.ListTenantsRequest())
+        return [tenant_from_proto(t) for t in reply.tenants]
+
+    async def create_api_key(
+        self, tenant: str, name: str, scopes: Sequence[str], models: Sequence[str] = (), expires_at_ms: int = 0
+    ) -> tuple[ApiKeyRecord, str]:
+        """Create an API key (admin scope); return its record and the key, shown only this once."""
+        req = registry_pb2.CreateApiKeyRequest(
+            tenant=tenant, name=name, scopes=list(scopes), models=list(models), expires_at_ms=expires_at_ms
+        )
+        reply = await self._call(self._stub.CreateApiKey, req)
+        return api_key_from_proto(reply.api_key), reply.key
+
+    async def list_api_keys(self, tenant: str = "") -> list[ApiKeyRecord]:
+        """List API keys, of one tenant if ``tenant`` is given (admin scope; never their secrets)."""
+        reply = await self._call(self._stub.ListApiKeys, registry_pb2.ListApiKeysRequest(tenant=tenant))
+        return [api_key_from_proto(k) for k in reply.api_keys]
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyRecord:
+        """Revoke an API key by id (admin scope)."""
+        reply = await self._call(self._stub.RevokeApiKey, registry_pb2.RevokeApiKeyRequest(id=key_id))
+        return api_key_from_proto(reply.api_key)
+
+    async def upload_version(
+        self,
+        model: str,
+        data: bytes | Path,
+        *,
+        progress: ProgressCallback | None = None,
+        class_labels: Sequence[str] = (),
+    ) -> VersionRecord:
+        """Upload ``data`` as a new version of ``model`` in chunks, with its sha256 and size.
+
+        Args:
+            model: The model, which must exist.
+            data: The artifact, or the path of a file read chunk by chunk (never whole in memory).
+            progress: Called as ``progress(sent_bytes, total_bytes)`` as chunks are sent; the last call
+                has ``sent_bytes == total_bytes`` unless the registry refuses the upload first.
+            class_labels: Labels of the classification extension, by class index (``class_count``).
+
+        Returns:
+            The stored version.
+        """
+        sha256, size = await asyncio.to_thread(_digest, data)
         header = registry_pb2.UploadVersionHeader(
-            model=model, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+            model=model, sha256=sha256, size_bytes=size, class_labels=list(class_labels)
         )
 
         async def requests() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
             yield registry_pb2.UploadVersionRequest(header=header)
-            for offset in range(0, len(data), UPLOAD_CHUNK_BYTES):
-                yield registry_pb2.UploadVersionRequest(chunk=data[offset : offset + UPLOAD_CHUNK_BYTES])
+            sent = 0
+            async for chunk in _chunks(data):
+                yield registry_pb2.UploadVersionRequest(chunk=chunk)
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent, size)
 
         try:
-            reply = await self._stub.UploadVersion(requests(), timeout=max(self.timeout_s, 300.0))
+            reply = await self._stub.UploadVersion(
+                requests(), timeout=max(self.timeout_s, 300.0), metadata=resolve_metadata(self._metadata_source)
+            )
         except grpc.aio.AioRpcError as exc:
             raise map_rpc_error(exc, "registry") from exc
         return version_from_proto(reply.version)
@@ -174,7 +288,10 @@ class RegistryClient:
         digest = hashlib.sha256()
         chunks: list[bytes] = []
         try:
-            async for part in self._stub.DownloadVersion(req, timeout=max(self.timeout_s, 300.0)):
+            parts = self._stub.DownloadVersion(
+                req, timeout=max(self.timeout_s, 300.0), metadata=resolve_metadata(self._metadata_source)
+            )
+            async for part in parts:
                 if part.HasField("version"):
                     record = version_from_proto(part.version)
                 else:
@@ -187,6 +304,30 @@ class RegistryClient:
             raise InvalidArgument(message)
         await asyncio.get_running_loop().run_in_executor(None, _write_atomic, dest, b"".join(chunks))
         return record
+
+
+def _digest(data: bytes | Path) -> tuple[str, int]:
+    if isinstance(data, bytes):
+        return hashlib.sha256(data).hexdigest(), len(data)
+    digest, size = hashlib.sha256(), 0
+    with data.open("rb") as file:
+        while chunk := file.read(UPLOAD_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+async def _chunks(data: bytes | Path) -> AsyncIterator[bytes]:
+    if isinstance(data, bytes):
+        for offset in range(0, len(data), UPLOAD_CHUNK_BYTES):
+            yield data[offset : offset + UPLOAD_CHUNK_BYTES]
+        return
+    file = await asyncio.to_thread(data.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(file.read, UPLOAD_CHUNK_BYTES):
+            yield chunk
+    finally:
+        file.close()
 
 
 def _write_atomic(dest: Path, data: bytes) -> None:

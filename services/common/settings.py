@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,7 +32,31 @@ class ServiceSettings(BaseSettings):
     """Fraction of successful RPCs that log their ``rpc_finished`` line (failed ones always do)."""
     shutdown_grace_s: float = 10.0
     """How long in-flight RPCs may run after SIGTERM before they are cancelled."""
+    auth_enabled: bool = False
+    """Check an API key on every RPC but health (and reflection, see ``auth_reflection_open``).
+
+    Off by default in the class because tests and embedding code build services without a
+    secret; both supported launchers turn it on: ``maas up`` (unless ``--no-auth``) and the
+    manifests in deploy/. A server with it off logs an ``auth_disabled`` warning at start."""
+    auth_secret: SecretStr | None = Field(default=None, validation_alias="maas_auth_secret")
+    """Server secret the API keys' HMAC-SHA256 is keyed with; the same on every service (env
+    ``MAAS_AUTH_SECRET``), at least 32 characters. Required when ``auth_enabled``."""
+    auth_cache_ttl_s: float = Field(default=5.0, gt=0, le=60)
+    """How long a verified key is trusted without reading it again (revocations reach every
+    replica through registry events within a second, sooner than this)."""
+    auth_reflection_open: bool = True
+    """Serve server reflection without a key (grpcurl's ``list``); False checks it like any RPC."""
+    auth_failures_burst: int = Field(default=20, ge=1)
+    """Failed authentications one peer address may make in a burst before it is refused for a while."""
+    auth_failures_per_s: float = Field(default=1.0, gt=0)
+    """Rate at which a peer address earns back failed authentications."""
     metrics_port: int | None = None
     """Port of the Prometheus metrics HTTP endpoint; 0 picks a free one, unset disables it."""
     ready_file: Path | None = None
     """If set, a JSON file with the bound ports, written once the server is SERVING."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain; with ``tls_key_file`` the server serves TLS only (read at start)."""
+    tls_key_file: Path | None = None
+    """PEM private key of ``tls_cert_file`` (never logged)."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA(s) of client certificates; when set, clients must present one (mutual TLS)."""

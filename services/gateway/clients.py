@@ -48,7 +48,8 @@ def parse_version(model: str, version: str) -> int:
     """
     if version == "":
         return 0
-    if not version.isdigit() or int(version) < 1:
+    # NOTE: isdigit() alone takes superscripts (int() refuses them) and any length (the registry's int64 does not).
+    if not (version.isascii() and version.isdigit()) or not 1 <= int(version) < 2**63:
         raise InvalidArgument(f"model_version for model '{model}' must be a positive integer, got '{version}'")
     return int(version)
 

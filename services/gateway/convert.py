@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 
@@ -11,12 +11,14 @@ from inference import model_config_pb2 as mc
 from services.common import dtypes
 from services.common.errors import InvalidArgument
 from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
+from services.common.stats import Duration, VersionStats
+from services.gateway import shm
 from services.gateway.overrides import DeployOverrides, parse_load_config
-from services.gateway.router import InferCall, InputView, ModelStats
+from services.gateway.router import CLASSIFICATION, InferCall, InputView
 
 SERVER_NAME = "maas"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "system_shared_memory")
 
 
 def _content_count(tensor: pb.ModelInferRequest.InferInputTensor) -> int | None:
@@ -44,6 +46,17 @@ def _input_view(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
     )
 
 
+def _class_counts(
+    outputs: Iterable[pb.ModelInferRequest.InferRequestedOutputTensor],
+) -> tuple[tuple[str, str | None, int], ...]:
+    counts = []
+    for output in outputs:
+        if CLASSIFICATION in output.parameters:
+            parameter = output.parameters[CLASSIFICATION]
+            counts.append((output.name, parameter.WhichOneof("parameter_choice"), parameter.int64_param))
+    return tuple(counts)
+
+
 def request_size(request: pb.ModelInferRequest) -> int:
     """Bytes of the serialized request (computed, not serialized: no copy of the tensors)."""
     return int(request.ByteSize())
@@ -61,6 +74,7 @@ def infer_call(request: pb.ModelInferRequest) -> InferCall:
         payload=request.SerializeToString(),
         parameters=tuple(request.parameters),
         output_parameters=tuple((output.name, name) for output in request.outputs for name in output.parameters),
+        class_counts=_class_counts(request.outputs),
     )
 
 
@@ -109,6 +123,95 @@ def stream_response(
     failed = pb.ModelInferResponse(id=request.id, model_name=request.model_name, model_version=request.model_version)
     failed.parameters["error_code"].string_param = code.name
     return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+
+
+def _parameter_values(parameters: Mapping[str, pb.InferParameter]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for name, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        values[name] = getattr(parameter, choice) if choice else None
+    return values
+
+
+_NO_SHARED_MEMORY = shm.ShmUse()
+
+
+def shared_memory_use(request: pb.ModelInferRequest) -> shm.ShmUse:
+    """The shared memory regions a request's inputs and requested outputs name in their parameters.
+
+    Raises:
+        InvalidArgument: A shared memory parameter that is malformed or incomplete.
+    """
+    if not any(t.parameters for t in request.inputs) and not any(o.parameters for o in request.outputs):
+        return _NO_SHARED_MEMORY
+    inputs = tuple(shm.parse_ref("input", t.name, _parameter_values(t.parameters)) for t in request.inputs)
+    outputs = (shm.parse_ref("output", o.name, _parameter_values(o.parameters)) for o in request.outputs)
+    return shm.ShmUse(inputs, tuple(ref for ref in outputs if ref is not None))
+
+
+def put_shared_memory_inputs(request: pb.ModelInferRequest, data: Sequence[bytes | None]) -> None:
+    """Turn ``request`` into one that carries its tensors itself, without shared memory parameters.
+
+    The inputs read from shared memory (``data``, per input; None for those in the request) join
+    raw_input_contents, which then holds one entry per input.
+
+    Raises:
+        InvalidArgument: An input in shared memory with ``contents`` too; raw_input_contents not one
+            entry per input outside shared memory; inputs sent as typed ``contents`` beside inputs
+            in shared memory (raw_input_contents must then hold them all).
+    """
+    if any(item is not None for item in data):
+        raw = list(request.raw_input_contents)
+        outside = sum(item is None for item in data)
+        if raw and len(raw) != outside:
+            raise InvalidArgument(
+                f"raw_input_contents has {len(raw)} entries, expected one per input not in shared memory ({outside})"
+            )
+        given = iter(raw)
+        merged: list[bytes] = []
+        for tensor, item in zip(request.inputs, data, strict=True):
+            if item is not None and _has_contents(tensor):
+                raise InvalidArgument(
+                    f"input '{tensor.name}': contents are set, but its data is in shared memory; send one of them"
+                )
+            if item is None and not raw:
+                raise InvalidArgument(
+                    f"input '{tensor.name}': send it in raw_input_contents (not contents) or in shared memory: "
+                    "a request with inputs in shared memory carries the others raw"
+                )
+            merged.append(item if item is not None else next(given))
+        del request.raw_input_contents[:]
+        request.raw_input_contents.extend(merged)
+    for tensor in (*request.inputs, *request.outputs):
+        for name in shm.PARAMETERS:
+            if name in tensor.parameters:
+                del tensor.parameters[name]
+
+
+def take_shared_memory_outputs(response: pb.ModelInferResponse, use: shm.ShmUse) -> dict[str, bytes]:
+    """Take the bytes of the outputs to write into shared memory out of ``response``.
+
+    Their raw_output_contents entries stay, empty (as in Triton's response), so the others keep their index.
+    """
+    names = {ref.tensor for ref in use.outputs}
+    taken: dict[str, bytes] = {}
+    for index, output in enumerate(response.outputs):
+        if output.name in names and index < len(response.raw_output_contents):
+            taken[output.name] = response.raw_output_contents[index]
+            response.raw_output_contents[index] = b""
+    return taken
+
+
+def shared_memory_status(regions: Iterable[shm.RegionStatus]) -> pb.SystemSharedMemoryStatusResponse:
+    """Describe registered system shared memory regions."""
+    response = pb.SystemSharedMemoryStatusResponse()
+    for region in regions:
+        response.regions[region.name].CopyFrom(
+            pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+            )
+        )
+    return response
 
 
 def _tensor_metadata(specs: Iterable[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -168,21 +271,37 @@ def model_config(
     return pb.ModelConfigResponse(config=config)
 
 
-def model_statistics(stats: dict[tuple[str, int], ModelStats]) -> pb.ModelStatisticsResponse:
-    """Report this gateway's cumulative statistics."""
+def _duration(target: pb.StatisticDuration, duration: Duration) -> None:
+    target.count = duration.count
+    target.ns = duration.ns
+
+
+def model_statistics(stats: Iterable[VersionStats]) -> pb.ModelStatisticsResponse:
+    """Report cluster-wide cumulative statistics (Triton's statistics extension), sorted by model and version."""
     response = pb.ModelStatisticsResponse()
-    for (name, version), item in sorted(stats.items()):
+    for item in sorted(stats, key=lambda item: (item.model, item.version)):
         entry = response.model_stats.add(
-            name=name,
-            version=str(version),
+            name=item.model,
+            version=str(item.version),
             last_inference=item.last_inference_ms,
-            inference_count=item.success,
-            execution_count=item.success,
+            inference_count=item.inference_count,
+            execution_count=item.execution_count,
         )
-        entry.inference_stats.success.count = item.success
-        entry.inference_stats.success.ns = item.success_ns
-        entry.inference_stats.fail.count = item.fail
-        entry.inference_stats.fail.ns = item.fail_ns
+        inference = entry.inference_stats
+        for target, duration in [
+            (inference.success, item.success),
+            (inference.fail, item.fail),
+            (inference.queue, item.queue),
+            (inference.compute_input, item.compute_input),
+            (inference.compute_infer, item.compute_infer),
+            (inference.compute_output, item.compute_output),
+        ]:
+            _duration(target, duration)
+        for batch in item.batches:
+            added = entry.batch_stats.add(batch_size=batch.batch_size)
+            _duration(added.compute_input, Duration(batch.count, batch.compute_input_ns))
+            _duration(added.compute_infer, Duration(batch.count, batch.compute_infer_ns))
+            _duration(added.compute_output, Duration(batch.count, batch.compute_output_ns))
     return response
 
 

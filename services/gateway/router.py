@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common import dtypes
+from services.common import auth, dtypes
 from services.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -27,6 +27,7 @@ from services.common.errors import (
 )
 from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
 from services.common.queue import QueuedRequest, now_ms
+from services.common.stats import CallStats, VersionStats
 from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog, Target, parse_version
 from services.gateway.overrides import DeployOverrides
@@ -77,17 +78,8 @@ class InferCall:
     """Names of the request's ``parameters``."""
     output_parameters: tuple[tuple[str, str], ...] = ()
     """(output name, parameter name) of every requested output's ``parameters``."""
-
-
-@dataclass
-class ModelStats:
-    """Cumulative call statistics of one model version in this gateway."""
-
-    success: int = 0
-    success_ns: int = 0
-    fail: int = 0
-    fail_ns: int = 0
-    last_inference_ms: int = 0
+    class_counts: tuple[tuple[str, str | None, int], ...] = ()
+    """(output name, value kind, int64 value) of each requested output's ``classification`` parameter."""
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
@@ -137,6 +129,8 @@ def _check_data(view: InputView, dt: dtypes.DataType) -> None:
 
 
 _SEQUENCE_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end"})
+CLASSIFICATION = "classification"
+"""The requested-output parameter of Triton's classification extension (tritonclient's class_count)."""
 
 
 def _unsupported(where: str, name: str) -> InvalidArgument:
@@ -144,8 +138,6 @@ def _unsupported(where: str, name: str) -> InvalidArgument:
         why = "MaaS serves stateless models only (no sequence batching)"
     elif name.startswith("shared_memory"):
         why = "shared memory is not supported; send tensors in the request"
-    elif name == "classification":
-        why = "class_count (Triton's classification extension) is not supported yet"
     else:
         why = "MaaS does not implement it; remove it"
     return InvalidArgument(f"{where}parameter '{name}' is not supported: {why}")
@@ -160,7 +152,25 @@ def _check_parameters(call: InferCall) -> None:
         for name in view.parameters:
             raise _unsupported(f"input '{view.name}': ", name)
     for output, name in call.output_parameters:
-        raise _unsupported(f"output '{output}': ", name)
+        if name != CLASSIFICATION:
+            raise _unsupported(f"output '{output}': ", name)
+
+
+def _check_class_counts(call: InferCall, version: VersionRecord) -> None:
+    """Check Triton's classification extension: ``class_count`` is an int64 >= 1 on a numeric output."""
+    datatypes = {spec.name: spec.datatype for spec in version.outputs}
+    for output, kind, value in call.class_counts:
+        if kind != "int64_param":
+            raise InvalidArgument(
+                f"output '{output}': parameter '{CLASSIFICATION}' (class_count) must be an int64_param, "
+                f"got {kind or 'no value'}"
+            )
+        if value < 1:
+            raise InvalidArgument(
+                f"output '{output}': parameter '{CLASSIFICATION}' (class_count) must be >= 1, got {value}"
+            )
+        if datatypes[output] in ("BOOL", "BYTES"):
+            raise InvalidArgument(f"output '{output}': class_count needs a numeric output, not {datatypes[output]}")
 
 
 def _check_batch(call: InferCall, version: VersionRecord, max_batch_size: int) -> None:
@@ -175,7 +185,10 @@ def _check_batch(call: InferCall, version: VersionRecord, max_batch_size: int) -
 
 
 def _check_input(view: InputView, spec: TensorSpec) -> None:
-    dt = dtypes.datatype(view.datatype)
+    try:
+        dt = dtypes.datatype(view.datatype)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"input '{view.name}': {exc.message}") from None
     if view.datatype != spec.datatype:
         raise InvalidArgument(
             f"input '{view.name}': datatype {view.datatype} does not match the model, expected {spec.datatype}"
@@ -214,6 +227,7 @@ def validate(call: InferCall, version: VersionRecord, max_batch_size: int = 0) -
     for name in call.outputs:
         if name not in outputs:
             raise InvalidArgument(f"unknown output '{name}': model '{call.model}' has {_names(version.outputs)}")
+    _check_class_counts(call, version)
     _check_batch(call, version, max_batch_size)
 
 
@@ -230,6 +244,7 @@ class Router:
         default_timeout_s: float,
         max_request_tensor_bytes: int,
         max_message_bytes: int,
+        stats: CallStats,
     ) -> None:
         self._redis = redis
         self._catalog = catalog
@@ -242,7 +257,7 @@ class Router:
         self._call_ids = itertools.count(1)
         """Call ids need only be unique on this process's own reply stream."""
         self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self.stats: dict[tuple[str, int], ModelStats] = {}
+        self._stats = stats
 
     async def server_ready(self) -> bool:
         """Whether this gateway can take calls: Redis answers."""
@@ -268,26 +283,28 @@ class Router:
         model, record = await self._catalog.metadata_version(name, version)
         return record, model.deployment
 
-    async def model_statistics(self, name: str, version: str) -> dict[tuple[str, int], ModelStats]:
-        """Return this gateway's statistics, of one model (and version) if ``name`` is given.
+    async def model_statistics(self, name: str, version: str) -> list[VersionStats]:
+        """Return the cluster-wide statistics of every model, or of one model (and version) if ``name`` is given.
+
+        Versions that nothing was counted for are left out.
 
         Raises:
             NotFound: The model, or that version of it, does not exist.
+            Unavailable: Redis cannot be reached.
         """
         number = parse_version(name, version) if name else 0
-        if name:
-            await self._catalog.model(name)
         if number:
             await self._catalog.version(name, number)
-        return {
-            key: stats
-            for key, stats in self.stats.items()
-            if (not name or key[0] == name) and (number == 0 or key[1] == number)
-        }
+            return await self._stats.read([(name, number)])
+        models = [await self._catalog.model(name)] if name else await self.repository_index()
+        # NOTE: version numbers are never reused and run 1..latest_version (failed uploads leave gaps).
+        return await self._stats.read(
+            (model.name, number) for model in models for number in range(1, model.latest_version + 1)
+        )
 
     async def repository_index(self) -> list[ModelRecord]:
-        """List the registry's models."""
-        return await self._catalog.list_models()
+        """List the registry's models that the calling key may use."""
+        return auth.visible(await self._catalog.list_models(), lambda model: model.name)
 
     async def load(self, name: str, overrides: DeployOverrides) -> None:
         """Deploy a model's latest version unless it is deployed already, with ``overrides`` applied."""
@@ -372,14 +389,7 @@ class Router:
         return DeadlineExceeded(f"no reply from a worker within {timeout_s:g} s{hint}")
 
     def _record(self, target: Target, code: str, duration_ns: int) -> None:
-        stats = self.stats.setdefault((target.model.name, target.version.version), ModelStats())
-        if code == "OK":
-            stats.success += 1
-            stats.success_ns += duration_ns
-        else:
-            stats.fail += 1
-            stats.fail_ns += duration_ns
-        stats.last_inference_ms = now_ms()
+        self._stats.record(target.model.name, target.version.version, code == "OK", duration_ns)
         counter, latency = self._model_metrics(target.model.name, code)
         counter.inc()
         latency.observe(duration_ns / 1e9)

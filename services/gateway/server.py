@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -11,15 +11,19 @@ import structlog
 
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from services.common import keys
+from services.common.auth import INFERENCE_RULES, ServerAuth, bearer, create_server_auth
 from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal
 from services.common.redis_conn import create_redis
 from services.common.registry_client import RegistryClient
+from services.common.stats import CallStats
+from services.common.tls import registry_channel_credentials
 from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog
 from services.gateway.replies import ReplyReader
 from services.gateway.router import Router
 from services.gateway.servicer import GRPCInferenceServiceServicer
 from services.gateway.settings import GatewaySettings
+from services.gateway.shm import SharedMemoryRegistry
 from services.gateway.streams import Streams
 
 log = structlog.get_logger(__name__)
@@ -36,18 +40,23 @@ class Gateway:
     admission: Admission
     router: Router
     streams: Streams
+    shared_memory: SharedMemoryRegistry = field(default_factory=SharedMemoryRegistry)
+    stats: CallStats = field(kw_only=True)
 
     async def start(self) -> None:
-        """Follow registry events, start reading the reply stream and admitting calls."""
+        """Follow registry events, start reading the reply stream, admitting calls and flushing statistics."""
         await self.catalog.start()
         await self.replies.start()
         await self.admission.start()
+        await self.stats.start()
 
     async def stop(self, timeout_s: float) -> None:
-        """Wait (at most ``timeout_s``) for calls in flight, then stop reading."""
+        """Wait (at most ``timeout_s``) for calls in flight, then stop reading and unmap shared memory."""
         await self.replies.stop(timeout_s=timeout_s)
+        await self.stats.stop()
         await self.admission.stop()
         await self.catalog.stop()
+        self.shared_memory.close()
 
 
 def create_gateway(settings: GatewaySettings, redis: aioredis.Redis, registry: RegistryClient) -> Gateway:
@@ -57,21 +66,28 @@ def create_gateway(settings: GatewaySettings, redis: aioredis.Redis, registry: R
         redis, keys.replies(settings.gateway_id), ttl_s=settings.reply_stream_ttl_s, block_ms=settings.block_ms
     )
     admission = Admission(redis)
+    stats = CallStats(redis)
     router = Router(
         redis, catalog, replies, admission, default_timeout_s=settings.default_timeout_s,
         max_request_tensor_bytes=settings.max_request_tensor_bytes, max_message_bytes=settings.max_message_bytes,
+        stats=stats,
     )  # fmt: skip
-    return Gateway(catalog, replies, admission, router, Streams(settings.max_stream_in_flight))
+    return Gateway(catalog, replies, admission, router, Streams(settings.max_stream_in_flight), stats=stats)
 
 
-def create_server(settings: GatewaySettings, gateway: Gateway) -> GrpcServer:
-    """Build the gateway's gRPC server (not started) and bind it."""
+def create_server(settings: GatewaySettings, gateway: Gateway, auth: ServerAuth | None = None) -> GrpcServer:
+    """Build the gateway's gRPC server (not started) and bind it; ``auth`` checks API keys (None: no check)."""
 
     def add(server: object) -> None:
-        servicer = GRPCInferenceServiceServicer(gateway.router, gateway.streams)
+        servicer = GRPCInferenceServiceServicer(gateway.router, gateway.streams, gateway.shared_memory)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
-    return create_grpc_server(settings, [SERVICE_NAME], add)
+    return create_grpc_server(settings, [SERVICE_NAME], add, auth=auth.interceptor if auth is not None else None)
+
+
+def create_auth(settings: GatewaySettings, redis: aioredis.Redis) -> ServerAuth | None:
+    """Build the gateway's API key check (None when ``settings.auth_enabled`` is off)."""
+    return create_server_auth(settings, redis, INFERENCE_RULES, service="gateway")
 
 
 async def _wait_for_redis(client: aioredis.Redis) -> None:
@@ -89,9 +105,14 @@ async def _wait_for_redis(client: aioredis.Redis) -> None:
 async def serve(settings: GatewaySettings) -> None:
     """Run the gateway until SIGTERM/SIGINT, then drain (see DESIGN.md, drain order)."""
     redis = create_redis(settings.redis_url, settings.redis_timeout_s)
-    registry = RegistryClient(settings.registry_address, timeout_s=settings.registry_timeout_s)
+    credentials = registry_channel_credentials(settings)
+    registry = RegistryClient(
+        settings.registry_address, timeout_s=settings.registry_timeout_s, credentials=credentials,
+        metadata=bearer(settings.registry_api_key),
+    )  # fmt: skip
     gateway = create_gateway(settings, redis, registry)
-    handle = create_server(settings, gateway)
+    auth = create_auth(settings, redis)
+    handle = create_server(settings, gateway, auth)
 
     async def before_stop() -> None:
         # Endpoints are removed concurrently with SIGTERM: keep serving while that happens.
@@ -101,9 +122,13 @@ async def serve(settings: GatewaySettings) -> None:
 
     await _wait_for_redis(redis)
     await gateway.start()
+    if auth is not None:
+        await auth.start()
     try:
         await run_until_signal(handle, settings, service="gateway", before_stop=before_stop)
     finally:
         await gateway.stop(timeout_s=settings.shutdown_grace_s)
+        if auth is not None:
+            await auth.stop()
         await registry.close()
         await redis.aclose()

@@ -9,24 +9,30 @@ import grpc
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
+from services.common import auth
 from services.common.errors import Unimplemented
 from services.gateway import convert
 from services.gateway.router import Router
+from services.gateway.shm import SharedMemoryRegistry
 from services.gateway.streams import Streams
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
-def _unimplemented(rpc: str) -> Unimplemented:
-    return Unimplemented(f"{rpc} is not supported by the MaaS gateway; use ModelInfer with tensors in the request")
+def _no_cuda() -> Unimplemented:
+    return Unimplemented(
+        "CUDA shared memory is not supported: the MaaS gateway has no GPU; "
+        "use system shared memory or send tensors in the request"
+    )
 
 
 class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """KServe v2 inference over the MaaS queue."""
 
-    def __init__(self, router: Router, streams: Streams) -> None:
+    def __init__(self, router: Router, streams: Streams, shared_memory: SharedMemoryRegistry) -> None:
         self._router = router
         self._streams = streams
+        self._shared_memory = shared_memory
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         """Report liveness."""
@@ -53,10 +59,19 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         return await self._infer(request, context.time_remaining())
 
     async def _infer(self, request: pb.ModelInferRequest, time_remaining_s: float | None) -> pb.ModelInferResponse:
-        # NOTE: the one path of a request, for ModelInfer and each request of ModelStreamInfer.
-        self._router.check_request_size(convert.request_size(request))
-        payload = await self._router.infer(convert.infer_call(request), time_remaining_s)
-        return convert.infer_response(payload)
+        # NOTE: the one path of a request, for ModelInfer and each request of ModelStreamInfer;
+        # the key's model check is here so a refused request of a stream is that request's answer.
+        auth.check_model(request.model_name)
+        use = convert.shared_memory_use(request)
+        self._router.check_request_size(convert.request_size(request) + use.input_bytes)
+        with self._shared_memory.lease(use) as lease:  # inputs read before, outputs written after
+            if use:
+                convert.put_shared_memory_inputs(request, lease.read_inputs())
+            payload = await self._router.infer(convert.infer_call(request), time_remaining_s)
+            response = convert.infer_response(payload)
+            if use.outputs:
+                lease.write_outputs(convert.take_shared_memory_outputs(response, use))
+        return response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         """Describe a model as a Triton model configuration."""
@@ -64,7 +79,7 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         return convert.model_config(version, deployment, self._router.limits)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
-        """Report this gateway's cumulative statistics."""
+        """Report cluster-wide cumulative statistics (kept in Redis by workers and gateways)."""
         return convert.model_statistics(await self._router.model_statistics(request.name, request.version))
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
@@ -96,29 +111,37 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         async for request, response, error in self._streams.serve(request_iterator, infer):
             yield convert.stream_response(request, response, error)
 
-    async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
-        """Not supported: tensors travel in the request."""
-        raise _unimplemented("SystemSharedMemoryStatus")
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        """Describe a registered system shared memory region (every region when no name is given)."""
+        return convert.shared_memory_status(self._shared_memory.status(request.name))
 
-    async def SystemSharedMemoryRegister(self, request: Any, context: Context) -> Any:
-        """Not supported: tensors travel in the request."""
-        raise _unimplemented("SystemSharedMemoryRegister")
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        """Register a region of a POSIX shared memory object on the gateway's host."""
+        self._shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
 
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
-        """Not supported: tensors travel in the request."""
-        raise _unimplemented("SystemSharedMemoryUnregister")
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        """Unregister a system shared memory region (every region when no name is given)."""
+        self._shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> Any:
-        """Not supported: tensors travel in the request."""
-        raise _unimplemented("CudaSharedMemoryStatus")
+        """Not supported: the gateway has no GPU."""
+        raise _no_cuda()
 
     async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:
-        """Not supported: tensors travel in the request."""
-        raise _unimplemented("CudaSharedMemoryRegister")
+        """Not supported: the gateway has no GPU."""
+        raise _no_cuda()
 
     async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
-        """Not supported: tensors travel in the request."""
-        raise _unimplemented("CudaSharedMemoryUnregister")
+        """Not supported: the gateway has no GPU."""
+        raise _no_cuda()
 
     async def TraceSetting(self, request: Any, context: Context) -> Any:
         """Not supported: use the JSON logs and Prometheus metrics."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -25,6 +26,15 @@ class GatewaySettings(ServiceSettings):
     """gRPC port of the public inference endpoint."""
     registry_address: str = "127.0.0.1:8002"
     """host:port of the registry's gRPC endpoint."""
+    registry_api_key: SecretStr | None = None
+    """API key this gateway sends to the registry (the built-in ``system`` key ``gateway``:
+    scopes read and write); needed when the registry checks keys."""
+    registry_tls_ca_file: Path | None = None
+    """PEM CA that signed the registry's certificate: set it (or the two below) to call the registry over TLS."""
+    registry_tls_cert_file: Path | None = None
+    """PEM client certificate presented to the registry (when it requires mutual TLS)."""
+    registry_tls_key_file: Path | None = None
+    """PEM private key of ``registry_tls_cert_file`` (never logged)."""
     gateway_id: str = Field(default_factory=_default_gateway_id)
     """Unique id of this process; names its reply stream."""
     default_timeout_s: float = 60.0
@@ -45,3 +55,12 @@ class GatewaySettings(ServiceSettings):
     stream's next request only when one of them is answered (backpressure)."""
     drain_delay_s: float = 2.0
     """After SIGTERM, keep serving this long while load balancers remove the endpoint."""
+
+    @model_validator(mode="after")
+    def _message_limit_follows_the_request_limit(self) -> GatewaySettings:
+        # NOTE: gRPC refuses a message over max_message_bytes before Python copies it; above the
+        # request limit a message is refused anyway, so by default refuse it there (1 MiB for the
+        # rest of the message), not after three copies (measured: about 5x its size in Python).
+        if "max_message_bytes" not in self.model_fields_set:
+            self.max_message_bytes = self.max_request_tensor_bytes + 1024 * 1024
+        return self

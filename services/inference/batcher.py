@@ -7,7 +7,9 @@ else runs one request at a time.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import numpy as np
@@ -20,6 +22,23 @@ Outcome: TypeAlias = dict[str, Array] | MaasError
 RunFn: TypeAlias = Callable[[Mapping[str, Array], Sequence[str]], Awaitable[dict[str, Array]]]
 """Runs a model: ``run(feeds, output_names) -> outputs`` (``ModelRuntime.run``)."""
 _StackKey: TypeAlias = tuple[object, ...]
+
+
+@dataclass
+class Timing:
+    """Where one group's time went, in ns (the statistics extension's compute phases)."""
+
+    input_ns: int = 0
+    """Stacking the requests' inputs."""
+    output_ns: int = 0
+    """Splitting the stacked outputs."""
+    runs: list[tuple[int, int]] = field(default_factory=list)
+    """(batch rows, ns) of each model run that succeeded."""
+
+    @property
+    def infer_ns(self) -> int:
+        """Time in successful model runs."""
+        return sum(ns for _rows, ns in self.runs)
 
 
 def batch_rows(request: InferRequest, signature: Signature) -> int | None:
@@ -85,29 +104,43 @@ def union_outputs(requests: Sequence[InferRequest], signature: Signature) -> lis
     return [name for name in signature.output_names if name in wanted]
 
 
-async def run_one(run: RunFn, request: InferRequest, signature: Signature) -> Outcome:
-    """Run one request alone; a ``MaasError`` becomes its outcome."""
+async def run_one(run: RunFn, request: InferRequest, signature: Signature, timing: Timing | None = None) -> Outcome:
+    """Run one request alone; a ``MaasError`` becomes its outcome; a successful run is added to ``timing``."""
     names = wanted_outputs(request, signature)
+    started = time.perf_counter_ns()
     try:
         outputs = await run(request.inputs, names)
     except MaasError as exc:
         return exc
+    if timing is not None:
+        timing.runs.append((batch_rows(request, signature) or 1, time.perf_counter_ns() - started))
     return {name: outputs[name] for name in names}
 
 
-async def run_group(run: RunFn, group: Sequence[InferRequest], signature: Signature) -> list[Outcome]:
+async def run_group(
+    run: RunFn, group: Sequence[InferRequest], signature: Signature, timing: Timing | None = None
+) -> list[Outcome]:
     """Run one group of ``plan_groups`` and return one outcome per request, in order.
 
     A stacked run that fails is re-run one request at a time, so only the bad request fails.
+    Stacking, successful runs and splitting are timed into ``timing``.
     """
     if len(group) == 1:
-        return [await run_one(run, group[0], signature)]
+        return [await run_one(run, group[0], signature, timing)]
     rows = [batch_rows(request, signature) or 0 for request in group]
     try:
-        stacked = await run(concatenate(group), union_outputs(group, signature))
+        started = time.perf_counter_ns()
+        feeds = concatenate(group)
+        stacked_ns = time.perf_counter_ns()
+        stacked = await run(feeds, union_outputs(group, signature))
+        ran_ns = time.perf_counter_ns()
         parts = split(stacked, rows)
     except MaasError:
-        return [await run_one(run, request, signature) for request in group]
+        return [await run_one(run, request, signature, timing) for request in group]
+    if timing is not None:
+        timing.input_ns += stacked_ns - started
+        timing.runs.append((sum(rows), ran_ns - stacked_ns))
+        timing.output_ns += time.perf_counter_ns() - ran_ns
     return [
         {name: part[name] for name in wanted_outputs(request, signature)}
         for part, request in zip(parts, group, strict=True)

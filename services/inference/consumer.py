@@ -31,7 +31,7 @@ import redis.exceptions
 import structlog
 from prometheus_client import Counter, Histogram
 
-from services.common import keys
+from services.common import keys, stats
 from services.common.errors import InvalidArgument, MaasError
 from services.common.metadata import DeploymentRecord
 from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, now_ms, stream_entries
@@ -130,6 +130,8 @@ class _Job:
     entry_id: bytes
     queued: QueuedRequest
     request: InferRequest
+    decode_ns: int = 0
+    """Time spent decoding and validating it (its share of ``compute_input``)."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ class QueueConsumer:
         """The deployment served; the worker replaces it when batching options change."""
         self.queue = keys.queue(deployment.model, deployment.version)
         self.dead_letter = keys.dead_letter(deployment.model, deployment.version)
+        self._stats_key = keys.stats(deployment.model, deployment.version)
         self._redis = redis
         self._runtime = runtime
         self._settings = settings
@@ -350,6 +353,7 @@ class QueueConsumer:
     async def _process(self, entries: Sequence[Entry], *, ran: Callable[[], None] | None = None) -> None:
         """Answer ``entries``; ``ran`` is called once the model runs are over, before the replies go out."""
         now = now_ms()
+        started_ns = time.time_ns()
         answers: list[_Answer] = []
         jobs: list[_Job] = []
         for entry_id, fields in entries:
@@ -358,10 +362,11 @@ class QueueConsumer:
                 jobs.append(admitted)
             else:
                 answers.append(admitted)
-        answers += await self._run_jobs(jobs)
+        batch_stats = stats.BatchStats()
+        answers += await self._run_jobs(jobs, batch_stats, started_ns)
         if ran is not None:
             ran()  # the next batch may be read and run while these replies are written
-        await self._send_all(answers)
+        await self._send_all(answers, first=batch_stats.commands(self._stats_key))
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now: int) -> _Job | _Answer:
         try:
@@ -372,25 +377,41 @@ class QueueConsumer:
             code = grpc.StatusCode.DEADLINE_EXCEEDED
             reply = Reply(id=queued.id, code=code.value[0], message="deadline exceeded before the request ran")
             return _Answer(entry_id, queued.reply_to, reply, code)
+        started = time.perf_counter_ns()
         try:
             request = convert.decode_infer_request(queued.payload)
             self._runtime.signature.validate(request)
         except InvalidArgument as exc:
             log.info("request_rejected", request_id=queued.request_id, reason=exc.message)
             return _error_answer(entry_id, queued, exc)
-        return _Job(entry_id, queued, request)
+        return _Job(entry_id, queued, request, time.perf_counter_ns() - started)
 
-    async def _run_jobs(self, jobs: Sequence[_Job]) -> list[_Answer]:
+    async def _run_jobs(self, jobs: Sequence[_Job], batch_stats: stats.BatchStats, started_ns: int) -> list[_Answer]:
         requests = [job.request for job in jobs]
         outcomes: dict[int, batcher.Outcome] = {}
+        groups: list[tuple[list[int], batcher.Timing]] = []
         for group in batcher.plan_groups(requests, self._runtime.signature):
-            results = await self._run_group([requests[index] for index in group])
+            timing = batcher.Timing()
+            results = await self._run_group([requests[index] for index in group], timing)
             outcomes.update(zip(group, results, strict=True))
-        return [self._answer(job, outcomes[index]) for index, job in enumerate(jobs)]
+            groups.append((group, timing))
+        answers: dict[int, _Answer] = {}
+        for group, timing in groups:
+            ran: list[stats.RequestTimes] = []
+            for index in group:
+                job = jobs[index]
+                started = time.perf_counter_ns()
+                answer = answers[index] = self._answer(job, outcomes[index])
+                if answer.code is grpc.StatusCode.OK:
+                    queue_ns = started_ns - stats.entry_time_ns(job.entry_id)
+                    rows = batcher.batch_rows(job.request, self._runtime.signature) or 1
+                    ran.append((queue_ns, job.decode_ns, time.perf_counter_ns() - started, rows))
+            batch_stats.group_ran(ran, input_ns=timing.input_ns, output_ns=timing.output_ns, runs=timing.runs)
+        return [answers[index] for index in range(len(jobs))]
 
-    async def _run_group(self, group: Sequence[InferRequest]) -> list[batcher.Outcome]:
+    async def _run_group(self, group: Sequence[InferRequest], timing: batcher.Timing) -> list[batcher.Outcome]:
         started = time.perf_counter()
-        results = await batcher.run_group(self._runtime.run, group, self._runtime.signature)
+        results = await batcher.run_group(self._runtime.run, group, self._runtime.signature, timing)
         run_s = time.perf_counter() - started
         self._batch_size.observe(len(group))
         self._run_seconds.observe(run_s)
@@ -400,7 +421,8 @@ class QueueConsumer:
     def _answer(self, job: _Job, outcome: batcher.Outcome) -> _Answer:
         if isinstance(outcome, MaasError):
             return _error_answer(job.entry_id, job.queued, outcome)
-        result = InferResult(self._runtime.model, self._runtime.version, job.request.id, outcome)
+        outputs = self._runtime.classify(outcome, job.request)
+        result = InferResult(self._runtime.model, self._runtime.version, job.request.id, outputs)
         reply = Reply(id=job.queued.id, code=0, payload=convert.encode_infer_response(result))
         return _Answer(job.entry_id, job.queued.reply_to, reply, grpc.StatusCode.OK)
 

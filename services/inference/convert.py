@@ -8,9 +8,10 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from inference import grpc_service_pb2 as pb
-from services.common.dtypes import DataType, datatype, decode_raw, element_count, encode_raw, from_numpy
+from services.common.dtypes import DataType, check_utf8, datatype, decode_raw, element_count, encode_raw, from_numpy
 from services.common.errors import InvalidArgument
 from services.common.metadata import PLATFORM, TensorSpec
+from services.inference import classify
 from services.inference.runtime import Array, InferRequest, InferResult, ModelRuntime
 
 
@@ -55,7 +56,19 @@ def infer_request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
         outputs=outputs,
         model=message.model_name,
         version=message.model_version,
+        class_counts=_class_counts(message.outputs),
     )
+
+
+def _class_counts(outputs: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor]) -> dict[str, int]:
+    """The ``classification`` parameters (class_count) of the requested outputs, by output name."""
+    counts: dict[str, int] = {}
+    for output in outputs:
+        if classify.PARAMETER in output.parameters:
+            parameter = output.parameters[classify.PARAMETER]
+            kind = parameter.WhichOneof("parameter_choice")
+            counts[output.name] = classify.check_class_count(output.name, kind, parameter.int64_param)
+    return counts
 
 
 def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Array:
@@ -67,9 +80,10 @@ def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     shape = tuple(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
-    if raw is not None:
-        return decode_raw(dt, shape, raw, name=name)
-    return _decode_contents(dt, shape, tensor)
+    array = decode_raw(dt, shape, raw, name=name) if raw is not None else _decode_contents(dt, shape, tensor)
+    if dt.itemsize is None:
+        check_utf8(array, name=name)
+    return array
 
 
 def _decode_contents(dt: DataType, shape: tuple[int, ...], tensor: pb.ModelInferRequest.InferInputTensor) -> Array:

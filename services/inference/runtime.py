@@ -22,8 +22,9 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from services.common.dtypes import datatype, from_numpy, from_ort
-from services.common.errors import InvalidArgument, MaasError
+from services.common.errors import FailedPrecondition, InvalidArgument, MaasError
 from services.common.metadata import TensorSpec
+from services.inference.classify import classify_outputs, is_classifiable
 from services.inference.settings import ProviderSetting
 
 Array = npt.NDArray[np.generic]
@@ -41,7 +42,8 @@ def parse_version(text: str) -> int:
     """
     if not text:
         return 0
-    if not text.isdigit():
+    # NOTE: isdigit() alone takes superscripts (int() refuses them); the registry's versions are int64.
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**63:
         raise InvalidArgument(f"model_version '{text}' is not a version number")
     return int(text)
 
@@ -58,6 +60,8 @@ class InferRequest:
     model: str = ""
     version: str = ""
     """Version as the client sent it ("" for the default)."""
+    class_counts: Mapping[str, int] = field(default_factory=dict)
+    """Requested outputs to return as their top classes (``class_count``), by output name."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,9 @@ class Signature:
                 raise InvalidArgument(
                     f"unknown requested output '{name}'; the model's outputs are {_names(self.outputs)}"
                 )
+        for spec in self.outputs:
+            if spec.name in request.class_counts and not is_classifiable(spec.datatype):
+                raise InvalidArgument(f"output '{spec.name}': class_count needs a numeric output, not {spec.datatype}")
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
@@ -154,6 +161,12 @@ def _first_line(exc: BaseException) -> str:
 
 def _translate(exc: Exception) -> MaasError:
     message = f"model run failed: {_first_line(exc)}"
+    if isinstance(exc, UnicodeDecodeError):
+        # ONNX Runtime's Python API decodes string outputs as UTF-8: the model made other bytes.
+        return FailedPrecondition(
+            f"model run failed: a BYTES output is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "ONNX Runtime's Python API can only return UTF-8 strings"
+        )
     if isinstance(exc, OrtInvalidArgument) or "INVALID_ARGUMENT" in str(exc):
         return InvalidArgument(message)
     return MaasError(message)
@@ -202,6 +215,8 @@ class ModelRuntime:
     """Runs expected to be shorter than this execute on the event loop (see ``run``)."""
     _avg_run_s: float = field(default=math.inf, repr=False)
     """Moving average of recent run times, seeded by the warm-up at load (infinite if it failed)."""
+    class_labels: tuple[str, ...] = ()
+    """The version's labels for the classification extension, by class index."""
 
     @classmethod
     async def load(
@@ -215,6 +230,7 @@ class ModelRuntime:
         executor: Executor,
         inline_run_max_s: float = 0.0,
         spinning: bool = False,
+        class_labels: tuple[str, ...] = (),
     ) -> ModelRuntime:
         """Create a session for the ONNX file at ``path`` in a thread (never on the event loop).
 
@@ -238,6 +254,7 @@ class ModelRuntime:
             outputs=tuple(_spec(arg) for arg in session.get_outputs()),
         )
         runtime = cls(model, version, signature, list(session.get_providers()), session, executor, inline_run_max_s)
+        runtime.class_labels = class_labels
         runtime._avg_run_s = await asyncio.to_thread(runtime._warm_up)
         return runtime
 
@@ -284,6 +301,13 @@ class ModelRuntime:
             raise _translate(exc) from exc
         self._avg_run_s = run_s if math.isinf(self._avg_run_s) else 0.8 * self._avg_run_s + 0.2 * run_s
         return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
+
+    def classify(self, outputs: Mapping[str, Array], request: InferRequest) -> Mapping[str, Array]:
+        """Return ``outputs`` with those the request asked a ``class_count`` of as top classes (BYTES)."""
+        if not request.class_counts:
+            return outputs
+        batched = self.signature.is_batchable
+        return classify_outputs(outputs, request.class_counts, self.class_labels, batched=batched)
 
     def _timed_run(self, names: list[str], feeds: dict[str, Array]) -> tuple[list[Any], float]:
         started = time.perf_counter()

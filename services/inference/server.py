@@ -5,9 +5,11 @@ from __future__ import annotations
 import grpc
 
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from services.common.auth import INFERENCE_RULES, ServerAuth, bearer, create_server_auth
 from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal, stop_signal_event
 from services.common.redis_conn import create_redis
 from services.common.registry_client import RegistryClient
+from services.common.tls import registry_channel_credentials
 from services.inference.servicer import GRPCInferenceServiceServicer
 from services.inference.settings import InferenceSettings
 from services.inference.worker import InferenceWorker
@@ -15,8 +17,10 @@ from services.inference.worker import InferenceWorker
 SERVICE_NAME: str = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
-def create_server(settings: InferenceSettings, worker: InferenceWorker) -> GrpcServer:
+def create_server(settings: InferenceSettings, worker: InferenceWorker, auth: ServerAuth | None = None) -> GrpcServer:
     """Build the worker's gRPC server (not started) and bind ``settings.host:settings.port``.
+
+    Its direct inference service checks API keys as the gateway does when ``auth`` is given.
 
     Returns:
         The server handle; ``handle.port`` is the bound port.
@@ -26,7 +30,7 @@ def create_server(settings: InferenceSettings, worker: InferenceWorker) -> GrpcS
     def add_servicers(server: grpc.aio.Server) -> None:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
-    return create_grpc_server(settings, [SERVICE_NAME], add_servicers)
+    return create_grpc_server(settings, [SERVICE_NAME], add_servicers, auth=auth.interceptor if auth else None)
 
 
 async def serve(settings: InferenceSettings) -> None:
@@ -36,14 +40,22 @@ async def serve(settings: InferenceSettings) -> None:
     """
     stop = stop_signal_event()
     redis = create_redis(settings.redis_url, settings.redis_timeout_s)
-    registry = RegistryClient(settings.registry_address)
+    registry = RegistryClient(
+        settings.registry_address, credentials=registry_channel_credentials(settings),
+        metadata=bearer(settings.registry_api_key),
+    )  # fmt: skip
     worker = InferenceWorker(settings, redis, registry)
-    handle = create_server(settings, worker)
+    auth = create_server_auth(settings, redis, INFERENCE_RULES, service="inference")
+    handle = create_server(settings, worker, auth)
     worker.grpc_port = handle.port
     try:
         await worker.start()
+        if auth is not None:
+            await auth.start()
         await run_until_signal(handle, settings, service="inference", before_stop=worker.drain, stop=stop)
     finally:
         await worker.drain()
+        if auth is not None:
+            await auth.stop()
         await registry.close()
         await redis.aclose()

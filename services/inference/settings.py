@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -29,6 +29,15 @@ class InferenceSettings(ServiceSettings):
 
     registry_address: str = "127.0.0.1:8002"
     """``host:port`` of the registry's gRPC server (deployments and artifacts)."""
+    registry_api_key: SecretStr | None = None
+    """API key this worker sends to the registry (the built-in ``system`` key ``worker``: scope
+    read); needed when the registry checks keys."""
+    registry_tls_ca_file: Path | None = None
+    """PEM CA that signed the registry's certificate: set it (or the two below) to call the registry over TLS."""
+    registry_tls_cert_file: Path | None = None
+    """PEM client certificate presented to the registry (when it requires mutual TLS)."""
+    registry_tls_key_file: Path | None = None
+    """PEM private key of ``registry_tls_cert_file`` (never logged)."""
     pool: str = "default"
     """Pool of deployments this worker serves (pools group models by hardware class)."""
     worker_id: str = Field(default_factory=default_worker_id)

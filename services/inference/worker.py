@@ -187,6 +187,7 @@ class InferenceWorker:
             executor=self._executor,
             inline_run_max_s=self.settings.inline_run_max_us / 1e6,
             spinning=self.settings.ort_spinning,
+            class_labels=record.class_labels,
         )
         log.info(
             "model_loaded",
@@ -361,4 +362,4 @@ class InferenceWorker:
         runtime.signature.validate(request)
         names = request.outputs or runtime.signature.output_names
         outputs = await runtime.run(request.inputs, names)
-        return InferResult(runtime.model, runtime.version, request.id, outputs)
+        return InferResult(runtime.model, runtime.version, request.id, runtime.classify(outputs, request))

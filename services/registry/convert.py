@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from maas.registry.v1 import registry_pb2
+from services.common.auth import ApiKeyRecord, TenantRecord
 from services.common.errors import InvalidArgument
 from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
+from services.registry.identities import NewApiKey
 from services.registry.store import DeploySpec, UploadHeader
 
 
@@ -52,6 +54,7 @@ def version_to_pb(record: VersionRecord) -> registry_pb2.Version:
         outputs=[tensor_to_pb(spec) for spec in record.outputs],
         created_at_ms=record.created_at_ms,
         platform=record.platform,
+        class_labels=record.class_labels,
     )
 
 
@@ -77,7 +80,12 @@ def deploy_spec(request: registry_pb2.DeployRequest) -> DeploySpec:
 
 def upload_header(header: registry_pb2.UploadVersionHeader) -> UploadHeader:
     """Convert an upload's header."""
-    return UploadHeader(model=header.model, sha256=header.sha256, size_bytes=header.size_bytes)
+    return UploadHeader(
+        model=header.model,
+        sha256=header.sha256,
+        size_bytes=header.size_bytes,
+        class_labels=tuple(header.class_labels),
+    )
 
 
 async def upload_stream(
@@ -100,3 +108,33 @@ async def _chunks(requests: AsyncIterator[registry_pb2.UploadVersionRequest]) ->
         if request.WhichOneof("part") == "header":
             raise InvalidArgument("only the first UploadVersion message may carry a header")
         yield request.chunk
+
+
+def tenant_to_pb(record: TenantRecord) -> registry_pb2.Tenant:
+    """Convert a tenant."""
+    return registry_pb2.Tenant(name=record.name, description=record.description, created_at_ms=record.created_at_ms)
+
+
+def api_key_to_pb(record: ApiKeyRecord) -> registry_pb2.ApiKey:
+    """Convert an API key's record (it holds no secret)."""
+    return registry_pb2.ApiKey(
+        id=record.id,
+        tenant=record.tenant,
+        name=record.name,
+        scopes=list(record.scopes),
+        models=list(record.models),
+        created_at_ms=record.created_at_ms,
+        expires_at_ms=record.expires_at_ms,
+        revoked=record.revoked,
+    )
+
+
+def new_api_key(request: registry_pb2.CreateApiKeyRequest) -> NewApiKey:
+    """Convert a key creation request."""
+    return NewApiKey(
+        tenant=request.tenant,
+        name=request.name,
+        scopes=tuple(request.scopes),
+        models=tuple(request.models),
+        expires_at_ms=request.expires_at_ms,
+    )

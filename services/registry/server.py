@@ -6,9 +6,12 @@ import grpc
 import redis.asyncio as aioredis
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.auth import REGISTRY_RULES, ServerAuth, auth_secret, create_server_auth
 from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal
+from services.common.redis_acl import read_passwords
 from services.common.redis_conn import create_redis
 from services.registry.blobs import LocalBlobStore
+from services.registry.identities import IdentityStore
 from services.registry.servicer import ModelRegistryServicer
 from services.registry.settings import RegistrySettings
 from services.registry.store import ModelStore
@@ -16,7 +19,12 @@ from services.registry.store import ModelStore
 SERVICE_NAME: str = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
 
 
-def create_server(settings: RegistrySettings, store: ModelStore) -> GrpcServer:
+def create_server(
+    settings: RegistrySettings,
+    store: ModelStore,
+    identities: IdentityStore | None = None,
+    auth: ServerAuth | None = None,
+) -> GrpcServer:
     """Build the registry's gRPC server (not started), bound to ``settings.host:settings.port``.
 
     The servicer keeps no state of its own: every rule that concurrent calls share (such as
@@ -25,16 +33,35 @@ def create_server(settings: RegistrySettings, store: ModelStore) -> GrpcServer:
     Args:
         settings: Where to listen.
         store: The domain logic the servicer calls.
+        identities: Tenants and API keys (None: a store without a secret, refusing key creation).
+        auth: The API key check of every RPC (``create_auth``); None serves without keys.
 
     Returns:
         The server with its health servicer and the bound port.
     """
-    servicer = ModelRegistryServicer(store)
+    servicer = ModelRegistryServicer(store, identities or IdentityStore(store.redis, None))
 
     def add_servicers(server: grpc.aio.Server) -> None:
         registry_pb2_grpc.add_ModelRegistryServicer_to_server(servicer, server)
 
-    return create_grpc_server(settings, [SERVICE_NAME], add_servicers)
+    interceptor = auth.interceptor if auth is not None else None
+    return create_grpc_server(settings, [SERVICE_NAME], add_servicers, auth=interceptor)
+
+
+def create_identities(settings: RegistrySettings, redis: aioredis.Redis) -> IdentityStore:
+    """Build the identity store: tenants and API keys in ``redis``, hashed with the server secret."""
+    return IdentityStore(redis, auth_secret(settings))
+
+
+def create_auth(settings: RegistrySettings, redis: aioredis.Redis) -> ServerAuth | None:
+    """Build the registry's API key check (None when ``settings.auth_enabled`` is off)."""
+    return create_server_auth(settings, redis, REGISTRY_RULES, service="registry")
+
+
+async def ensure_system_keys(settings: RegistrySettings, identities: IdentityStore) -> None:
+    """Create the built-in keys of ``settings.system_keys_file`` unless they exist."""
+    if settings.system_keys_file is not None:
+        await identities.ensure_system_keys(read_passwords(settings.system_keys_file))
 
 
 def create_store(settings: RegistrySettings, redis: aioredis.Redis) -> ModelStore:
@@ -50,8 +77,15 @@ def create_store(settings: RegistrySettings, redis: aioredis.Redis) -> ModelStor
 async def serve(settings: RegistrySettings) -> None:
     """Serve the registry until SIGTERM or SIGINT, then drain and close Redis."""
     redis = create_redis(settings.redis_url, settings.redis_timeout_s)
+    auth = create_auth(settings, redis)
     try:
-        handle = create_server(settings, create_store(settings, redis))
+        identities = create_identities(settings, redis)
+        await ensure_system_keys(settings, identities)
+        handle = create_server(settings, create_store(settings, redis), identities, auth)
+        if auth is not None:
+            await auth.start()
         await run_until_signal(handle, settings, service="registry")
     finally:
+        if auth is not None:
+            await auth.stop()
         await redis.aclose()

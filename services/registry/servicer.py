@@ -8,6 +8,7 @@ from typing import Any
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import convert
+from services.registry.identities import IdentityStore
 from services.registry.store import ModelStore
 
 _Context = Any
@@ -15,10 +16,11 @@ _Context = Any
 
 
 class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
-    """Serves the registry API from a ``ModelStore``."""
+    """Serves the registry API from a ``ModelStore`` and an ``IdentityStore``."""
 
-    def __init__(self, store: ModelStore) -> None:
+    def __init__(self, store: ModelStore, identities: IdentityStore) -> None:
         self._store = store
+        self._identities = identities
 
     async def CreateModel(
         self, request: registry_pb2.CreateModelRequest, context: _Context
@@ -92,3 +94,38 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         """List the deployments, optionally of one pool."""
         deployments = await self._store.list_deployments(request.pool)
         return registry_pb2.ListDeploymentsResponse(deployments=[convert.deployment_to_pb(d) for d in deployments])
+
+    async def CreateTenant(
+        self, request: registry_pb2.CreateTenantRequest, context: _Context
+    ) -> registry_pb2.CreateTenantResponse:
+        """Create a tenant."""
+        tenant = await self._identities.create_tenant(request.name, request.description)
+        return registry_pb2.CreateTenantResponse(tenant=convert.tenant_to_pb(tenant))
+
+    async def ListTenants(
+        self, request: registry_pb2.ListTenantsRequest, context: _Context
+    ) -> registry_pb2.ListTenantsResponse:
+        """List the tenants by name."""
+        tenants = await self._identities.list_tenants()
+        return registry_pb2.ListTenantsResponse(tenants=[convert.tenant_to_pb(t) for t in tenants])
+
+    async def CreateApiKey(
+        self, request: registry_pb2.CreateApiKeyRequest, context: _Context
+    ) -> registry_pb2.CreateApiKeyResponse:
+        """Create an API key; the reply is the only place its secret appears."""
+        record, key = await self._identities.create_api_key(convert.new_api_key(request))
+        return registry_pb2.CreateApiKeyResponse(api_key=convert.api_key_to_pb(record), key=key)
+
+    async def ListApiKeys(
+        self, request: registry_pb2.ListApiKeysRequest, context: _Context
+    ) -> registry_pb2.ListApiKeysResponse:
+        """List API keys (without secrets)."""
+        records = await self._identities.list_api_keys(request.tenant)
+        return registry_pb2.ListApiKeysResponse(api_keys=[convert.api_key_to_pb(r) for r in records])
+
+    async def RevokeApiKey(
+        self, request: registry_pb2.RevokeApiKeyRequest, context: _Context
+    ) -> registry_pb2.RevokeApiKeyResponse:
+        """Revoke an API key."""
+        record = await self._identities.revoke_api_key(request.id)
+        return registry_pb2.RevokeApiKeyResponse(api_key=convert.api_key_to_pb(record))

@@ -28,3 +28,6 @@ class RegistrySettings(ServiceSettings):
     """Largest artifact an upload may announce (2 GiB: the protobuf limit of one ONNX file)."""
     chunk_bytes: int = Field(default=_MIB, gt=0, le=MAX_MESSAGE_BYTES // 2)
     """Size of one download chunk."""
+    system_keys_file: Path | None = None
+    """``name=key`` lines (mode 0600) of the built-in ``system`` keys (``admin``, ``gateway``,
+    ``worker``), created at start unless they exist: ``maas up`` writes it, deploy/ mounts it."""

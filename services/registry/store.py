@@ -28,7 +28,7 @@ import redis.exceptions
 import structlog
 from prometheus_client import Counter
 
-from services.common import events, keys
+from services.common import auth, events, keys
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -42,6 +42,8 @@ from services.common.metadata import (
     DEFAULT_MAX_QUEUE_LENGTH,
     DEFAULT_MAX_WAIT_MS,
     DEFAULT_POOL,
+    MAX_CLASS_LABEL_BYTES,
+    MAX_CLASS_LABELS,
     MODEL_NAME_RE,
     DeploymentRecord,
     ModelRecord,
@@ -110,6 +112,8 @@ class UploadHeader:
     sha256: str
     """Lower-case hex sha256 of the whole artifact."""
     size_bytes: int
+    class_labels: tuple[str, ...] = ()
+    """Labels of the classification extension, by class index."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,15 @@ def _check_header(header: UploadHeader, max_artifact_bytes: int) -> None:
         raise InvalidArgument(f"sha256 must be 64 lower-case hex characters, got '{_shown(header.sha256)}'")
     if not 1 <= header.size_bytes <= max_artifact_bytes:
         raise InvalidArgument(f"size_bytes must be 1..{max_artifact_bytes}, got {header.size_bytes}")
+    _check_class_labels(header.class_labels)
+
+
+def _check_class_labels(labels: tuple[str, ...]) -> None:
+    if len(labels) > MAX_CLASS_LABELS:
+        raise InvalidArgument(f"class_labels has {len(labels)} labels, at most {MAX_CLASS_LABELS} are allowed")
+    size = sum(len(label.encode()) for label in labels)
+    if size > MAX_CLASS_LABEL_BYTES:
+        raise InvalidArgument(f"class_labels hold {size} bytes of UTF-8, at most {MAX_CLASS_LABEL_BYTES} are allowed")
 
 
 def _check_received(header: UploadHeader, sha256: str, size_bytes: int) -> None:
@@ -241,6 +254,11 @@ class ModelStore:
         self._add_version = redis.register_script(_ADD_VERSION_LUA)
         self._put_deployment = redis.register_script(_PUT_DEPLOYMENT_LUA)
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client of the metadata (other registry stores share it)."""
+        return self._redis
+
     # Models
 
     async def create_model(self, name: str, description: str = "") -> ModelRecord:
@@ -282,7 +300,7 @@ class ModelStore:
         return _model_record(name, fields, deployment)
 
     async def list_models(self) -> list[ModelRecord]:
-        """Return every model, ordered by name.
+        """Return every model the calling API key may use (``auth.visible``), ordered by name.
 
         Raises:
             Unavailable: Redis cannot be reached.
@@ -298,14 +316,15 @@ class ModelStore:
                     pipe.hgetall(keys.model(name))
                 hashes = await pipe.execute()
         # A model deleted between the two round trips has an empty hash: it is left out.
-        return [
+        records = [
             _model_record(name, fields, deployments.get(name.encode()))
             for name, fields in zip(names, hashes, strict=True)
             if fields
         ]
+        return auth.visible(records, lambda record: record.name)  # only the calling key's models
 
     async def delete_model(self, name: str) -> None:
-        """Delete a model, its versions, its artifacts and its deployment.
+        """Delete a model, its versions, its artifacts, its deployment and its statistics.
 
         Requests still queued for the deployed version fail with UNAVAILABLE.
 
@@ -316,12 +335,15 @@ class ModelStore:
         """
         _check_name(name)
         with redis_errors(_WHAT):
+            allocated = int(await self._redis.hget(keys.model(name), "next_version") or 0)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hget(keys.DEPLOYMENTS, name)
                 pipe.delete(keys.model(name), keys.versions(name))
                 pipe.hdel(keys.DEPLOYMENTS, name)
                 pipe.zrem(keys.MODELS, name)
-                deployment, deleted_keys, _undeployed, is_listed = await pipe.execute()
+                # Statistics of every version ever allocated (a recreated model reuses the numbers).
+                pipe.delete(*(keys.stats(name, version) for version in range(allocated + 1)))
+                deployment, deleted_keys, _undeployed, is_listed, _stats = await pipe.execute()
         if not deleted_keys and not is_listed:
             raise _model_not_found(name)
         failed = 0
@@ -405,6 +427,7 @@ class ModelStore:
             inputs=signature.inputs,
             outputs=signature.outputs,
             created_at_ms=now_ms(),
+            class_labels=header.class_labels,
         )
 
     async def _require_model(self, name: str) -> None:
@@ -548,13 +571,16 @@ class ModelStore:
     async def list_deployments(self, pool: str = "") -> list[DeploymentRecord]:
         """Return the deployments ordered by model name, only those of ``pool`` unless it is empty.
 
+        Only deployments of models the calling API key may use are returned (``auth.visible``).
+
         Raises:
             Unavailable: Redis cannot be reached.
         """
         with redis_errors(_WHAT):
             raw = await self._redis.hvals(keys.DEPLOYMENTS)
         records = (DeploymentRecord.from_json(value) for value in raw)
-        return sorted((r for r in records if not pool or r.pool == pool), key=lambda r: r.model)
+        wanted = sorted((r for r in records if not pool or r.pool == pool), key=lambda r: r.model)
+        return auth.visible(wanted, lambda record: record.model)  # only the calling key's models
 
     async def _fail_queue(self, deployment: DeploymentRecord, reason: str) -> int:
         """Answer every request in the deployment's queue with UNAVAILABLE, then delete the queue.

@@ -5,20 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
+import redis.asyncio as aioredis
 
 from inference import grpc_service_pb2_grpc
+from services.common.auth import ServerAuth, bearer
 from services.common.grpc_server import GrpcServer
 from services.common.redis_conn import create_redis
 from services.common.registry_client import RegistryClient
+from services.common.tls import CertificateFiles, channel_credentials, registry_channel_credentials
 from services.gateway import server as gateway_server
 from services.gateway.settings import GatewaySettings
 from services.inference.settings import InferenceSettings
 from services.inference.worker import InferenceWorker
 from services.registry import server as registry_server
+from services.registry.identities import system_tokens
 from services.registry.settings import RegistrySettings
 
 
@@ -40,6 +46,22 @@ async def start_service_process(
     return process, int(json.loads(await asyncio.to_thread(ready.read_text))["port"])
 
 
+async def start_gateway_process(suite: Suite, ready: Path, **settings: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Run a gateway process on ``suite``'s Redis and registry, with ``MAAS_GATEWAY_<NAME>`` ``settings``.
+
+    Returns:
+        The process and its address.
+    """
+    env = {
+        "MAAS_REDIS_URL": suite.redis_url,
+        "MAAS_GATEWAY_REGISTRY_ADDRESS": suite.registry_address,
+        "MAAS_GATEWAY_PORT": "0",
+        "MAAS_GATEWAY_READY_FILE": str(ready),
+    } | {f"MAAS_GATEWAY_{name.upper()}": value for name, value in settings.items()}
+    process, port = await start_service_process("services.gateway", ready, env)
+    return process, f"127.0.0.1:{port}"
+
+
 class Suite:
     """Registry + gateway (+ optionally a worker) built with the production wiring functions."""
 
@@ -51,6 +73,10 @@ class Suite:
         pool: str = "default",
         timeout_s: float = 20,
         gateway: dict[str, object] | None = None,
+        role_urls: dict[str, str] | None = None,
+        tls: CertificateFiles | None = None,
+        mtls: bool = False,
+        auth: dict[str, object] | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.timeout_s = timeout_s
@@ -58,42 +84,78 @@ class Suite:
         self.pool = pool
         self.gateway_overrides = gateway or {}
         self.redis = create_redis(redis_url, timeout_s=2)
+        # Per-role Redis users (redis_acl.ROLES): a service whose role is here connects as it.
+        self.role_urls = role_urls or {}
+        self._role_clients = {role: create_redis(url, timeout_s=2) for role, url in self.role_urls.items()}
         self.worker: InferenceWorker | None = None
         self._servers: list[GrpcServer] = []
+        # API keys: None serves without keys; a dict turns auth on (its items are extra auth settings).
+        self.auth_overrides = auth
+        self.auth_secret = secrets.token_urlsafe(32) if auth is not None else None
+        self.system_keys = system_tokens() if auth is not None else {}
+        self.admin_key = self.system_keys.get("admin", "")
+        self._auths: list[ServerAuth] = []
+        # TLS on every server (mutual TLS with ``mtls``); every client presents a certificate.
+        self.tls, self.mtls = tls, mtls
+        self.credentials = None if tls is None else channel_credentials(tls.ca_cert, tls.client_cert, tls.client_key)
 
     async def start(self, *, with_worker: bool = True) -> Suite:
-        reg_settings = RegistrySettings(port=0, redis_url=self.redis_url, data_dir=self.data_dir / "blobs")
-        registry = registry_server.create_server(reg_settings, registry_server.create_store(reg_settings, self.redis))
+        reg_settings = RegistrySettings(
+            port=0, redis_url=self._url("registry"), data_dir=self.data_dir / "blobs", **self._server_tls("registry"),
+            **self._auth("registry"),
+        )  # fmt: skip
+        store = registry_server.create_store(reg_settings, self._client("registry"))
+        identities = registry_server.create_identities(reg_settings, self._client("registry"))
+        if self.system_keys:
+            await identities.ensure_system_keys(self.system_keys)
+        auth = await self._start_auth(registry_server.create_auth(reg_settings, self._client("registry")))
+        registry = registry_server.create_server(reg_settings, store, identities, auth)
         await self._start(registry)
         self.registry_address = f"127.0.0.1:{registry.port}"
-        self.registry = RegistryClient(self.registry_address)
+        self.registry = RegistryClient(
+            self.registry_address, credentials=self.credentials, metadata=bearer(self.admin_key)
+        )
         if with_worker:
             await self.start_worker()
         await self._start_gateway()
         return self
 
-    async def start_worker(self) -> InferenceWorker:
+    async def start_worker(self, **overrides: object) -> InferenceWorker:
         settings = InferenceSettings(
-            port=0, redis_url=self.redis_url, registry_address=self.registry_address, pool=self.pool,
+            port=0, redis_url=self._url("worker"), registry_address=self.registry_address, pool=self.pool,
             cache_dir=self.data_dir / "cache", providers="cpu", reconcile_interval_s=5, shutdown_grace_s=5,
+            **self._server_tls("inference"), **self._registry_tls("inference"), **self._auth("worker"), **overrides,
         )  # fmt: skip
-        self._worker_registry = RegistryClient(self.registry_address)
-        self.worker = InferenceWorker(settings, self.redis, self._worker_registry)
+        self.worker_settings = settings
+        credentials = registry_channel_credentials(settings)
+        self._worker_registry = RegistryClient(
+            self.registry_address, credentials=credentials, metadata=bearer(settings.registry_api_key)
+        )
+        self.worker = InferenceWorker(settings, self._client("worker"), self._worker_registry)
         await self.worker.start()
         return self.worker
 
     async def _start_gateway(self) -> None:
         settings = GatewaySettings(
-            port=0, redis_url=self.redis_url, registry_address=self.registry_address, default_timeout_s=self.timeout_s,
-            redis_timeout_s=2, block_ms=200, **self.gateway_overrides,
+            port=0, redis_url=self._url("gateway"), registry_address=self.registry_address,
+            default_timeout_s=self.timeout_s, redis_timeout_s=2, block_ms=200, **self._server_tls("gateway"),
+            **self._registry_tls("gateway"), **self._auth("gateway"), **self.gateway_overrides,
         )  # fmt: skip
-        self._gateway_registry = RegistryClient(self.registry_address)
-        self.gateway = gateway_server.create_gateway(settings, self.redis, self._gateway_registry)
-        handle = gateway_server.create_server(settings, self.gateway)
+        self.gateway_settings = settings
+        credentials = registry_channel_credentials(settings)
+        self._gateway_registry = RegistryClient(
+            self.registry_address, credentials=credentials, metadata=bearer(settings.registry_api_key)
+        )
+        self.gateway = gateway_server.create_gateway(settings, self._client("gateway"), self._gateway_registry)
+        auth = await self._start_auth(gateway_server.create_auth(settings, self._client("gateway")))
+        handle = gateway_server.create_server(settings, self.gateway, auth)
         await self.gateway.start()
         await self._start(handle)
         self.gateway_address = f"127.0.0.1:{handle.port}"
-        self.channel = grpc.aio.insecure_channel(self.gateway_address)
+        address, credentials = self.gateway_address, self.credentials
+        self.channel = (
+            grpc.aio.insecure_channel(address) if credentials is None else grpc.aio.secure_channel(address, credentials)
+        )
         self.inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
     async def _start(self, handle: GrpcServer) -> None:
@@ -101,9 +163,9 @@ class Suite:
         await handle.set_serving(True)
         self._servers.append(handle)
 
-    async def push(self, name: str, model: bytes, **deploy: int | str) -> int:
+    async def push(self, name: str, model: bytes, *, class_labels: tuple[str, ...] = (), **deploy: int | str) -> int:
         await self.registry.create_model(name)
-        version = await self.registry.upload_version(name, model)
+        version = await self.registry.upload_version(name, model, class_labels=class_labels)
         await self.registry.deploy(name, version.version, **deploy)  # type: ignore[arg-type]
         if self.worker is not None:
             await self.worker.reconcile()
@@ -119,4 +181,44 @@ class Suite:
         await self.gateway.stop(timeout_s=1)
         await self._gateway_registry.close()
         await self.registry.close()
+        for auth in self._auths:
+            await auth.stop()
         await self.redis.aclose()
+        for client in self._role_clients.values():
+            await client.aclose()
+
+    def _server_tls(self, service: str) -> dict[str, Path]:
+        if self.tls is None:
+            return {}
+        files = {"tls_cert_file": self.tls.server_cert(service), "tls_key_file": self.tls.server_key(service)}
+        return files | ({"tls_client_ca_file": self.tls.ca_cert} if self.mtls else {})
+
+    def _registry_tls(self, service: str) -> dict[str, Path]:
+        if self.tls is None:
+            return {}
+        return {
+            "registry_tls_ca_file": self.tls.ca_cert,
+            "registry_tls_cert_file": self.tls.server_cert(service),
+            "registry_tls_key_file": self.tls.server_key(service),
+        }
+
+    def _auth(self, role: str) -> dict[str, Any]:
+        """Auth settings of a service: off, or on with the suite's secret and the role's system key."""
+        if self.auth_overrides is None:
+            return {"auth_enabled": False}
+        values: dict[str, Any] = {"auth_enabled": True, "auth_secret": self.auth_secret}
+        if role in self.system_keys:
+            values["registry_api_key"] = self.system_keys[role]
+        return values | self.auth_overrides
+
+    async def _start_auth(self, auth: ServerAuth | None) -> ServerAuth | None:
+        if auth is not None:
+            await auth.start()
+            self._auths.append(auth)
+        return auth
+
+    def _url(self, role: str) -> str:
+        return self.role_urls.get(role, self.redis_url)
+
+    def _client(self, role: str) -> aioredis.Redis:
+        return self._role_clients.get(role, self.redis)

@@ -331,15 +331,6 @@ async def test_services_reconnect_after_redis_restarts(tmp_path: Path) -> None:
         restarted.stop()
 
 
-async def test_unsupported_rpcs_say_so(suite: Suite) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as shm:
-        await suite.inference.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=5)
-    assert shm.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert shm.value.details() == (
-        "SystemSharedMemoryStatus is not supported by the MaaS gateway; use ModelInfer with tensors in the request"
-    )
-
-
 def _load(name: str, **parameters: pb.ModelRepositoryParameter) -> pb.RepositoryModelLoadRequest:
     return pb.RepositoryModelLoadRequest(model_name=name, parameters=parameters)
 

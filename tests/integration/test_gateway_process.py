@@ -12,7 +12,7 @@ import pytest
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
-from tests.integration.suite import Suite, start_service_process
+from tests.integration.suite import Suite, start_gateway_process
 from tests.models import slow_model
 
 pytestmark = pytest.mark.integration
@@ -27,27 +27,12 @@ def _slow_request() -> pb.ModelInferRequest:
     return request
 
 
-async def _start_gateway(suite: Suite, tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
-    ready = tmp_path / "gateway.json"
-    process, port = await start_service_process(
-        "services.gateway",
-        ready,
-        {
-            "MAAS_REDIS_URL": suite.redis_url,
-            "MAAS_GATEWAY_REGISTRY_ADDRESS": suite.registry_address,
-            "MAAS_GATEWAY_PORT": "0",
-            "MAAS_GATEWAY_READY_FILE": str(ready),
-            "MAAS_GATEWAY_DRAIN_DELAY_S": "1",
-            "MAAS_GATEWAY_SHUTDOWN_GRACE_S": "30",
-        },
-    )
-    return process, f"127.0.0.1:{port}"
-
-
 @pytest.mark.timeout(120)
 async def test_sigterm_lets_every_in_flight_call_finish(suite: Suite, tmp_path: Path) -> None:
     await suite.push("slow", slow_model(size=SIZE, steps=20), max_batch_size=1, max_wait_ms=0)
-    process, address = await _start_gateway(suite, tmp_path)
+    process, address = await start_gateway_process(
+        suite, tmp_path / "gateway.json", drain_delay_s="1", shutdown_grace_s="30"
+    )
     try:
         async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -20,7 +20,7 @@ from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from services.common.embedded_redis import EmbeddedRedis
 from services.gateway.settings import GatewaySettings
-from tests.integration.suite import Suite, start_service_process
+from tests.integration.suite import Suite, start_gateway_process
 from tests.models import affine_model, slow_model
 
 pytestmark = pytest.mark.integration
@@ -195,19 +195,11 @@ async def test_undecodable_message_ends_the_stream_after_earlier_answers(suite: 
 @pytest.mark.timeout(120)
 async def test_sigterm_answers_what_the_stream_holds_then_ends_unavailable(suite: Suite, tmp_path: Path) -> None:
     await suite.push("slow", slow_model(size=SLOW, steps=24), max_batch_size=1)
-    ready = tmp_path / "gateway.json"
-    env = {
-        "MAAS_REDIS_URL": suite.redis_url,
-        "MAAS_GATEWAY_REGISTRY_ADDRESS": suite.registry_address,
-        "MAAS_GATEWAY_PORT": "0",
-        "MAAS_GATEWAY_READY_FILE": str(ready),
-        "MAAS_GATEWAY_DRAIN_DELAY_S": "0.5",
-        "MAAS_GATEWAY_SHUTDOWN_GRACE_S": "30",
-        "MAAS_GATEWAY_MAX_STREAM_IN_FLIGHT": "4",
-    }
-    process, port = await start_service_process("services.gateway", ready, env)
+    process, address = await start_gateway_process(
+        suite, tmp_path / "gateway.json", drain_delay_s="0.5", shutdown_grace_s="30", max_stream_in_flight="4"
+    )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(address) as channel:
             call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
             for i in range(4):
                 await call.write(_slow(str(i)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ class Up:
             env={k: v for k, v in os.environ.items() if not k.startswith("MAAS_")},
         )
         self.endpoints = self._wait_endpoints(log)
+        self.api_key = self._printed_key(log)
 
     def _wait_endpoints(self, log: Path) -> dict[str, object]:
         path = self.data_dir / "run" / "endpoints.json"
@@ -47,11 +49,22 @@ class Up:
             time.sleep(0.2)
         raise AssertionError(f"maas up not ready: {log.read_text()[-3000:]}")
 
+    def _printed_key(self, log: Path) -> str:
+        """The administrator key `maas up` printed (API keys are on by default)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            found = re.search(r"^\s+(maas_[0-9a-f]{16}_\S+)$", log.read_text(), re.MULTILINE)
+            if found:
+                return found.group(1)
+            time.sleep(0.2)
+        raise AssertionError(f"maas up printed no key: {log.read_text()[-3000:]}")
+
     @property
     def env(self) -> dict[str, str]:
         return os.environ | {
             "MAAS_GATEWAY": str(self.endpoints["gateway"]),
             "MAAS_REGISTRY": str(self.endpoints["registry"]),
+            "MAAS_API_KEY": self.api_key,
         }
 
     def stop(self, sig: int) -> int:
@@ -87,6 +100,7 @@ def _infer_affine(up: Up) -> list[list[float]]:
         str(up.endpoints["gateway"]),
         [{"op": "infer", "model": "affine", "inputs": {"x": {"data": [[1, 2, 3, 4]], "dtype": "float32"}},
           "timeout_s": 60}],
+        api_key=up.api_key,
     )  # fmt: skip
     assert "ok" in result, result
     outputs: list[list[float]] = result["ok"]["outputs"]["y"]
@@ -112,6 +126,9 @@ def test_up_push_infer_restart(up_process: Up, model_file: Path, tmp_path: Path)
     assert "deployed 'affine' version 1" in pushed.stdout
 
     assert _infer_affine(up) == [[3.0, 5.0, 7.0, 9.0]]
+    [refused] = triton_calls(str(up.endpoints["gateway"]), [{"op": "metadata", "model": "affine"}])
+    assert refused["error"]["status"] == "StatusCode.UNAUTHENTICATED", refused
+    assert (up.data_dir / "auth" / "admin.key").stat().st_mode & 0o777 == 0o600
     cli = subprocess.run(
         [*MAAS, "infer", "affine", "--input", "x=[[0, 0.5, 1, 2]]"], env=up.env, capture_output=True, text=True
     )
@@ -133,6 +150,7 @@ def test_up_push_infer_restart(up_process: Up, model_file: Path, tmp_path: Path)
 
     again = Up(up.data_dir, tmp_path / "up2.log")
     try:
+        assert again.api_key == up.api_key  # made on first start, reused
         assert _infer_affine(again) == [[3.0, 5.0, 7.0, 9.0]]
         listed = subprocess.run([*MAAS, "models", "ls"], env=again.env, capture_output=True, text=True)
         assert "affine" in listed.stdout and "v1 on pool default" in listed.stdout

@@ -171,7 +171,7 @@ def test_bytes_framing_is_checked_before_enqueueing(raw: bytes, message: str) ->
         ("request", "sequence_id", "parameter 'sequence_id' is not supported: MaaS serves stateless models only"),
         ("request", "priority", "parameter 'priority' is not supported: MaaS does not implement it; remove it"),
         ("input", "shared_memory_region", "input 'x': parameter 'shared_memory_region' is not supported: shared"),
-        ("output", "classification", "output 'y': parameter 'classification' is not supported: class_count"),
+        ("output", "binary_data", "output 'y': parameter 'binary_data' is not supported: MaaS does not implement"),
     ],
 )
 def test_parameters_maas_does_not_implement_are_refused(where: str, name: str, message: str) -> None:

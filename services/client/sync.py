@@ -1,0 +1,103 @@
+"""``MaasClient``: the blocking twin of ``AsyncMaasClient``, for code that does not run an event loop.
+
+Each call runs the async client's coroutine on a private event loop thread and waits for it, so
+both clients share one implementation; a ``MaasClient`` may be used from many threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
+
+from services.client.aio import AsyncMaasClient, ClientOptions
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncMaasClient, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[MaasClient, _P], _T]:
+    """Turn an ``AsyncMaasClient`` method into a ``MaasClient`` one with the same arguments and docstring."""
+
+    @functools.wraps(method)
+    def call(self: MaasClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._wait(method(self._client, *args, **kwargs))
+
+    return call
+
+
+async def _open(gateway: str, registry: str, options: ClientOptions) -> AsyncMaasClient:
+    # NOTE: grpc.aio channels belong to the loop they are created on: create them on the client's loop.
+    return AsyncMaasClient(gateway, registry, **options)
+
+
+class MaasClient:
+    """A blocking client of a MaaS gateway and registry; the same methods and errors as ``AsyncMaasClient``.
+
+    Aliases are not offered yet (the registry has no alias RPC; issue 7). Close it, or use it as a
+    context manager, to stop its loop thread.
+
+    Args:
+        gateway: host:port of the gateway.
+        registry: host:port of the registry.
+        **options: ``credentials``, ``metadata``, ``timeout_s``, ``registry_timeout_s``, as for ``AsyncMaasClient``.
+    """
+
+    def __init__(
+        self, gateway: str = "127.0.0.1:8001", registry: str = "127.0.0.1:8002", **options: Unpack[ClientOptions]
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="maas-client", daemon=True)
+        self._thread.start()
+        self._client = self._wait(_open(gateway, registry, options))
+
+    def _wait(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        future: Future[_T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt in this thread: stop the call, not just the wait
+            raise
+
+    def close(self) -> None:
+        """Close the channels and stop the loop thread (a second call does nothing)."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._wait(self._client.close())
+            self._wait(self._loop.shutdown_asyncgens())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> MaasClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    infer = _blocking(AsyncMaasClient.infer)
+    model_metadata = _blocking(AsyncMaasClient.model_metadata)
+    model_ready = _blocking(AsyncMaasClient.model_ready)
+    push = _blocking(AsyncMaasClient.push)
+    deploy = _blocking(AsyncMaasClient.deploy)
+    undeploy = _blocking(AsyncMaasClient.undeploy)
+    list_models = _blocking(AsyncMaasClient.list_models)
+    get_model = _blocking(AsyncMaasClient.get_model)
+    list_versions = _blocking(AsyncMaasClient.list_versions)
+    get_version = _blocking(AsyncMaasClient.get_version)
+    delete_model = _blocking(AsyncMaasClient.delete_model)
+    create_tenant = _blocking(AsyncMaasClient.create_tenant)
+    list_tenants = _blocking(AsyncMaasClient.list_tenants)
+    create_api_key = _blocking(AsyncMaasClient.create_api_key)
+    list_api_keys = _blocking(AsyncMaasClient.list_api_keys)
+    revoke_api_key = _blocking(AsyncMaasClient.revoke_api_key)

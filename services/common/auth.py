@@ -1,0 +1,650 @@
+"""API keys: their records, verification (cached, invalidated by events) and the check on every RPC.
+
+A key is ``maas_<key id>_<secret>``: the id (64 random bits, hex) finds the record in Redis
+(``keys.API_KEYS``), the secret (192 random bits) is compared as an HMAC-SHA256 keyed with the
+server secret (``MAAS_AUTH_SECRET``), so a copy of Redis holds no usable key. The registry
+creates and revokes keys (``services.registry.identities``); every server verifies them here.
+
+``AuthInterceptor`` runs inside the ``ErrorInterceptor``'s scope, so what it raises maps to a
+status: no key, or an unknown, revoked or expired one, is ``Unauthenticated`` with one message
+whatever the reason; a valid key without the RPC's scope, or whose model patterns do not match
+the model a request names, is ``PermissionDenied`` naming the scope or the patterns. The model
+check looks at the name only, so a model the key may not use answers the same whether it exists
+or not. The caller's identity is in a contextvar (``current_identity``) for the code that
+filters lists. Health and (unless closed by a setting) reflection stay open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, TypeVar
+
+import grpc
+import redis.asyncio as aioredis
+import structlog
+from pydantic import SecretStr
+
+from services.common import events, keys
+from services.common.errors import MaasError, PermissionDenied, ResourceExhausted, Unauthenticated
+from services.common.interceptors import HandlerCache
+from services.common.redis_conn import redis_errors
+from services.common.settings import ServiceSettings
+from services.common.tasks import finish_tasks
+
+log = structlog.get_logger(__name__)
+
+INFER, READ, WRITE, ADMIN = "infer", "read", "write", "admin"
+SCOPES = (INFER, READ, WRITE, ADMIN)
+"""``infer``: inference; ``read``: metadata, lists, status; ``write``: push, deploy, delete, share;
+``admin``: tenants and keys."""
+TOKEN_PREFIX = "maas_"
+MIN_SECRET_CHARS = 32
+"""Shortest server secret accepted (``auth_secret``)."""
+IDENTITY_EVENTS = frozenset({"api_key_revoked"})
+"""Registry events after which every process forgets the keys it verified."""
+
+_T = TypeVar("_T")
+_UNAUTHENTICATED = "missing or invalid API key: send 'authorization: Bearer <key>' (or 'x-api-key: <key>')"
+_MAX_CACHED = 10_000
+_MAX_PEERS = 10_000
+_SHOWN_CHARS = 80
+
+
+def secret_hmac(auth_secret: str, secret: str) -> str:
+    """Return the hex HMAC-SHA256 of a key's ``secret``, keyed with the server's ``auth_secret``."""
+    return hmac.new(auth_secret.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def new_token() -> tuple[str, str, str]:
+    """Return a fresh ``(key id, secret, token)``: 64 random bits of id, 192 of secret."""
+    key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(24)
+    return key_id, secret, f"{TOKEN_PREFIX}{key_id}_{secret}"
+
+
+def parse_token(token: str) -> tuple[str, str] | None:
+    """Split a token into ``(key id, secret)``; None if it is not shaped like a MaaS key."""
+    if not token.startswith(TOKEN_PREFIX):
+        return None
+    key_id, sep, secret = token[len(TOKEN_PREFIX) :].partition("_")
+    if not sep or len(key_id) != 16 or not secret or not all(c in "0123456789abcdef" for c in key_id):
+        return None
+    return key_id, secret
+
+
+def shown(value: str) -> str:
+    """Return ``value`` cut short and with control characters escaped, to echo it in a message."""
+    cut = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+
+
+def now_ms() -> int:
+    """Return the wall-clock time in milliseconds (expiry times are wall-clock)."""
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key as stored: never its secret, only the secret's HMAC."""
+
+    id: str
+    tenant: str
+    name: str
+    scopes: tuple[str, ...]
+    models: tuple[str, ...] = ("*",)
+    """Model-name glob patterns (``fnmatch.fnmatchcase``) the key may use."""
+    secret_hmac: str = field(default="", repr=False)
+    created_at_ms: int = 0
+    expires_at_ms: int = 0
+    """0: never."""
+    revoked: bool = False
+
+    def is_expired(self, at_ms: int) -> bool:
+        """Whether the key has expired at ``at_ms``."""
+        return self.expires_at_ms != 0 and at_ms >= self.expires_at_ms
+
+    def to_json(self) -> str:
+        """Serialize for storage."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ApiKeyRecord:
+        """Deserialize what ``to_json`` wrote."""
+        data: dict[str, Any] = json.loads(raw)
+        data["scopes"] = tuple(data["scopes"])
+        data["models"] = tuple(data["models"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    """A group of API keys (a team, a customer)."""
+
+    name: str
+    description: str = ""
+    created_at_ms: int = 0
+
+    def to_json(self) -> str:
+        """Serialize for storage."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> TenantRecord:
+        """Deserialize what ``to_json`` wrote."""
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: a verified key's tenant, name, scopes and model patterns."""
+
+    key_id: str
+    key_name: str
+    tenant: str
+    scopes: frozenset[str]
+    models: tuple[str, ...]
+
+    @classmethod
+    def of(cls, record: ApiKeyRecord) -> Identity:
+        """Return the identity a key record grants."""
+        return cls(record.id, record.name, record.tenant, frozenset(record.scopes), record.models)
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the key has the ``admin`` scope."""
+        return ADMIN in self.scopes
+
+    def may_use(self, model: str) -> bool:
+        """Whether one of the key's model patterns matches ``model``."""
+        return any(fnmatchcase(model, pattern) for pattern in self.models)
+
+
+_identity: ContextVar[Identity | None] = ContextVar("maas_identity", default=None)
+
+
+def current_identity() -> Identity | None:
+    """Return the calling key's identity; None when the server checks no keys (auth off)."""
+    return _identity.get()
+
+
+def check_model(model: str, identity: Identity | None = None) -> None:
+    """Refuse a model the calling key's patterns do not match (judged by the name alone).
+
+    An empty name passes: it means "every model" (filtered with ``visible``) or is refused by
+    the RPC's own validation.
+
+    Raises:
+        PermissionDenied: The key's patterns do not match ``model``.
+    """
+    identity = identity or _identity.get()
+    if identity is None or not model or identity.may_use(model):
+        return
+    patterns = ", ".join(f"'{pattern}'" for pattern in identity.models)
+    raise PermissionDenied(
+        f"API key '{identity.key_name}' may not use model '{shown(model)}': its model patterns are {patterns}"
+    )
+
+
+def visible(items: Iterable[_T], name: Callable[[_T], str]) -> list[_T]:
+    """Return the items whose model ``name`` the calling key may use (all when auth is off)."""
+    identity = _identity.get()
+    if identity is None:
+        return list(items)
+    return [item for item in items if identity.may_use(name(item))]
+
+
+class KeyVerifier:
+    """Verifies tokens against the key records in Redis, caching each verified key briefly.
+
+    Revocations reach the cache through the registry's events stream (``start`` follows it), so
+    a revoked key stops working within about a second; the TTL bounds staleness if an event is
+    missed, and the cache is dropped whenever following the stream fails.
+
+    Args:
+        redis: Client whose socket timeout exceeds one second (events are read with XREAD BLOCK).
+        auth_secret: The server secret the keys' HMACs are keyed with.
+        cache_ttl_s: How long a verified key is trusted without reading its record again.
+    """
+
+    def __init__(self, redis: aioredis.Redis, auth_secret: str, *, cache_ttl_s: float = 5.0) -> None:
+        self._redis = redis
+        self._secret = auth_secret
+        self._ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[float, str, Identity]] = {}
+        self._generation = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start following registry events (revocations)."""
+        self._task = asyncio.create_task(self._follow_events(), name="auth-events")
+
+    async def stop(self) -> None:
+        """Stop following events."""
+        if self._task is not None:
+            await finish_tasks([self._task], 0)
+
+    def invalidate(self) -> None:
+        """Forget every verified key (a verification in flight is not cached either)."""
+        self._generation += 1
+        self._cache.clear()
+
+    async def _follow_events(self) -> None:
+        while True:
+            try:
+                async for event in events.follow(self._redis):
+                    if event.kind in IDENTITY_EVENTS:
+                        self.invalidate()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a supervised loop: events may have been missed, so forget all
+                log.warning("auth_events_failed", error=str(exc))
+                self.invalidate()
+                await asyncio.sleep(1.0)
+
+    async def verify(self, token: str | None) -> Identity:
+        """Return the identity of a valid token.
+
+        Raises:
+            Unauthenticated: No token, or an unknown, revoked or expired one (one message for all).
+            Unavailable: Redis cannot be reached.
+        """
+        parsed = parse_token(token) if token else None
+        if parsed is None:
+            raise Unauthenticated(_UNAUTHENTICATED)
+        key_id, secret = parsed
+        digest = secret_hmac(self._secret, secret)
+        now = asyncio.get_running_loop().time()
+        cached = self._cache.get(key_id)
+        if cached is not None and cached[0] > now and hmac.compare_digest(cached[1], digest):
+            return cached[2]
+        generation = self._generation
+        with redis_errors("identity store"):
+            raw = await self._redis.hget(keys.API_KEYS, key_id)
+        record = ApiKeyRecord.from_json(raw) if raw is not None else None
+        at_ms = now_ms()
+        if record is None or record.revoked or record.is_expired(at_ms):
+            raise Unauthenticated(_UNAUTHENTICATED)
+        if not hmac.compare_digest(record.secret_hmac, digest):
+            raise Unauthenticated(_UNAUTHENTICATED)
+        identity = Identity.of(record)
+        if generation == self._generation:
+            ttl_s = self._ttl_s if not record.expires_at_ms else min(self._ttl_s, (record.expires_at_ms - at_ms) / 1000)
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.clear()
+            self._cache[key_id] = (now + ttl_s, digest, identity)
+        return identity
+
+
+class FailureLimiter:
+    """A token bucket of failed authentications per peer address (in memory, per process).
+
+    Args:
+        burst: Failures a peer may make at once.
+        per_s: Failures a peer earns back each second.
+    """
+
+    def __init__(self, burst: int, per_s: float) -> None:
+        self._burst = burst
+        self._per_s = per_s
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def _tokens(self, peer: str, now: float) -> float:
+        tokens, at = self._buckets.get(peer, (float(self._burst), now))
+        return min(float(self._burst), tokens + (now - at) * self._per_s)
+
+    def retry_after_s(self, peer: str) -> float:
+        """Return how long ``peer`` must wait before trying again (0: it may try now)."""
+        now = time.monotonic()
+        tokens = self._tokens(peer, now)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._per_s
+
+    def failed(self, peer: str) -> None:
+        """Count a failed authentication of ``peer``."""
+        now = time.monotonic()
+        if len(self._buckets) >= _MAX_PEERS:
+            self._buckets = {p: b for p, b in self._buckets.items() if self._tokens(p, now) < self._burst}
+        self._buckets[peer] = (self._tokens(peer, now) - 1.0, now)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one RPC needs: one of ``scopes`` (none: any valid key) and the model its request names."""
+
+    scopes: tuple[str, ...]
+    model_field: str | None = None
+    """Dotted path of the request field naming the model (e.g. ``header.model``); each message of
+    a request stream is checked when the field is set on it."""
+    checked_by_handler: bool = False
+    """The handler checks the model of each request itself (``check_model``), so that a refused
+    request of a stream is that request's answer, not the stream's end."""
+
+    @property
+    def is_audited(self) -> bool:
+        """Whether calls are written to the audit log (writes and administration)."""
+        return WRITE in self.scopes or ADMIN in self.scopes
+
+
+_ANY_KEY = Rule(())
+_INFERENCE = "/inference.GRPCInferenceService/"
+_REGISTRY = "/maas.registry.v1.ModelRegistry/"
+
+INFERENCE_RULES: dict[str, Rule] = {
+    f"{_INFERENCE}{method}": rule
+    for method, rule in {
+        "ServerLive": _ANY_KEY,
+        "ServerReady": _ANY_KEY,
+        "ServerMetadata": _ANY_KEY,
+        "ModelReady": Rule((INFER, READ), "name"),
+        "ModelMetadata": Rule((INFER, READ), "name"),
+        "ModelConfig": Rule((INFER, READ), "name"),
+        "ModelStatistics": Rule((READ,), "name"),
+        "RepositoryIndex": Rule((READ,)),
+        "RepositoryModelLoad": Rule((WRITE,), "model_name"),
+        "RepositoryModelUnload": Rule((WRITE,), "model_name"),
+        "ModelInfer": Rule((INFER,), "model_name"),
+        "ModelStreamInfer": Rule((INFER,), "model_name", checked_by_handler=True),
+        "SystemSharedMemoryStatus": Rule((INFER,)),
+        "SystemSharedMemoryRegister": Rule((INFER,)),
+        "SystemSharedMemoryUnregister": Rule((INFER,)),
+        "CudaSharedMemoryStatus": Rule((INFER,)),
+        "CudaSharedMemoryRegister": Rule((INFER,)),
+        "CudaSharedMemoryUnregister": Rule((INFER,)),
+        "TraceSetting": Rule((ADMIN,)),
+        "LogSettings": Rule((ADMIN,)),
+    }.items()
+}
+"""``inference.GRPCInferenceService`` (the gateway, and a worker's direct service): scope and model field."""
+
+REGISTRY_RULES: dict[str, Rule] = {
+    f"{_REGISTRY}{method}": rule
+    for method, rule in {
+        "CreateModel": Rule((WRITE,), "name"),
+        "GetModel": Rule((READ,), "name"),
+        "ListModels": Rule((READ,)),
+        "DeleteModel": Rule((WRITE,), "name"),
+        "UploadVersion": Rule((WRITE,), "header.model"),
+        "GetVersion": Rule((READ,), "model"),
+        "ListVersions": Rule((READ,), "model"),
+        "DownloadVersion": Rule((READ,), "model"),
+        "Deploy": Rule((WRITE,), "model"),
+        "Undeploy": Rule((WRITE,), "model"),
+        "ListDeployments": Rule((READ,)),
+        "CreateTenant": Rule((ADMIN,)),
+        "ListTenants": Rule((ADMIN,)),
+        "CreateApiKey": Rule((ADMIN,)),
+        "ListApiKeys": Rule((ADMIN,)),
+        "RevokeApiKey": Rule((ADMIN,)),
+    }.items()
+}
+"""``maas.registry.v1.ModelRegistry``: scope and model field of each RPC."""
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+REFLECTION_SERVICES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+
+
+def _model_of(message: Any, path: str) -> str | None:
+    """Return the model a message names at ``path`` (None when a message on the way is unset)."""
+    obj = message
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if not obj.HasField(part):
+            return None
+        obj = getattr(obj, part)
+    value = getattr(obj, leaf, None)
+    return value if isinstance(value, str) else None
+
+
+def _version_of(request: Any, response: Any) -> int | str | None:
+    """Return the model version a write named or produced, for the audit log."""
+    for holder in (getattr(response, "version", None), getattr(response, "deployment", None)):
+        number = getattr(holder, "version", None)
+        if isinstance(number, int) and number:
+            return number
+    number = getattr(request, "version", None)
+    return number if isinstance(number, int | str) and number else None
+
+
+def _token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
+        if key == "authorization":
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
+        elif key == "x-api-key":
+            return text.strip()
+    return None
+
+
+def _peer_host(peer: str) -> str:
+    """``ipv4:1.2.3.4:5678`` -> ``ipv4:1.2.3.4`` (failures are counted per address, not connection)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
+class _Call:
+    """One authorized call: its identity and rule, and its audit line when it writes."""
+
+    __slots__ = ("identity", "model", "rpc", "rule")
+
+    def __init__(self, rpc: str, rule: Rule, identity: Identity) -> None:
+        self.rpc = rpc
+        self.rule = rule
+        self.identity = identity
+        self.model: str | None = None
+
+    def check(self, message: Any) -> Any:
+        """Check the model ``message`` names (if the rule names a field); return the message."""
+        if self.rule.model_field is not None and not self.rule.checked_by_handler:
+            model = _model_of(message, self.rule.model_field)
+            if model is not None:
+                self.model = model
+                check_model(model, self.identity)
+        return message
+
+    async def check_each(self, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """Check each message of a request stream as it is read."""
+        async for message in messages:
+            yield self.check(message)
+
+    def audit(self, request: Any, response: Any, exc: BaseException | None) -> None:
+        """Write the audit line of a write or administration call."""
+        if not self.rule.is_audited:
+            return
+        if exc is None:
+            code = "OK"
+        elif isinstance(exc, MaasError):
+            code = exc.grpc_code.name
+        elif isinstance(exc, asyncio.CancelledError):
+            code = "CANCELLED"
+        else:
+            code = "INTERNAL"
+        log.info(
+            "audit", audit=True, rpc=self.rpc, key=self.identity.key_name, key_id=self.identity.key_id,
+            tenant=self.identity.tenant, model=self.model, version=_version_of(request, response), result=code,
+        )  # fmt: skip
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticate every RPC but health (and open reflection) and check its scope and model.
+
+    RPCs without a rule in ``rules`` are refused (a new RPC is closed until it gets one).
+
+    Args:
+        verifier: Verifies tokens.
+        rules: The rule of each RPC, by full method name (``INFERENCE_RULES``, ``REGISTRY_RULES``).
+        limiter: Failed authentications per peer address.
+        is_reflection_open: Serve server reflection without a key.
+    """
+
+    def __init__(
+        self, verifier: KeyVerifier, rules: Mapping[str, Rule], limiter: FailureLimiter, *, is_reflection_open: bool
+    ) -> None:
+        self._verifier = verifier
+        self._rules = rules
+        self._limiter = limiter
+        self._open = OPEN_SERVICES + (REFLECTION_SERVICES if is_reflection_open else ())
+        self._cache = HandlerCache(self._wrap)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wrap the RPC's handler (see class docstring); wrapped handlers are built once per method."""
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(self._open):
+            return handler
+        return self._cache.get(handler, method)
+
+    async def _authorize(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> _Call:
+        """Authenticate the caller and check the RPC's scope; bind the identity to this call.
+
+        Raises:
+            ResourceExhausted: The peer made too many failed authentications lately.
+            Unauthenticated: No valid key.
+            PermissionDenied: The key lacks the scope, or no rule allows the RPC.
+        """
+        peer = _peer_host(context.peer() or "")
+        wait_s = self._limiter.retry_after_s(peer)
+        if wait_s > 0:
+            raise ResourceExhausted(
+                f"too many failed authentications from this address; retry in {math.ceil(wait_s)} s"
+            )
+        try:
+            identity = await self._verifier.verify(_token(context.invocation_metadata()))
+        except Unauthenticated:
+            self._limiter.failed(peer)
+            log.info("auth_failed", peer=peer, rpc=rpc)
+            raise
+        _identity.set(identity)
+        structlog.contextvars.bind_contextvars(caller=f"{identity.tenant}/{identity.key_name}")
+        rule = self._rules.get(rpc)
+        if rule is None:
+            raise PermissionDenied(f"{rpc} is not open to any API key")
+        call = _Call(rpc, rule, identity)
+        if rule.scopes and identity.scopes.isdisjoint(rule.scopes):
+            needed = " or ".join(f"'{scope}'" for scope in rule.scopes)
+            denied = PermissionDenied(f"API key '{identity.key_name}' lacks scope {needed}, which {rpc} needs")
+            call.audit(None, None, denied)
+            raise denied
+        return call
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            guarded = self._guard(handler.unary_unary, rpc, streamed_in=False)
+            return grpc.unary_unary_rpc_method_handler(
+                guarded, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary is not None:
+            guarded = self._guard(handler.stream_unary, rpc, streamed_in=True)
+            return grpc.stream_unary_rpc_method_handler(
+                guarded, handler.request_deserializer, handler.response_serializer
+            )
+        return self._wrap_stream_out(handler, rpc)
+
+    def _guard(
+        self, inner: Callable[[Any, Any], Awaitable[Any]], rpc: str, *, streamed_in: bool
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        """``inner`` (a unary-out behaviour) behind the key check, audited."""
+        authorize = self._authorize
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call = await authorize(context, rpc)
+            response, failure = None, None
+            try:
+                response = await inner(call.check_each(request) if streamed_in else call.check(request), context)
+                return response
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                call.audit(None if streamed_in else request, response, failure)
+
+        return guarded
+
+    def _wrap_stream_out(self, handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
+        streaming = handler.unary_stream or handler.stream_stream
+        assert streaming is not None
+        is_unary_in = handler.unary_stream is not None
+        authorize = self._authorize
+
+        async def stream_out(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            call = await authorize(context, rpc)
+            incoming = call.check(request) if is_unary_in else call.check_each(request)
+            failure = None
+            try:
+                async for reply in streaming(incoming, context):
+                    yield reply
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                call.audit(request if is_unary_in else None, None, failure)
+
+        factory = grpc.unary_stream_rpc_method_handler if is_unary_in else grpc.stream_stream_rpc_method_handler
+        return factory(stream_out, handler.request_deserializer, handler.response_serializer)
+
+
+class AuthConfigError(ValueError):
+    """Auth is on, but the server secret is missing or too short."""
+
+
+@dataclass(frozen=True)
+class ServerAuth:
+    """A server's key check: the interceptor, and the verifier whose event follower must run."""
+
+    verifier: KeyVerifier
+    interceptor: AuthInterceptor
+
+    async def start(self) -> None:
+        """Start following revocations."""
+        await self.verifier.start()
+
+    async def stop(self) -> None:
+        """Stop following revocations."""
+        await self.verifier.stop()
+
+
+def auth_secret(settings: ServiceSettings) -> str | None:
+    """Return the server secret of ``settings`` (None if unset)."""
+    return settings.auth_secret.get_secret_value() if settings.auth_secret is not None else None
+
+
+def create_server_auth(
+    settings: ServiceSettings, redis: aioredis.Redis, rules: Mapping[str, Rule], *, service: str
+) -> ServerAuth | None:
+    """Build the key check of a server from its settings; None (and a warning) when auth is off.
+
+    Raises:
+        AuthConfigError: Auth is on and ``MAAS_AUTH_SECRET`` is missing or shorter than 32 characters.
+    """
+    if not settings.auth_enabled:
+        log.warning("auth_disabled", service=service, hint="every caller may use every RPC")
+        return None
+    secret = auth_secret(settings) or ""
+    if len(secret) < MIN_SECRET_CHARS:
+        raise AuthConfigError(
+            f"{service}: auth is on, but MAAS_AUTH_SECRET is unset or shorter than {MIN_SECRET_CHARS} characters"
+        )
+    verifier = KeyVerifier(redis, secret, cache_ttl_s=settings.auth_cache_ttl_s)
+    limiter = FailureLimiter(settings.auth_failures_burst, settings.auth_failures_per_s)
+    interceptor = AuthInterceptor(verifier, rules, limiter, is_reflection_open=settings.auth_reflection_open)
+    return ServerAuth(verifier, interceptor)
+
+
+def bearer(token: str | SecretStr | None) -> tuple[tuple[str, str], ...]:
+    """Return the call metadata that sends the API key ``token`` (none without one)."""
+    if isinstance(token, SecretStr):
+        token = token.get_secret_value()
+    return (("authorization", f"Bearer {token}"),) if token else ()

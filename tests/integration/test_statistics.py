@@ -1,0 +1,207 @@
+"""ModelStatistics as Triton reports them, cluster-wide: kept in Redis by gateways and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+from services.common.queue import now_ms
+from tests.integration.suite import Suite, start_gateway_process
+from tests.models import affine_model
+from tests.triton import triton_calls
+
+pytestmark = pytest.mark.integration
+
+
+def _request(rows: int, *, columns: int = 4, model: str = "affine") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=[rows, columns])
+    request.raw_input_contents.append(np.ones((rows, columns), np.float32).tobytes())
+    return request
+
+
+async def _statistics(stub: pb_grpc.GRPCInferenceServiceStub, name: str = "affine") -> pb.ModelStatisticsResponse:
+    response: pb.ModelStatisticsResponse = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name), timeout=5)
+    return response
+
+
+async def _fail(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_counts_and_durations_after_calls(suite: Suite) -> None:
+    await suite.push("affine", affine_model())
+    before = now_ms()
+    rows = [1, 2, 3, 1, 1]
+    for count in rows:  # one at a time: one model run each
+        await suite.inference.ModelInfer(_request(count), timeout=10)
+    await _fail(suite.inference, _request(1, columns=3))  # refused by the gateway's validation
+    await _fail(suite.inference, _request(9))  # larger than the deployment's max_batch_size (8)
+    after = now_ms()
+
+    [stats] = (await _statistics(suite.inference)).model_stats
+    assert (stats.name, stats.version) == ("affine", "1")
+    assert before <= stats.last_inference <= after
+    inference = stats.inference_stats
+    assert inference.success.count == 5 and inference.success.ns > 0
+    assert inference.fail.count == 2 and inference.fail.ns > 0
+    for phase in (inference.queue, inference.compute_input, inference.compute_infer, inference.compute_output):
+        assert phase.count == 5 and phase.ns > 0
+    assert stats.inference_count == sum(rows)  # batch rows, as Triton counts them
+    assert stats.execution_count == 5
+    by_size = {batch.batch_size: batch for batch in stats.batch_stats}
+    assert sorted(by_size) == [1, 2, 3]
+    assert [by_size[size].compute_infer.count for size in (1, 2, 3)] == [3, 1, 1]
+    assert all(batch.compute_infer.ns > 0 and batch.compute_input.ns > 0 for batch in stats.batch_stats)
+    assert all(batch.compute_input.count == batch.compute_output.count == batch.compute_infer.count
+               for batch in stats.batch_stats)  # fmt: skip
+
+
+async def test_batched_calls_count_fewer_executions_than_inferences(suite: Suite) -> None:
+    # The worker waits up to 500 ms to fill a batch of 8: 16 concurrent calls make a few batches.
+    await suite.push("affine", affine_model(), max_batch_size=8, max_wait_ms=500)
+    await asyncio.gather(*(suite.inference.ModelInfer(_request(1), timeout=20) for _ in range(16)))
+
+    [stats] = (await _statistics(suite.inference)).model_stats
+    assert stats.inference_stats.success.count == 16
+    assert stats.inference_stats.compute_infer.count == 16
+    assert stats.inference_count == 16
+    assert 2 <= stats.execution_count < stats.inference_count
+    assert sum(batch.compute_infer.count for batch in stats.batch_stats) == stats.execution_count
+    assert sum(batch.batch_size * batch.compute_infer.count for batch in stats.batch_stats) == 16
+    # Every request of a batch is charged its batch's run (Triton's semantics).
+    assert stats.inference_stats.compute_infer.ns >= sum(batch.compute_infer.ns for batch in stats.batch_stats)
+
+
+def _reshape_model() -> bytes:
+    """Y = Reshape(x, shape): valid to the gateway and the worker, fails in ORT for a bad ``shape``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape", [x, shape], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _reshape_request(rows: int, shape: list[int]) -> pb.ModelInferRequest:
+    request = _request(rows, model="reshape")
+    request.inputs.add(name="shape", datatype="INT64", shape=[2])
+    request.raw_input_contents.append(np.array(shape, np.int64).tobytes())
+    return request
+
+
+async def test_a_failed_model_run_is_a_fail_with_no_compute(suite: Suite) -> None:
+    await suite.push("reshape", _reshape_model())
+    await suite.inference.ModelInfer(_reshape_request(2, [1, 8]), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.inference.ModelInfer(_reshape_request(2, [3, 3]), timeout=10)
+    assert "model run failed" in (info.value.details() or "")
+
+    [stats] = (await _statistics(suite.inference, "reshape")).model_stats
+    inference = stats.inference_stats
+    assert (inference.success.count, inference.fail.count) == (1, 1)
+    assert inference.queue.count == inference.compute_infer.count == 1
+    # Not batchable (``shape`` has no batch dimension): each request counts one inference.
+    assert (stats.inference_count, stats.execution_count) == (1, 1)
+    assert [(batch.batch_size, batch.compute_infer.count) for batch in stats.batch_stats] == [(1, 1)]
+
+
+async def _wait_for_calls(stub: pb_grpc.GRPCInferenceServiceStub, calls: int) -> pb.ModelStatistics:
+    async with asyncio.timeout(15):  # a gateway adds its counts to Redis every second
+        while True:
+            found = (await _statistics(stub)).model_stats
+            if found and found[0].inference_stats.success.count + found[0].inference_stats.fail.count >= calls:
+                return found[0]
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(120)
+async def test_every_gateway_reports_the_whole_cluster(suite: Suite, tmp_path: Path) -> None:
+    await suite.push("affine", affine_model())
+    process, address = await start_gateway_process(suite, tmp_path / "gateway-a.json", drain_delay_s="0")
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            gateway_a = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(3):
+                await gateway_a.ModelInfer(_request(1), timeout=10)
+            await _fail(gateway_a, _request(1, columns=5))
+            await suite.inference.ModelInfer(_request(2), timeout=10)  # through gateway B
+
+            # B sees A's calls once A has flushed them; A sees B's likewise.
+            from_b = await _wait_for_calls(suite.inference, 5)
+            from_a = await _wait_for_calls(gateway_a, 5)
+            for stats in (from_b, from_a):
+                assert stats.inference_stats.success.count == 4
+                assert stats.inference_stats.fail.count == 1
+                assert stats.inference_count == 5
+                assert stats.execution_count == 4
+
+            for _ in range(2):
+                await gateway_a.ModelInfer(_request(1), timeout=10)
+        # A stopping adds what it counted since its last flush.
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await process.wait() == 0
+        [stats] = (await _statistics(suite.inference)).model_stats
+        assert stats.inference_stats.success.count == 6
+        assert stats.inference_stats.fail.count == 1
+        assert stats.inference_count == 7
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_tritonclient_reads_the_statistics(suite: Suite) -> None:
+    await suite.push("affine", affine_model())
+    x = {"x": {"data": np.arange(8).reshape(2, 4).tolist(), "dtype": "float32"}}
+    results = await asyncio.to_thread(
+        triton_calls,
+        suite.gateway_address,
+        [
+            {"op": "infer", "model": "affine", "inputs": x},
+            {"op": "infer", "model": "affine", "inputs": x},
+            {"op": "statistics", "model": "affine"},
+            {"op": "statistics"},
+        ],
+    )
+    one, every = results[2]["ok"], results[3]["ok"]
+    assert one == every
+    [stats] = one["model_stats"]
+    assert stats["name"] == "affine" and stats["version"] == "1"
+    assert stats["inference_count"] == "4" and stats["execution_count"] == "2"
+    inference = stats["inference_stats"]
+    assert inference["success"]["count"] == "2" and int(inference["success"]["ns"]) > 0
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert inference[phase]["count"] == "2" and int(inference[phase]["ns"]) > 0
+    [batch] = stats["batch_stats"]
+    assert batch["batch_size"] == "2" and batch["compute_infer"]["count"] == "2"
+
+
+async def test_statistics_survive_a_redeploy_and_go_with_the_model(suite: Suite) -> None:
+    await suite.push("affine", affine_model())
+    await suite.inference.ModelInfer(_request(1), timeout=10)
+    await suite.registry.undeploy("affine")
+    await suite.registry.deploy("affine", 1)
+    assert suite.worker is not None
+    await suite.worker.reconcile()
+    await suite.inference.ModelInfer(_request(1), timeout=10)
+    [stats] = (await _statistics(suite.inference)).model_stats
+    assert stats.inference_stats.success.count == 2
+
+    await suite.gateway.stats.flush()  # nothing of it waits in the gateway's memory any more
+    await suite.registry.delete_model("affine")
+    await suite.push("affine", affine_model())  # the same name and version number again
+    assert list((await _statistics(suite.inference)).model_stats) == []
+    assert list((await suite.inference.ModelStatistics(pb.ModelStatisticsRequest(), timeout=5)).model_stats) == []
