@@ -77,8 +77,8 @@ class CliSettings(BaseSettings):
             return None
 
 
-_tls_flags: dict[str, Any] = {}
-"""``--ca``, ``--cert`` and ``--key`` as given before the command (they override ``MAAS_TLS_*``)."""
+_global_flags: dict[str, Any] = {}
+"""``--ca``, ``--cert``, ``--key`` and ``--api-key`` as given before the command (they override ``MAAS_*``)."""
 
 
 @app.callback()
@@ -91,13 +91,13 @@ def _global_options(
     ] = None,
 ) -> None:
     """MaaS: register ONNX models and call them over gRPC (KServe v2)."""
-    _tls_flags.update(_given(tls_ca=ca, tls_cert=cert, tls_key=key, api_key=api_key))
+    _global_flags.update(_given(tls_ca=ca, tls_cert=cert, tls_key=key, api_key=api_key))
 
 
 @contextmanager
 def _client() -> Iterator[MaasClient]:
     """Yield a client of the services CliSettings names; a MaaS error ends the command with its status."""
-    settings = CliSettings(**_tls_flags)
+    settings = CliSettings(**_global_flags)
     try:
         credentials = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
     except TlsConfigError as exc:

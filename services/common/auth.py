@@ -37,6 +37,7 @@ from pydantic import SecretStr
 from services.common import events, keys
 from services.common.errors import MaasError, PermissionDenied, ResourceExhausted, Unauthenticated
 from services.common.interceptors import HandlerCache
+from services.common.metadata import shown
 from services.common.redis_conn import redis_errors
 from services.common.settings import ServiceSettings
 from services.common.tasks import finish_tasks
@@ -57,7 +58,6 @@ _T = TypeVar("_T")
 _UNAUTHENTICATED = "missing or invalid API key: send 'authorization: Bearer <key>' (or 'x-api-key: <key>')"
 _MAX_CACHED = 10_000
 _MAX_PEERS = 10_000
-_SHOWN_CHARS = 80
 
 
 def secret_hmac(auth_secret: str, secret: str) -> str:
@@ -79,12 +79,6 @@ def parse_token(token: str) -> tuple[str, str] | None:
     if not sep or len(key_id) != 16 or not secret or not all(c in "0123456789abcdef" for c in key_id):
         return None
     return key_id, secret
-
-
-def shown(value: str) -> str:
-    """Return ``value`` cut short and with control characters escaped, to echo it in a message."""
-    cut = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
 
 
 def now_ms() -> int:

@@ -11,10 +11,33 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from services.common.errors import InvalidArgument
+
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Valid model names: 1-64 of letters, digits, '.', '_', '-', starting with a letter or digit.
 
 Match the whole name with ``fullmatch``: a ``$`` anchor would let a trailing newline in."""
+NAME_RULE = "expected 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+"""What ``MODEL_NAME_RE`` allows, in words: every name (model, pool, tenant, key) follows it."""
+_SHOWN_CHARS = 80
+
+
+def shown(value: str) -> str:
+    """Return ``value`` cut short and with control characters escaped, to echo it in a message."""
+    cut = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+
+
+def check_name(name: str, what: str = "model name") -> None:
+    """Refuse a name (of a model, pool, tenant or key) that does not follow ``NAME_RULE``.
+
+    Raises:
+        InvalidArgument: It does not, naming ``what`` and the rule.
+    """
+    if not MODEL_NAME_RE.fullmatch(name):
+        raise InvalidArgument(f"{what} '{shown(name)}' is invalid: {NAME_RULE}")
+
+
 PLATFORM = "onnxruntime_onnx"
 
 DEFAULT_MAX_BATCH_SIZE = 8

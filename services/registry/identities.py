@@ -29,10 +29,9 @@ from services.common.auth import (
     now_ms,
     parse_token,
     secret_hmac,
-    shown,
 )
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from services.common.metadata import MODEL_NAME_RE
+from services.common.metadata import check_name, shown
 from services.common.redis_conn import redis_errors
 
 log = structlog.get_logger(__name__)
@@ -44,7 +43,6 @@ SYSTEM_KEYS: dict[str, tuple[str, ...]] = {"admin": SCOPES, "gateway": (READ, WR
 towards the registry (the gateway deploys for RepositoryModelLoad; workers only read)."""
 
 _WHAT = "identity store"
-_NAME_RULE = "expected 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _PATTERN_RE = re.compile(r"[A-Za-z0-9._\-*?\[\]!]{1,128}")
 _MAX_PATTERNS = 64
 
@@ -60,11 +58,6 @@ class NewApiKey:
     """Empty: every model."""
     expires_at_ms: int = 0
     """0: never."""
-
-
-def _check_name(name: str, what: str) -> None:
-    if not MODEL_NAME_RE.fullmatch(name):
-        raise InvalidArgument(f"{what} '{shown(name)}' is invalid: {_NAME_RULE}")
 
 
 def _checked_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
@@ -114,7 +107,7 @@ class IdentityStore:
             AlreadyExists: The name is taken.
             Unavailable: Redis cannot be reached.
         """
-        _check_name(name, "tenant name")
+        check_name(name, "tenant name")
         record = TenantRecord(name=name, description=description, created_at_ms=now_ms())
         with redis_errors(_WHAT):
             is_created = await self._redis.hsetnx(keys.TENANTS, name, record.to_json())
@@ -143,8 +136,8 @@ class IdentityStore:
             Unavailable: Redis cannot be reached.
         """
         secret_key = self._require_secret()
-        _check_name(spec.tenant, "tenant name")
-        _check_name(spec.name, "key name")
+        check_name(spec.tenant, "tenant name")
+        check_name(spec.name, "key name")
         scopes, models = _checked_scopes(spec.scopes), _checked_models(spec.models)
         created_at_ms = now_ms()
         if spec.expires_at_ms < 0 or 0 < spec.expires_at_ms <= created_at_ms:
@@ -169,7 +162,7 @@ class IdentityStore:
             Unavailable: Redis cannot be reached.
         """
         if tenant:
-            _check_name(tenant, "tenant name")
+            check_name(tenant, "tenant name")
         with redis_errors(_WHAT):
             raw = await self._redis.hvals(keys.API_KEYS)
         records = (ApiKeyRecord.from_json(value) for value in raw)

@@ -44,10 +44,11 @@ from services.common.metadata import (
     DEFAULT_POOL,
     MAX_CLASS_LABEL_BYTES,
     MAX_CLASS_LABELS,
-    MODEL_NAME_RE,
     DeploymentRecord,
     ModelRecord,
     VersionRecord,
+    check_name,
+    shown,
 )
 from services.common.queue import MalformedEntry, QueuedRequest, Reply, now_ms
 from services.common.redis_conn import redis_errors
@@ -62,8 +63,6 @@ DOWNLOAD_BYTES = Counter("maas_registry_download_bytes", "Artifact bytes sent by
 
 _WHAT = "model store"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_NAME_RULE = "expected 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-_SHOWN_CHARS = 80
 _FAIL_PAGE = 500
 """Queue entries failed per Redis transaction when a deployment goes away."""
 
@@ -129,17 +128,6 @@ class DeploySpec:
     max_queue_length: int | None = None
 
 
-def _shown(value: str) -> str:
-    """Return ``value`` cut short enough to echo in an error message, control characters escaped."""
-    shown = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
-
-
-def _check_name(name: str, what: str = "model name") -> None:
-    if not MODEL_NAME_RE.fullmatch(name):
-        raise InvalidArgument(f"{what} '{_shown(name)}' is invalid: {_NAME_RULE}")
-
-
 def _check_version(version: int) -> None:
     if version < 0:
         raise InvalidArgument(f"version must be >= 0 (0 means the latest), got {version}")
@@ -165,7 +153,7 @@ def _deployment(spec: DeploySpec) -> DeploymentRecord:
         InvalidArgument: A value is out of its documented range.
     """
     pool = DEFAULT_POOL if spec.pool is None else spec.pool
-    _check_name(pool, "pool")
+    check_name(pool, "pool")
     return DeploymentRecord(
         model=spec.model,
         version=spec.version,
@@ -177,9 +165,9 @@ def _deployment(spec: DeploySpec) -> DeploymentRecord:
 
 
 def _check_header(header: UploadHeader, max_artifact_bytes: int) -> None:
-    _check_name(header.model)
+    check_name(header.model)
     if not _SHA256_RE.match(header.sha256):
-        raise InvalidArgument(f"sha256 must be 64 lower-case hex characters, got '{_shown(header.sha256)}'")
+        raise InvalidArgument(f"sha256 must be 64 lower-case hex characters, got '{shown(header.sha256)}'")
     if not 1 <= header.size_bytes <= max_artifact_bytes:
         raise InvalidArgument(f"size_bytes must be 1..{max_artifact_bytes}, got {header.size_bytes}")
     _check_class_labels(header.class_labels)
@@ -269,7 +257,7 @@ class ModelStore:
             AlreadyExists: The name is taken.
             Unavailable: Redis cannot be reached.
         """
-        _check_name(name)
+        check_name(name)
         created_at_ms = now_ms()
         with redis_errors(_WHAT):
             is_created = await self._create_model(
@@ -289,7 +277,7 @@ class ModelStore:
             NotFound: No such model.
             Unavailable: Redis cannot be reached.
         """
-        _check_name(name)
+        check_name(name)
         with redis_errors(_WHAT):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(keys.model(name))
@@ -333,7 +321,7 @@ class ModelStore:
             NotFound: No such model.
             Unavailable: Redis cannot be reached.
         """
-        _check_name(name)
+        check_name(name)
         with redis_errors(_WHAT):
             allocated = int(await self._redis.hget(keys.model(name), "next_version") or 0)
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -368,7 +356,7 @@ class ModelStore:
             record = await self._upload(header, chunks)
         except InvalidArgument as exc:
             UPLOADS.labels(result="invalid").inc()
-            log.info("upload_rejected", model=_shown(header.model), reason=exc.message)
+            log.info("upload_rejected", model=shown(header.model), reason=exc.message)
             raise
         except BaseException:
             UPLOADS.labels(result="failed").inc()
@@ -465,7 +453,7 @@ class ModelStore:
             NotFound: No such model or version, or the model has no versions.
             Unavailable: Redis cannot be reached.
         """
-        _check_name(model)
+        check_name(model)
         _check_version(version)
         return await self._find_version(model, version, no_versions=NotFound)
 
@@ -493,7 +481,7 @@ class ModelStore:
             NotFound: No such model.
             Unavailable: Redis cannot be reached.
         """
-        _check_name(model)
+        check_name(model)
         with redis_errors(_WHAT):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.exists(keys.model(model))
@@ -529,7 +517,7 @@ class ModelStore:
             FailedPrecondition: The latest version is asked for, but the model has none.
             Unavailable: Redis cannot be reached.
         """
-        _check_name(spec.model)
+        check_name(spec.model)
         _check_version(spec.version)
         wanted = _deployment(spec)
         version = await self._find_version(spec.model, spec.version, no_versions=FailedPrecondition)
@@ -552,7 +540,7 @@ class ModelStore:
             NotFound: No such model, or it is not deployed.
             Unavailable: Redis cannot be reached.
         """
-        _check_name(model)
+        check_name(model)
         with redis_errors(_WHAT):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.exists(keys.model(model))

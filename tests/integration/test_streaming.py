@@ -196,7 +196,7 @@ async def test_undecodable_message_ends_the_stream_after_earlier_answers(suite: 
 async def test_sigterm_answers_what_the_stream_holds_then_ends_unavailable(suite: Suite, tmp_path: Path) -> None:
     await suite.push("slow", slow_model(size=SLOW, steps=24), max_batch_size=1)
     process, address = await start_gateway_process(
-        suite, tmp_path / "gateway.json", drain_delay_s="0.5", shutdown_grace_s="30", max_stream_in_flight="4"
+        suite, tmp_path / "gateway.json", drain_delay_s="0.5", shutdown_grace_s="30", max_stream_in_flight="8"
     )
     try:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -205,17 +205,18 @@ async def test_sigterm_answers_what_the_stream_holds_then_ends_unavailable(suite
                 await call.write(_slow(str(i)))
             await asyncio.sleep(0.3)
             process.send_signal(signal.SIGTERM)
+            # Endpoints are removed concurrently with SIGTERM: requests sent now are still served.
+            for i in range(2):
+                await call.write(_slow(f"late-{i}"))
             answers = []
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 while True:
                     answer = await call.read()
                     assert answer is not grpc.aio.EOF
                     answers.append(answer)
-                    await call.write(_slow(f"late-{len(answers)}"))  # read or not, none is lost silently
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in str(raised.value.details())
-        ids = [a.infer_response.id for a in answers]
-        assert {"0", "1", "2", "3"} <= set(ids)
+        assert sorted(a.infer_response.id for a in answers) == ["0", "1", "2", "3", "late-0", "late-1"]
         assert all(a.error_message == "" for a in answers)
         async with asyncio.timeout(60):
             assert await process.wait() == 0
