@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,16 +26,17 @@ from services.cli import convert
 from services.cli.examples import affine_model
 from services.cli.supervisor import Supervisor, UpOptions
 from services.client import MaasClient
-from services.common.auth import bearer
-from services.common.errors import MaasError
+from services.common.auth import TenantQuota, TenantRecord, bearer
+from services.common.errors import MaasError, PermissionDenied
 from services.common.logging import configure_logging
-from services.common.metadata import ModelRecord, VersionRecord, parse_class_labels
+from services.common.metadata import ModelRecord, Split, VersionRecord, parse_class_labels
 from services.common.redis_acl import redact_url
 from services.common.registry_client import ProgressCallback
 from services.common.tls import CertificateFiles, TlsConfigError, channel_credentials
+from services.common.usage import TenantUsage
 
 app = typer.Typer(help="MaaS: register ONNX models and call them over gRPC (KServe v2).", no_args_is_help=True)
-models_app = typer.Typer(help="Push, list, show and remove models.", no_args_is_help=True)
+models_app = typer.Typer(help="Push, list, show, share and remove models.", no_args_is_help=True)
 registry_app = typer.Typer(help="The registry service.", no_args_is_help=True)
 gateway_app = typer.Typer(help="The gateway service (public KServe v2 endpoint).", no_args_is_help=True)
 inference_app = typer.Typer(help="The inference worker service.", no_args_is_help=True)
@@ -262,7 +265,16 @@ def _describe(model: ModelRecord) -> str:
     if model.deployment is None:
         return "not deployed"
     d = model.deployment
-    return f"v{d.version} on pool {d.pool} (max batch {d.max_batch_size}, wait {d.max_wait_ms} ms)"
+    versions = f"v{d.version}" if len(d.split) == 1 else _split_text(d.split)
+    return f"{versions} on pool {d.pool} (max batch {d.max_batch_size}, wait {d.max_wait_ms} ms)"
+
+
+def _split_text(split: Split) -> str:
+    return ", ".join(f"v{version}={weight}%" for version, weight in split)
+
+
+def _aliases(model: ModelRecord) -> str:
+    return ", ".join(f"{alias} -> v{version}" for alias, version in model.aliases) or "none"
 
 
 def _read_labels(path: Path) -> tuple[str, ...]:
@@ -276,11 +288,42 @@ def _labels(version: VersionRecord) -> str:
     return f"  {len(version.class_labels)} class labels" if version.class_labels else ""
 
 
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")]
+
+
+def _jsonable(record: Any) -> Any:
+    return None if record is None else asdict(record)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data))
+
+
+def _label_map(items: list[str] | None, option: str) -> dict[str, str]:
+    """``K=V`` options -> a label map (the registry checks the keys and values)."""
+    labels = {}
+    for item in items or ():
+        key, has_value, value = item.partition("=")
+        if not has_value or not key:
+            raise typer.BadParameter(f"expected K=V, got '{item}'", param_hint=option)
+        labels[key] = value
+    return labels
+
+
+def _version_notes(version: VersionRecord) -> str:
+    labels = ", ".join(f"{key}={value}" for key, value in sorted(version.labels.items())) or "none"
+    pushed = version.pushed_by or "unknown"
+    return f"pushed by {pushed}  labels: {labels}  description: {version.description or '-'}"
+
+
 @models_app.command("push")
 def models_push(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The .onnx file.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Model name.")],
-    description: Annotated[str, typer.Option(help="Set when the model is created.")] = "",
+    description: Annotated[
+        str, typer.Option(help="The version's description (also the model's when this push creates it).")
+    ] = "",
+    label: Annotated[list[str] | None, typer.Option("--label", help="Version label K=V (repeat).")] = None,
     no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Upload only.")] = False,
     max_batch_size: Annotated[int | None, typer.Option(help="Deployment: largest batch.")] = None,
     max_wait_ms: Annotated[int | None, typer.Option(help="Deployment: batch fill wait.")] = None,
@@ -292,9 +335,13 @@ def models_push(
 ) -> None:
     """Upload FILE as a new version of model NAME (created if needed) and deploy it."""
     class_labels = () if labels is None else _read_labels(labels)
+    version_labels = _label_map(label, "--label")
     with _client() as client:
         with _upload_bar(file) as progress:
-            version = client.push(name, file, description=description, progress=progress, class_labels=class_labels)
+            version = client.push(
+                name, file, description=description, progress=progress, class_labels=class_labels,
+                labels=version_labels,
+            )  # fmt: skip
         size, sha = version.size_bytes, version.sha256[:12]
         out.print(f"pushed model '{name}' version {version.version} ({size} bytes, sha256 {sha}){_labels(version)}")
         if not no_deploy:
@@ -323,10 +370,20 @@ def models_example(
 
 
 @models_app.command("ls")
-def models_ls() -> None:
+def models_ls(
+    prefix: Annotated[str, typer.Option(help="Only models whose name starts with it.")] = "",
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="Only models with a version labelled K=V (repeat: all).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
     """List models and their deployments."""
+    wanted = _label_map(label, "--label")
     with _client() as client:
-        models = client.list_models()
+        models = client.list_models(prefix, wanted)
+    if as_json:
+        _print_json([asdict(model) for model in models])
+        return
     table = Table("model", "latest", "deployment", "description")
     for model in models:
         table.add_row(model.name, str(model.latest_version or "-"), _describe(model), model.description)
@@ -334,40 +391,159 @@ def models_ls() -> None:
 
 
 @models_app.command("show")
-def models_show(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
-    """Show a model, its versions and their signatures."""
+def models_show(name: Annotated[str, typer.Argument(help="Model name.")], as_json: JsonFlag = False) -> None:
+    """Show a model, its versions and their signatures, descriptions, labels and who pushed them."""
     with _client() as client:
         model = client.get_model(name)
+        if as_json:
+            _print_json(asdict(model) | {"versions": [asdict(v) for v in client.list_versions(name)]})
+            return
         out.print(f"[bold]{model.name}[/] {model.description}  deployment: {_describe(model)}")
+        out.print(f"  aliases: {_aliases(model)}")
+        out.print(f"  {_ownership(model)}")
+        if model.deployment is not None and model.deployment.previous_traffic:
+            previous = _split_text(model.deployment.previous_traffic)
+            out.print(f"  rollback to: {previous}")
         for v in client.list_versions(name):
             sig = ", ".join(f"{t.name}:{t.datatype}{list(t.shape)}" for t in v.inputs)
             outs = ", ".join(f"{t.name}:{t.datatype}{list(t.shape)}" for t in v.outputs)
             out.print(f"  v{v.version}  {v.size_bytes} bytes  sha256 {v.sha256[:12]}  ({sig}) -> ({outs}){_labels(v)}")
+            out.print(f"      {_version_notes(v)}", markup=False, highlight=False)
+
+
+def _ownership(model: ModelRecord) -> str:
+    if not model.owner:
+        return "owner: none (every tenant sees it)"
+    return f"owner: {model.owner}  shared with: {', '.join(model.shared_with) or 'no other tenant'}"
+
+
+@models_app.command("share")
+def models_share(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    tenant: Annotated[str, typer.Option(help="The tenant whose keys may then read and infer it.")],
+) -> None:
+    """Share a model with another tenant (read and infer; only the owner tenant or an admin may)."""
+    with _client() as client:
+        model = client.share_model(name, tenant)
+    out.print(f"shared model '{name}' with tenant '{tenant}'\n  {_ownership(model)}")
+
+
+@models_app.command("unshare")
+def models_unshare(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    tenant: Annotated[str, typer.Option(help="The tenant to stop sharing it with.")],
+) -> None:
+    """Stop sharing a model with a tenant."""
+    with _client() as client:
+        model = client.unshare_model(name, tenant)
+    out.print(f"stopped sharing model '{name}' with tenant '{tenant}'\n  {_ownership(model)}")
 
 
 @models_app.command("rm")
-def models_rm(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
-    """Delete a model with all its versions and its deployment."""
+def models_rm(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    force: Annotated[bool, typer.Option("--force", help="Undeploy it first if it is deployed.")] = False,
+) -> None:
+    """Delete a model with all its versions (a deployed one only with --force)."""
     with _client() as client:
-        client.delete_model(name)
+        client.delete_model(name, force=force)
     out.print(f"deleted model '{name}'")
 
 
 @app.command()
 def deploy(
     name: Annotated[str, typer.Argument(help="Model name.")],
-    version: Annotated[int, typer.Option(help="Version to deploy (0: the latest).")] = 0,
+    version: Annotated[
+        list[str] | None,
+        typer.Option(help="Version to deploy (default: the latest), or V=WEIGHT (repeat: a split summing to 100)."),
+    ] = None,
+    promote: Annotated[int | None, typer.Option(help="Send all traffic to this version.")] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Largest batch (1..1024).")] = None,
     max_wait_ms: Annotated[int | None, typer.Option(help="Batch fill wait (0..1000 ms).")] = None,
     pool: Annotated[str | None, typer.Option(help="Worker pool.")] = None,
     max_queue_length: Annotated[int | None, typer.Option(help="Queue limit before RESOURCE_EXHAUSTED.")] = None,
 ) -> None:
-    """Deploy a model version (replaces the current deployment)."""
+    """Deploy a model version, or split traffic among versions (replaces the current deployment).
+
+    Options left out keep the current deployment's values (the defaults on a first deploy). The
+    split replaced is kept: `maas rollback NAME` goes back to it.
+    """
     settings = _given(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, pool=pool,
                       max_queue_length=max_queue_length)  # fmt: skip
+    single, traffic = _traffic(version or [], promote)
     with _client() as client:
-        dep = client.deploy(name, version, **settings)
-    out.print(f"deployed '{name}' version {dep.version} on pool {dep.pool} (max batch {dep.max_batch_size})")
+        dep = client.deploy(name, single, traffic=traffic, keep_settings=True, **settings)
+    out.print(f"deployed '{name}' {_split_text(dep.split)} on pool {dep.pool} (max batch {dep.max_batch_size})")
+
+
+def _traffic(versions: list[str], promote: int | None) -> tuple[int, dict[int, int] | None]:
+    """``--version``s and ``--promote`` -> (one version, or 0) and (a weight by version, or None)."""
+    if promote is not None:
+        if versions:
+            raise typer.BadParameter("give --promote or --version, not both", param_hint="--promote")
+        return 0, {promote: 100}
+    if len(versions) == 1 and "=" not in versions[0]:
+        return _int(versions[0], "V"), None
+    weights: dict[int, int] = {}
+    for item in versions:
+        number, has_weight, weight = item.partition("=")
+        if not has_weight:
+            raise typer.BadParameter(f"expected V=WEIGHT in a split, got '{item}'", param_hint="--version")
+        weights[_int(number, "V")] = _int(weight, "WEIGHT")
+    return 0, weights or None
+
+
+def _int(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise typer.BadParameter(f"{what} must be a whole number, got '{text}'", param_hint="--version")
+    return int(text)
+
+
+@app.command()
+def rollback(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
+    """Go back to the traffic split before the last deploy (or rollback), keeping the settings."""
+    with _client() as client:
+        dep = client.rollback(name)
+    out.print(f"rolled back '{name}' to {_split_text(dep.split)}")
+
+
+# `maas alias`: names for versions (services/registry/rollout.py).
+alias_app = typer.Typer(help="Aliases: names for versions (e.g. production -> 3).", no_args_is_help=True)
+app.add_typer(alias_app, name="alias")
+
+
+@alias_app.command("set")
+def alias_set(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="Alias (a name, not a number); 'default' serves unversioned calls.")],
+    version: Annotated[int, typer.Argument(help="Version it points to.")],
+) -> None:
+    """Point ALIAS at VERSION of model NAME (creates or moves it)."""
+    with _client() as client:
+        client.set_alias(name, alias, version)
+    out.print(f"alias '{alias}' of '{name}' -> version {version}")
+
+
+@alias_app.command("rm")
+def alias_rm(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="Alias.")],
+) -> None:
+    """Remove an alias."""
+    with _client() as client:
+        client.delete_alias(name, alias)
+    out.print(f"removed alias '{alias}' of '{name}'")
+
+
+@alias_app.command("ls")
+def alias_ls(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
+    """List a model's aliases."""
+    with _client() as client:
+        aliases = client.list_aliases(name)
+    table = Table("alias", "version")
+    for alias, version in aliases:
+        table.add_row(alias, str(version))
+    out.print(table)
 
 
 @app.command()
@@ -395,14 +571,28 @@ def infer(
 
 
 @app.command()
-def status() -> None:
+def status(as_json: JsonFlag = False) -> None:
     """Show models, deployments and whether a live worker serves each."""
     table = Table("model", "deployment", "ready")
+    states = []
     with _client() as client:
         for model in client.list_models():
             ready = client.model_ready(model.name, timeout_s=5)
+            states.append({"model": model.name, "deployment": _jsonable(model.deployment), "ready": ready})
             table.add_row(model.name, _describe(model), "[green]yes[/]" if ready else "[red]no[/]")
+        try:
+            report = client.tenant_report()
+        except PermissionDenied:
+            report = None
+    if as_json:
+        tenants = None if report is None else [asdict(tenant) | {"usage": asdict(used)} for tenant, used in report]
+        _print_json({"models": states, "tenants": tenants})
+        return
     out.print(table)
+    if report is None:
+        out.print("tenants: usage needs a key with the admin scope")
+    elif report:
+        out.print(_tenant_table(report, with_description=False))
 
 
 # `maas redis acl`: the Redis users of the service roles (services/common/redis_acl.py).
@@ -487,10 +677,15 @@ def keys_create(
 
 
 @keys_app.command("ls")
-def keys_ls(tenant: Annotated[str, typer.Option(help="Only this tenant's keys.")] = "") -> None:
+def keys_ls(
+    tenant: Annotated[str, typer.Option(help="Only this tenant's keys.")] = "", as_json: JsonFlag = False
+) -> None:
     """List API keys (never their secrets)."""
     with _client() as client:
         records = client.list_api_keys(tenant)
+    if as_json:
+        _print_json([{k: v for k, v in asdict(r).items() if k != "secret_hmac"} for r in records])
+        return
     table = Table("tenant", "name", "scopes", "models", "expires", "state")
     table.add_column("id", no_wrap=True, min_width=16)  # the whole id: `maas keys revoke ID` needs it
     for r in records:
@@ -522,13 +717,104 @@ def tenants_create(
 
 @tenants_app.command("ls")
 def tenants_ls() -> None:
-    """List the tenants."""
+    """List the tenants with their quotas and usage."""
     with _client() as client:
-        tenants = client.list_tenants()
-    table = Table("tenant", "created", "description")
-    for tenant in tenants:
-        table.add_row(tenant.name, _when(tenant.created_at_ms), tenant.description)
-    out.print(table)
+        report = client.tenant_report()
+    out.print(_tenant_table(report, with_description=True))
+
+
+def _quota_text(quota: TenantQuota) -> str:
+    if not quota.is_limited:
+        return "none"
+    rate = f"{quota.rps:g}/s burst {quota.burst}" if quota.rps else ""
+    cap = f"{quota.max_in_flight} in flight" if quota.max_in_flight else ""
+    return ", ".join(part for part in (rate, cap) if part)
+
+
+def _tenant_table(report: list[tuple[TenantRecord, TenantUsage]], *, with_description: bool) -> Table:
+    """Tenants with their quota and cluster-wide usage (calls, errors, compute seconds)."""
+    described = ("created", "description") if with_description else ()
+    table = Table("tenant", "quota", "calls", "errors", "compute s", *described)
+    for tenant, used in report:
+        extra = (_when(tenant.created_at_ms), tenant.description) if with_description else ()
+        usage_cells = (str(used.calls), str(used.errors), f"{used.compute_ns / 1e9:.3f}")
+        table.add_row(tenant.name, _quota_text(tenant.quota), *usage_cells, *extra)
+    return table
+
+
+@tenants_app.command("set-quota")
+def tenants_set_quota(
+    name: Annotated[str, typer.Argument(help="Tenant name.")],
+    rps: Annotated[float, typer.Option(help="Calls admitted per second (0: no rate limit).")] = 0.0,
+    burst: Annotated[int | None, typer.Option(help="Calls admitted at once (default: rps rounded up).")] = None,
+    max_in_flight: Annotated[int, typer.Option(help="Calls in flight at once, all gateways (0: no cap).")] = 0,
+) -> None:
+    """Set a tenant's quota at every gateway (admin scope); calls over it get RESOURCE_EXHAUSTED."""
+    with _client() as client:
+        burst = burst if burst is not None else math.ceil(rps)
+        tenant = client.set_tenant_quota(name, rps=rps, burst=burst, max_in_flight=max_in_flight)
+    out.print(f"tenant '{tenant.name}' quota: {_quota_text(tenant.quota)}")
+
+
+# `maas models versions` and `maas events`: version lifecycle and the registry's events
+# (services/registry/lifecycle.py, services/registry/events_watch.py).
+versions_app = typer.Typer(help="Change or delete versions of a model.", no_args_is_help=True)
+models_app.add_typer(versions_app, name="versions")
+
+
+@versions_app.command("update")
+def versions_update(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="Version.")],
+    description: Annotated[str | None, typer.Option(help="New description ('' clears it).")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Set label K=V (repeat).")] = None,
+    remove_label: Annotated[list[str] | None, typer.Option("--remove-label", help="Remove label K (repeat).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a version's description and labels (the artifact never changes)."""
+    labels = _label_map(label, "--label")
+    with _client() as client:
+        record = client.update_version(
+            name, version, description=description, labels=labels, remove_labels=remove_label or ()
+        )
+    if as_json:
+        _print_json(asdict(record))
+        return
+    out.print(f"updated '{name}' version {record.version}: {_version_notes(record)}", markup=False, highlight=False)
+
+
+@versions_app.command("rm")
+def versions_rm(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="Version.")],
+) -> None:
+    """Delete a version and its artifact (refused while it serves traffic or an alias points to it)."""
+    with _client() as client:
+        client.delete_version(name, version)
+    out.print(f"deleted '{name}' version {version}")
+
+
+@app.command()
+def events(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events until Ctrl-C.")] = False,
+    from_id: Annotated[
+        str, typer.Option("--from", help="Print the events after this id ('0': the oldest kept; '': from now).")
+    ] = "0",
+    model: Annotated[str, typer.Option(help="Only this model's events.")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """Print the registry's events (models, versions, aliases, deployments), oldest first."""
+    with _client() as client:
+        for event in client.watch_events(from_id, follow=follow, model=model):
+            if as_json:
+                _print_json(asdict(event) | {"time_ms": event.time_ms})
+            else:
+                version = f" v{event.version}" if event.version else ""
+                typer.echo(f"{event.id}  {_when_ms(event.time_ms)}  {event.kind}  {event.model}{version}")
+
+
+def _when_ms(at_ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at_ms / 1000)) + f".{at_ms % 1000:03d} UTC"
 
 
 def main() -> None:

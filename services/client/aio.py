@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
@@ -15,8 +15,9 @@ import numpy.typing as npt
 from inference import grpc_service_pb2_grpc
 from services.client import convert
 from services.client.results import InferResult, ModelMetadata
-from services.common.auth import ApiKeyRecord, TenantRecord
+from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
 from services.common.errors import AlreadyExists
+from services.common.events import Event
 from services.common.metadata import DeploymentRecord, ModelRecord, VersionRecord
 from services.common.registry_client import (
     MetadataSource,
@@ -26,6 +27,7 @@ from services.common.registry_client import (
     create_channel,
     resolve_metadata,
 )
+from services.common.usage import TenantUsage
 
 
 class DeploySettings(TypedDict, total=False):
@@ -53,7 +55,9 @@ class AsyncMaasClient:
     status: ``NotFound`` for an unknown model, ``InvalidArgument`` for a wrong shape or datatype,
     ``FailedPrecondition`` when nothing is deployed, ``Unavailable`` when a service cannot be reached.
 
-    Aliases (e.g. ``production`` -> 3) are not offered: the registry has no alias RPC yet (issue 7).
+    Aliases (``set_alias``: ``production`` -> 3) name versions: pass one as ``version`` to ``infer``.
+    A deployment may split calls that name no version among several versions (``deploy`` with
+    ``traffic``), ``promote`` one, and ``rollback`` to the split before.
 
     Args:
         gateway: host:port of the gateway.
@@ -163,6 +167,7 @@ class AsyncMaasClient:
         description: str | None = None,
         progress: ProgressCallback | None = None,
         class_labels: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
     ) -> VersionRecord:
         """Upload an ONNX model as a new version of ``name``, creating the model if it does not exist.
 
@@ -171,13 +176,14 @@ class AsyncMaasClient:
         Args:
             name: The model's name.
             artifact: The .onnx bytes, or the path of a file (streamed, never read whole into memory).
-            description: Set when this call creates the model.
+            description: The version's description, and the model's when this call creates it.
             progress: Called as ``progress(sent_bytes, total_bytes)`` as chunks are sent (on the
                 event loop; on the client's loop thread for ``MaasClient``).
             class_labels: Labels of the classification extension, by class index (``class_count``).
+            labels: The version's labels (keys follow the name rule; values up to 256 characters).
 
         Returns:
-            The new version (its number is ``.version``).
+            The new version (its number is ``.version``; ``pushed_by`` names the API key).
 
         Raises:
             InvalidArgument: The artifact is not an ONNX model that ONNX Runtime can load.
@@ -187,40 +193,181 @@ class AsyncMaasClient:
         with contextlib.suppress(AlreadyExists):
             await self._registry.create_model(name, description or "")
         data = artifact if isinstance(artifact, bytes) else Path(artifact)
-        return await self._registry.upload_version(name, data, progress=progress, class_labels=class_labels)
+        return await self._registry.upload_version(
+            name, data, progress=progress, class_labels=class_labels, description=description or "", labels=labels
+        )
 
-    async def deploy(self, name: str, version: int = 0, **settings: Unpack[DeploySettings]) -> DeploymentRecord:
-        """Deploy a version (0: the latest), replacing the model's current deployment.
+    async def deploy(
+        self,
+        name: str,
+        version: int = 0,
+        *,
+        traffic: Mapping[int, int] | None = None,
+        keep_settings: bool = False,
+        **settings: Unpack[DeploySettings],
+    ) -> DeploymentRecord:
+        """Deploy a version (0: the latest), or split calls among versions, replacing the model's deployment.
+
+        The split it replaces is kept for ``rollback``.
+
+        Args:
+            name: The model.
+            version: The version to serve (0: the latest); leave it 0 with ``traffic``.
+            traffic: Weight by version, summing to 100 (``{3: 90, 4: 10}``: a canary).
+            keep_settings: Settings left out keep the current deployment's values (else the defaults).
+            **settings: Batching, pool and queue options.
+
+        Raises:
+            NotFound: The model or a version does not exist.
+            InvalidArgument: A setting is out of range, or the weights are not 1..100 summing to 100.
+        """
+        if keep_settings:
+            settings = await self._current_settings(name) | settings
+        return await self._registry.deploy(name, version, traffic=(traffic or {}).items(), **settings)
+
+    async def promote(self, name: str, version: int) -> DeploymentRecord:
+        """Send every call that names no version to ``version``, keeping the deployment's settings.
 
         Raises:
             NotFound: The model or version does not exist.
-            InvalidArgument: A setting is out of range.
         """
-        return await self._registry.deploy(name, version, **settings)
+        return await self.deploy(name, traffic={version: 100}, keep_settings=True)
+
+    async def rollback(self, name: str) -> DeploymentRecord:
+        """Go back to the traffic split before the last deploy, promote or rollback.
+
+        Raises:
+            NotFound: The model does not exist or is not deployed.
+            FailedPrecondition: There is no previous split, or one of its versions was deleted.
+        """
+        return await self._registry.rollback(name)
+
+    async def _current_settings(self, name: str) -> DeploySettings:
+        current = (await self._registry.get_model(name)).deployment
+        if current is None:
+            return {}
+        return DeploySettings(
+            max_batch_size=current.max_batch_size,
+            max_wait_ms=current.max_wait_ms,
+            pool=current.pool,
+            max_queue_length=current.max_queue_length,
+        )
+
+    async def set_alias(self, name: str, alias: str, version: int) -> tuple[str, int]:
+        """Point ``alias`` at a version of model ``name`` (created or moved); calls may then name it.
+
+        Raises:
+            NotFound: The model or version does not exist.
+            InvalidArgument: The alias is not a valid name, or is a number.
+        """
+        return await self._registry.set_alias(name, alias, version)
+
+    async def delete_alias(self, name: str, alias: str) -> None:
+        """Remove an alias of model ``name`` (NotFound if it has no such alias)."""
+        await self._registry.delete_alias(name, alias)
+
+    async def list_aliases(self, name: str) -> list[tuple[str, int]]:
+        """List the aliases of model ``name`` as (alias, version), by alias."""
+        return await self._registry.list_aliases(name)
 
     async def undeploy(self, name: str) -> None:
         """Remove a model's deployment."""
         await self._registry.undeploy(name)
 
-    async def list_models(self) -> list[ModelRecord]:
-        """List every model with its latest version and deployment."""
-        return await self._registry.list_models()
+    async def list_models(self, prefix: str = "", labels: Mapping[str, str] | None = None) -> list[ModelRecord]:
+        """List every model with its latest version and deployment, by name (all pages).
+
+        Args:
+            prefix: Only models whose name starts with it.
+            labels: Only models with a version that carries all of them.
+        """
+        return await self._registry.list_models(prefix, labels)
 
     async def get_model(self, name: str) -> ModelRecord:
         """Return one model with its latest version and deployment (NotFound if absent)."""
         return await self._registry.get_model(name)
 
-    async def list_versions(self, name: str) -> list[VersionRecord]:
-        """List a model's versions, oldest first, with their signatures."""
-        return await self._registry.list_versions(name)
+    async def list_versions(self, name: str, labels: Mapping[str, str] | None = None) -> list[VersionRecord]:
+        """List a model's versions (those carrying all ``labels``), oldest first, with their signatures."""
+        return await self._registry.list_versions(name, labels)
+
+    async def update_version(
+        self,
+        name: str,
+        version: int,
+        *,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        remove_labels: Sequence[str] = (),
+    ) -> VersionRecord:
+        """Change a version's description and labels; the artifact stays as it is.
+
+        Args:
+            name: The model.
+            version: The version (>= 1).
+            description: The new description; None leaves it, "" clears it.
+            labels: Labels to add or overwrite (the others stay).
+            remove_labels: Keys of labels to remove (not also in ``labels``).
+
+        Raises:
+            NotFound: The model or version does not exist.
+            InvalidArgument: A label or the description breaks the rules.
+        """
+        return await self._registry.update_version(
+            name, version, description=description, labels=labels, remove_labels=remove_labels
+        )
+
+    async def delete_version(self, name: str, version: int) -> None:
+        """Delete a version and its artifact.
+
+        Raises:
+            NotFound: The model or version does not exist.
+            FailedPrecondition: The version serves traffic, or an alias points to it.
+        """
+        await self._registry.delete_version(name, version)
+
+    def watch_events(self, after_id: str = "", *, follow: bool = False, model: str = "") -> AsyncGenerator[Event, None]:
+        """Iterate over the registry's events after ``after_id`` (see ``RegistryClient.watch_events``)."""
+        return self._registry.watch_events(after_id, follow=follow, model=model)
 
     async def get_version(self, name: str, version: int = 0) -> VersionRecord:
         """Return one version (0: the latest) with its signature, size and sha256."""
         return await self._registry.get_version(name, version)
 
-    async def delete_model(self, name: str) -> None:
-        """Delete a model with all its versions and its deployment."""
-        await self._registry.delete_model(name)
+    async def delete_model(self, name: str, *, force: bool | None = None) -> None:
+        """Delete a model with all its versions and its deployment.
+
+        Args:
+            name: The model.
+            force: True undeploys a deployed model first; False refuses it (FailedPrecondition);
+                None: the registry's default, the same as True.
+        """
+        await self._registry.delete_model(name, force=force)
+
+    async def share_model(self, name: str, tenant: str) -> ModelRecord:
+        """Share a model with ``tenant``: its keys may then read and infer it, not change it.
+
+        Needs the ``write`` scope and a key of the model's owner tenant or an admin's; sharing twice is fine.
+
+        Returns:
+            The model, with ``owner`` and ``shared_with``.
+
+        Raises:
+            NotFound: No such model (or one this key may not see), or no such tenant.
+            PermissionDenied: This key's tenant only has the model shared.
+            FailedPrecondition: The model has no owner: every tenant sees it.
+            InvalidArgument: A name is invalid, or ``tenant`` is the owner.
+        """
+        return await self._registry.share_model(name, tenant)
+
+    async def unshare_model(self, name: str, tenant: str) -> ModelRecord:
+        """Stop sharing a model with ``tenant``; its gateways refuse that tenant within about a second.
+
+        Raises:
+            NotFound: No such model (or one this key may not see), or it is not shared with ``tenant``.
+            PermissionDenied: This key's tenant only has the model shared.
+        """
+        return await self._registry.unshare_model(name, tenant)
 
     async def create_tenant(self, name: str, description: str = "") -> TenantRecord:
         """Create a tenant (needs a key with the ``admin`` scope).
@@ -233,6 +380,27 @@ class AsyncMaasClient:
     async def list_tenants(self) -> list[TenantRecord]:
         """List the tenants by name (``admin`` scope)."""
         return await self._registry.list_tenants()
+
+    async def tenant_report(self) -> list[tuple[TenantRecord, TenantUsage]]:
+        """List the tenants by name with their cluster-wide usage: calls, errors, compute (``admin`` scope)."""
+        return await self._registry.tenant_report()
+
+    async def set_tenant_quota(
+        self, tenant: str, *, rps: float = 0.0, burst: int = 0, max_in_flight: int = 0
+    ) -> TenantRecord:
+        """Set a tenant's quota at the gateways (``admin`` scope); 0 turns a limit off.
+
+        Args:
+            tenant: An existing tenant.
+            rps: Calls admitted per second.
+            burst: Calls admitted at once (>= 1 with ``rps``).
+            max_in_flight: Calls admitted and not yet answered, across every gateway.
+
+        Raises:
+            NotFound: No such tenant.
+            InvalidArgument: A limit is out of range, or ``burst`` and ``rps`` do not go together.
+        """
+        return await self._registry.set_tenant_quota(tenant, TenantQuota(rps, burst, max_in_flight))
 
     async def create_api_key(
         self, tenant: str, name: str, scopes: Sequence[str], *, models: Sequence[str] = (), expires_at_ms: int = 0

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
 from services.client.aio import AsyncMaasClient, ClientOptions
+from services.common.events import Event
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -37,11 +38,18 @@ async def _open(gateway: str, registry: str, options: ClientOptions) -> AsyncMaa
     return AsyncMaasClient(gateway, registry, **options)
 
 
+async def _next(events: AsyncGenerator[Event, None]) -> Event:
+    return await anext(events)
+
+
+async def _close(events: AsyncGenerator[Event, None]) -> None:
+    await events.aclose()
+
+
 class MaasClient:
     """A blocking client of a MaaS gateway and registry; the same methods and errors as ``AsyncMaasClient``.
 
-    Aliases are not offered yet (the registry has no alias RPC; issue 7). Close it, or use it as a
-    context manager, to stop its loop thread.
+    Close it, or use it as a context manager, to stop its loop thread.
 
     Args:
         gateway: host:port of the gateway.
@@ -77,6 +85,22 @@ class MaasClient:
             self._thread.join()
             self._loop.close()
 
+    def watch_events(self, after_id: str = "", *, follow: bool = False, model: str = "") -> Iterator[Event]:
+        """Iterate over the registry's events after ``after_id`` ("": from now on, "0": the oldest kept).
+
+        Without ``follow`` it ends after the events recorded so far; with it, it blocks for new ones
+        until the iteration is closed. Resume after an error from the last event's id.
+        """
+        events = self._client.watch_events(after_id, follow=follow, model=model)
+        try:
+            while True:
+                try:
+                    yield self._wait(_next(events))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._wait(_close(events))
+
     def __enter__(self) -> MaasClient:
         return self
 
@@ -90,14 +114,25 @@ class MaasClient:
     model_ready = _blocking(AsyncMaasClient.model_ready)
     push = _blocking(AsyncMaasClient.push)
     deploy = _blocking(AsyncMaasClient.deploy)
+    promote = _blocking(AsyncMaasClient.promote)
+    rollback = _blocking(AsyncMaasClient.rollback)
+    set_alias = _blocking(AsyncMaasClient.set_alias)
+    delete_alias = _blocking(AsyncMaasClient.delete_alias)
+    list_aliases = _blocking(AsyncMaasClient.list_aliases)
     undeploy = _blocking(AsyncMaasClient.undeploy)
     list_models = _blocking(AsyncMaasClient.list_models)
     get_model = _blocking(AsyncMaasClient.get_model)
     list_versions = _blocking(AsyncMaasClient.list_versions)
     get_version = _blocking(AsyncMaasClient.get_version)
     delete_model = _blocking(AsyncMaasClient.delete_model)
+    update_version = _blocking(AsyncMaasClient.update_version)
+    delete_version = _blocking(AsyncMaasClient.delete_version)
+    share_model = _blocking(AsyncMaasClient.share_model)
+    unshare_model = _blocking(AsyncMaasClient.unshare_model)
     create_tenant = _blocking(AsyncMaasClient.create_tenant)
     list_tenants = _blocking(AsyncMaasClient.list_tenants)
+    tenant_report = _blocking(AsyncMaasClient.tenant_report)
+    set_tenant_quota = _blocking(AsyncMaasClient.set_tenant_quota)
     create_api_key = _blocking(AsyncMaasClient.create_api_key)
     list_api_keys = _blocking(AsyncMaasClient.list_api_keys)
     revoke_api_key = _blocking(AsyncMaasClient.revoke_api_key)

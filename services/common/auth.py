@@ -35,9 +35,9 @@ import structlog
 from pydantic import SecretStr
 
 from services.common import events, keys
-from services.common.errors import MaasError, PermissionDenied, ResourceExhausted, Unauthenticated
+from services.common.errors import MaasError, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from services.common.interceptors import HandlerCache
-from services.common.metadata import shown
+from services.common.metadata import ModelRecord, shown
 from services.common.redis_conn import redis_errors
 from services.common.settings import ServiceSettings
 from services.common.tasks import finish_tasks
@@ -51,6 +51,9 @@ SCOPES = (INFER, READ, WRITE, ADMIN)
 TOKEN_PREFIX = "maas_"
 MIN_SECRET_CHARS = 32
 """Shortest server secret accepted (``auth_secret``)."""
+SYSTEM_TENANT = "system"
+"""The built-in tenant of the administrator's and the services' keys: it sees every model, and
+the models its keys create have no owner (every tenant sees them)."""
 IDENTITY_EVENTS = frozenset({"api_key_revoked"})
 """Registry events after which every process forgets the keys it verified."""
 
@@ -119,6 +122,27 @@ class ApiKeyRecord:
         return cls(**data)
 
 
+QUOTA_EVENT = "tenant_quota_set"
+"""Registry event after which every gateway forgets the tenant quotas it read."""
+
+
+@dataclass(frozen=True)
+class TenantQuota:
+    """A tenant's limits at the gateways (``services.gateway.quotas``); 0 turns a limit off."""
+
+    rps: float = 0.0
+    """Calls admitted per second (token bucket refill rate)."""
+    burst: int = 0
+    """Calls admitted at once after a quiet spell (token bucket size)."""
+    max_in_flight: int = 0
+    """Calls admitted and not yet answered, across every gateway."""
+
+    @property
+    def is_limited(self) -> bool:
+        """Whether any limit is on."""
+        return self.rps > 0 or self.max_in_flight > 0
+
+
 @dataclass(frozen=True)
 class TenantRecord:
     """A group of API keys (a team, a customer)."""
@@ -126,6 +150,7 @@ class TenantRecord:
     name: str
     description: str = ""
     created_at_ms: int = 0
+    quota: TenantQuota = TenantQuota()
 
     def to_json(self) -> str:
         """Serialize for storage."""
@@ -134,7 +159,9 @@ class TenantRecord:
     @classmethod
     def from_json(cls, raw: str | bytes) -> TenantRecord:
         """Deserialize what ``to_json`` wrote."""
-        return cls(**json.loads(raw))
+        data: dict[str, Any] = json.loads(raw)
+        data["quota"] = TenantQuota(**data.get("quota", {}))
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -196,6 +223,68 @@ def visible(items: Iterable[_T], name: Callable[[_T], str]) -> list[_T]:
     return [item for item in items if identity.may_use(name(item))]
 
 
+def model_not_found(name: str) -> NotFound:
+    """Return the one error for a model that does not exist or that the calling key may not see."""
+    return NotFound(f"model '{name}' not found")
+
+
+def _sees_every_model(identity: Identity | None) -> bool:
+    """Auth off, an admin key, or a ``system`` key (the gateway's and the workers')."""
+    return identity is None or identity.is_admin or identity.tenant == SYSTEM_TENANT
+
+
+def new_model_owner() -> str:
+    """Return the owner of a model the calling key creates: its tenant ("" for ``system`` or auth off)."""
+    identity = _identity.get()
+    return "" if identity is None or identity.tenant == SYSTEM_TENANT else identity.tenant
+
+
+def is_restricted() -> bool:
+    """Whether the calling key sees only some models by owner (not an admin, ``system`` or auth off)."""
+    return not _sees_every_model(_identity.get())
+
+
+def _is_owner(identity: Identity | None, owner: str) -> bool:
+    """Whether ``identity`` may do anything its scopes allow with a model of ``owner``."""
+    return not owner or _sees_every_model(identity) or (identity is not None and identity.tenant == owner)
+
+
+def check_owner(name: str, owner: str, shared_with: Sequence[str], *, is_write: bool = False) -> None:
+    """Refuse a model the calling key's tenant may not see (or, with ``is_write``, change).
+
+    A model is seen by its owner tenant, the tenants it is shared with (read and infer only),
+    admins and the ``system`` tenant; a model without an owner by every key.
+
+    Raises:
+        NotFound: The tenant may not see it: the same error as for a missing model.
+        PermissionDenied: ``is_write``, and the tenant only has it shared.
+    """
+    identity = _identity.get()
+    if identity is None or _is_owner(identity, owner):
+        return
+    if identity.tenant not in shared_with:
+        raise model_not_found(name)
+    if is_write:
+        raise PermissionDenied(
+            f"model '{name}' is shared with tenant '{identity.tenant}' to read and infer only; "
+            f"only its owner tenant '{owner}' or an admin may change it"
+        )
+
+
+def may_see(record: ModelRecord) -> bool:
+    """Whether the calling key may see ``record``: its patterns match it and ``check_owner`` allows it."""
+    identity = _identity.get()
+    if identity is None:
+        return True
+    is_shared = identity.tenant in record.shared_with
+    return identity.may_use(record.name) and (is_shared or _is_owner(identity, record.owner))
+
+
+def visible_models(records: Iterable[ModelRecord]) -> list[ModelRecord]:
+    """Return the models the calling key may see (``may_see``), in order."""
+    return [record for record in records if may_see(record)]
+
+
 class KeyVerifier:
     """Verifies tokens against the key records in Redis, caching each verified key briefly.
 
@@ -232,17 +321,7 @@ class KeyVerifier:
         self._cache.clear()
 
     async def _follow_events(self) -> None:
-        while True:
-            try:
-                async for event in events.follow(self._redis):
-                    if event.kind in IDENTITY_EVENTS:
-                        self.invalidate()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a supervised loop: events may have been missed, so forget all
-                log.warning("auth_events_failed", error=str(exc))
-                self.invalidate()
-                await asyncio.sleep(1.0)
+        await events.invalidate_on(self._redis, IDENTITY_EVENTS, self.invalidate, cache="api_keys")
 
     async def verify(self, token: str | None) -> Identity:
         """Return the identity of a valid token.
@@ -368,15 +447,25 @@ REGISTRY_RULES: dict[str, Rule] = {
         "UploadVersion": Rule((WRITE,), "header.model"),
         "GetVersion": Rule((READ,), "model"),
         "ListVersions": Rule((READ,), "model"),
+        "UpdateVersion": Rule((WRITE,), "model"),
+        "DeleteVersion": Rule((WRITE,), "model"),
+        "WatchEvents": Rule((READ,), "model"),
         "DownloadVersion": Rule((READ,), "model"),
         "Deploy": Rule((WRITE,), "model"),
         "Undeploy": Rule((WRITE,), "model"),
         "ListDeployments": Rule((READ,)),
+        "Rollback": Rule((WRITE,), "model"),
+        "SetAlias": Rule((WRITE,), "model"),
+        "DeleteAlias": Rule((WRITE,), "model"),
+        "ListAliases": Rule((READ,), "model"),
+        "ShareModel": Rule((WRITE,), "name"),
+        "UnshareModel": Rule((WRITE,), "name"),
         "CreateTenant": Rule((ADMIN,)),
         "ListTenants": Rule((ADMIN,)),
         "CreateApiKey": Rule((ADMIN,)),
         "ListApiKeys": Rule((ADMIN,)),
         "RevokeApiKey": Rule((ADMIN,)),
+        "SetTenantQuota": Rule((ADMIN,)),
     }.items()
 }
 """``maas.registry.v1.ModelRegistry``: scope and model field of each RPC."""

@@ -27,6 +27,8 @@ class MaasError(Exception):
     """Base of every error a client may see; an unexpected failure."""
 
     grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
+    """Sent with the status (e.g. ``retry-after-ms``), after the server's own trailing metadata."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -67,6 +69,12 @@ class ResourceExhausted(MaasError):
     """A queue limit or quota is reached; retry later with backoff."""
 
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        """``retry_after_ms``: the wait to suggest, sent as trailing metadata ``retry-after-ms``."""
+        super().__init__(message)
+        if retry_after_ms is not None:
+            self.trailing_metadata = (("retry-after-ms", str(retry_after_ms)),)
 
 
 class DeadlineExceeded(MaasError):

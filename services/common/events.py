@@ -6,13 +6,17 @@ after missing some (the stream is trimmed), so they also refresh periodically.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 
 from services.common import keys
+
+log = structlog.get_logger(__name__)
 
 MAX_EVENTS = 10_000
 """Approximate length the events stream is trimmed to (events are hints, not requests)."""
@@ -24,13 +28,32 @@ class Event:
 
     id: str
     kind: str
-    """model_created, model_deleted, version_uploaded, deployed or undeployed."""
+    """model_created, model_deleted, version_uploaded, version_updated, version_deleted, deployed,
+    undeployed, rolled_back, alias_set, alias_deleted, api_key_revoked, ..."""
     model: str
+    version: int = 0
+    """The version concerned (0: none)."""
+
+    @property
+    def time_ms(self) -> int:
+        """When Redis recorded it (Unix ms): the first part of the id."""
+        return int(self.id.partition("-")[0])
 
 
-async def publish(redis: aioredis.Redis, kind: str, model: str) -> None:
-    """Append an event to the events stream."""
-    await redis.xadd(keys.EVENTS, {"kind": kind, "model": model}, maxlen=MAX_EVENTS, approximate=True)
+def event_of(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
+    """Return the event of one stream entry (as redis-py returns it, bytes)."""
+    return Event(
+        id=entry_id.decode(),
+        kind=fields.get(b"kind", b"").decode(),
+        model=fields.get(b"model", b"").decode(),
+        version=int(fields.get(b"version", b"0") or 0),
+    )
+
+
+async def publish(redis: aioredis.Redis, kind: str, model: str, version: int = 0) -> None:
+    """Append an event to the events stream (``version`` 0: the event names no version)."""
+    fields = {"kind": kind, "model": model, "version": version}
+    await redis.xadd(keys.EVENTS, fields, maxlen=MAX_EVENTS, approximate=True)  # type: ignore[arg-type]
 
 
 async def last_event_id(redis: aioredis.Redis) -> str:
@@ -52,9 +75,27 @@ async def follow(redis: aioredis.Redis, *, last_id: str = "$", block_ms: int = 1
         batches: Any = await redis.xread({keys.EVENTS: last_id}, block=block_ms, count=100)
         for _stream, entries in batches or []:
             for entry_id, fields in entries:
-                last_id = entry_id.decode()
-                yield Event(
-                    id=last_id,
-                    kind=fields.get(b"kind", b"").decode(),
-                    model=fields.get(b"model", b"").decode(),
-                )
+                event = event_of(entry_id, fields)
+                last_id = event.id
+                yield event
+
+
+async def invalidate_on(
+    redis: aioredis.Redis, kinds: Container[str], invalidate: Callable[[], None], *, cache: str
+) -> None:
+    """Call ``invalidate`` on every event of ``kinds``, until cancelled (a supervised loop).
+
+    When following fails, events may have been missed: ``invalidate`` is called then too, and
+    following starts again after a second.
+    """
+    while True:
+        try:
+            async for event in follow(redis):
+                if event.kind in kinds:
+                    invalidate()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a supervised loop: log, forget everything, follow again
+            log.warning("cache_events_failed", cache=cache, error=str(exc))
+            invalidate()
+            await asyncio.sleep(1.0)

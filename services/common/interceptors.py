@@ -221,6 +221,8 @@ class _ErrorScope:
     async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
         if not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
             return  # success, cancellation, or an abort already chosen
+        if isinstance(exc, MaasError) and exc.trailing_metadata:
+            self._context.set_trailing_metadata((*(self._context.trailing_metadata() or ()), *exc.trailing_metadata))
         await self._context.abort(*status_of(exc))
 
 

@@ -32,6 +32,10 @@ TENANTS = f"{PREFIX}tenants"
 """Hash: tenant name -> tenant JSON (``services.registry.identities``)."""
 API_KEYS = f"{PREFIX}apikeys"
 """Hash: API key id -> key record JSON (``services.common.auth``: its secret only as an HMAC)."""
+QUOTA_PREFIX = f"{PREFIX}quota:"
+"""Prefix of the tenants' admission state (``quota_bucket``, ``quota_in_flight``)."""
+USAGE_PREFIX = f"{PREFIX}usage:"
+"""Prefix of the tenants' usage counters (``usage``)."""
 
 
 def model(name: str) -> str:
@@ -42,6 +46,11 @@ def model(name: str) -> str:
 def versions(name: str) -> str:
     """Hash: version number -> version JSON, for one model."""
     return f"{PREFIX}model:{name}:versions"
+
+
+def aliases(name: str) -> str:
+    """Hash: alias name -> version number, for one model."""
+    return f"{PREFIX}model:{name}:aliases"
 
 
 def queue(name: str, version: int) -> str:
@@ -67,3 +76,18 @@ def replies(gateway_id: str) -> str:
 def worker(worker_id: str) -> str:
     """Heartbeat key of one inference worker (expires when the worker stops beating)."""
     return f"{WORKER_PREFIX}{worker_id}"
+
+
+def quota_bucket(tenant: str) -> str:
+    """Hash of one tenant's token bucket (``tokens``, ``at_ms``), kept by the admission script."""
+    return f"{QUOTA_PREFIX}{tenant}:bucket"
+
+
+def quota_in_flight(tenant: str) -> str:
+    """Sorted set of one tenant's calls in flight (member: reply stream and call id; score: deadline ms)."""
+    return f"{QUOTA_PREFIX}{tenant}:in_flight"
+
+
+def usage(tenant: str) -> str:
+    """Hash of one tenant's cluster-wide usage counters (``services.common.usage``)."""
+    return f"{USAGE_PREFIX}{tenant}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +45,8 @@ DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_WAIT_MS = 0
 DEFAULT_POOL = "default"
 DEFAULT_MAX_QUEUE_LENGTH = 1000
+DEFAULT_ALIAS = "default"
+"""The alias that serves calls naming no version, when a model has it (``services.registry.rollout``)."""
 
 MAX_CLASS_LABELS = 100_000
 """Most class labels a version may carry."""
@@ -79,6 +82,11 @@ class VersionRecord:
     platform: str = PLATFORM
     class_labels: tuple[str, ...] = ()
     """Labels of the classification extension: ``class_labels[i]`` names class index i."""
+    description: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Free key/value labels (``services.registry.labels`` has their rules)."""
+    pushed_by: str = ""
+    """The API key that uploaded it (``tenant/key name``), or ``anonymous`` (auth off)."""
 
     @property
     def is_batchable(self) -> bool:
@@ -96,6 +104,7 @@ class VersionRecord:
         data["inputs"] = tuple(_spec(t) for t in data["inputs"])
         data["outputs"] = tuple(_spec(t) for t in data["outputs"])
         data["class_labels"] = tuple(data.get("class_labels", ()))
+        data["labels"] = dict(data.get("labels", {}))
         return cls(**data)
 
 
@@ -115,26 +124,52 @@ def _spec(data: dict[str, Any]) -> TensorSpec:
     return TensorSpec(name=data["name"], datatype=data["datatype"], shape=tuple(data["shape"]))
 
 
+Split = tuple[tuple[int, int], ...]
+"""A traffic split: (version, weight) pairs by version; the weights sum to 100."""
+
+
 @dataclass(frozen=True)
 class DeploymentRecord:
-    """The desired serving state of one model: which version, how to batch, which pool."""
+    """The desired serving state of one model: which versions, how to batch, which pool."""
 
     model: str
     version: int
+    """The version with the largest weight (the only one, unless ``traffic`` splits calls)."""
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_wait_ms: int = DEFAULT_MAX_WAIT_MS
     pool: str = DEFAULT_POOL
     max_queue_length: int = DEFAULT_MAX_QUEUE_LENGTH
     updated_at_ms: int = 0
+    traffic: Split = ()
+    """Versions served and their weights; empty in records older than splits: ``version`` alone."""
+    previous_traffic: Split = ()
+    """The split before the last change, what a rollback restores (empty: none)."""
+    aliased_versions: tuple[int, ...] = ()
+    """Versions aliases point to: filled in when read, never stored (``services.registry.rollout``)."""
+
+    @property
+    def split(self) -> Split:
+        """The traffic split: ``traffic``, or all of it on ``version``."""
+        return self.traffic or ((self.version, 100),)
+
+    @property
+    def served_versions(self) -> tuple[int, ...]:
+        """Versions workers load: every version with weight, and every aliased one, ascending."""
+        return tuple(sorted({version for version, _ in self.split} | set(self.aliased_versions)))
 
     def to_json(self) -> str:
-        """Serialize for storage."""
-        return json.dumps(asdict(self))
+        """Serialize for storage (without ``aliased_versions``, which is read from the aliases)."""
+        data = asdict(self)
+        del data["aliased_versions"]
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> DeploymentRecord:
         """Deserialize what ``to_json`` wrote."""
-        return cls(**json.loads(raw))
+        data: dict[str, Any] = json.loads(raw)
+        for name in ("traffic", "previous_traffic"):
+            data[name] = tuple((int(version), int(weight)) for version, weight in data.get(name) or ())
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -146,3 +181,13 @@ class ModelRecord:
     latest_version: int = 0
     created_at_ms: int = 0
     deployment: DeploymentRecord | None = field(default=None)
+    aliases: tuple[tuple[str, int], ...] = ()
+    """(alias, version) pairs by alias name (``services.registry.rollout``)."""
+    owner: str = ""
+    """The tenant that owns it; empty: nobody, every tenant sees it (``auth.check_owner``)."""
+    shared_with: tuple[str, ...] = ()
+    """Tenants that may read and infer it besides the owner, by name."""
+
+    def alias_version(self, alias: str) -> int | None:
+        """Return the version ``alias`` points to (None: no such alias)."""
+        return dict(self.aliases).get(alias)

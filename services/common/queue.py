@@ -12,25 +12,66 @@ from dataclasses import dataclass
 from typing import Any
 
 ENQUEUE_MANY_LUA = """
--- KEYS[1]: queue stream; ARGV[1]: max queue length; ARGV[2]: reply stream of every entry;
--- ARGV[3..]: the entries, 4 values each: id, deadline_ms, rid, req (QueuedRequest's fields).
--- Returns one reply per entry: its stream id, or 0 when the queue was full. The length is
--- checked before each XADD, atomically with it: trimming with MAXLEN would drop unread requests.
+-- KEYS[1]: queue stream; with a tenant quota also KEYS[2]: the tenant's token bucket (hash:
+-- tokens, at_ms) and KEYS[3]: its calls in flight (sorted set: '<reply stream>:<call id>' scored
+-- by the call's deadline in epoch ms, so a crashed gateway's calls expire by themselves).
+-- ARGV[1]: max queue length; ARGV[2]: reply stream of every entry; ARGV[3]: tenant ('': none);
+-- ARGV[4]: requests/s (0: no rate limit); ARGV[5]: burst; ARGV[6]: max in flight (0: no cap);
+-- ARGV[7..]: the entries, 4 values each: id, deadline_ms, rid, req (QueuedRequest's fields).
+-- Returns one reply per entry: its stream id; 0 when the queue was full; {1, wait ms} when the
+-- tenant's bucket was empty; {2, calls in flight} at the tenant's cap. The queue length, the
+-- bucket and the in-flight count are checked before each XADD, atomically with it (trimming
+-- with MAXLEN would drop unread requests); a refused entry takes nothing.
 local limit = tonumber(ARGV[1])
 local length = redis.call('XLEN', KEYS[1])
+local rate, burst, cap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now, tokens, in_flight
+if #KEYS == 3 then
+  redis.replicate_commands()  -- Redis 6.2: TIME before writes needs effects replication
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  if rate > 0 then
+    local saved = redis.call('HMGET', KEYS[2], 'tokens', 'at_ms')
+    local at = tonumber(saved[2]) or now
+    tokens = math.min(burst, (tonumber(saved[1]) or burst) + math.max(0, now - at) * rate / 1000)
+  end
+  if cap > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+    in_flight = redis.call('ZCARD', KEYS[3])
+  end
+end
 local ids = {}
-for first = 3, #ARGV, 4 do
+for first = 7, #ARGV, 4 do
   if length >= limit then
     ids[#ids + 1] = 0
+  elseif tokens and tokens < 1 then
+    ids[#ids + 1] = {1, math.ceil((1 - tokens) * 1000 / rate)}
+  elseif in_flight and in_flight >= cap then
+    ids[#ids + 1] = {2, in_flight}
   else
-    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'id', ARGV[first], 'reply', ARGV[2],
-      'deadline_ms', ARGV[first + 1], 'rid', ARGV[first + 2], 'req', ARGV[first + 3])
+    if ARGV[3] == '' then
+      ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'id', ARGV[first], 'reply', ARGV[2],
+        'deadline_ms', ARGV[first + 1], 'rid', ARGV[first + 2], 'req', ARGV[first + 3])
+    else
+      ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'id', ARGV[first], 'reply', ARGV[2],
+        'deadline_ms', ARGV[first + 1], 'rid', ARGV[first + 2], 'req', ARGV[first + 3], 'tenant', ARGV[3])
+    end
     length = length + 1
+    if tokens then tokens = tokens - 1 end
+    if in_flight then
+      redis.call('ZADD', KEYS[3], ARGV[first + 1], ARGV[2] .. ':' .. ARGV[first])
+      in_flight = in_flight + 1
+    end
   end
+end
+if tokens then
+  redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'at_ms', now)
+  redis.call('PEXPIRE', KEYS[2], math.ceil(burst * 1000 / rate) + 1000)
 end
 return ids
 """
-"""Admission script: enqueue several entries to one queue, each unless the queue is full."""
+"""Admission script: enqueue several entries to one queue, each unless the queue is full or the
+tenant's quota (token bucket, in-flight cap) says no."""
 
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -90,20 +131,25 @@ class QueuedRequest:
     """Serialized ``inference.ModelInferRequest``."""
     request_id: str = ""
     """The caller's request id (``x-request-id``), for logs."""
+    tenant: str = ""
+    """The calling key's tenant ('' when the gateway checks no keys), for per-tenant usage."""
 
     def enqueue_args(self) -> tuple[str, int, str, bytes]:
         """Return this entry's values as ``ENQUEUE_MANY_LUA`` takes them (after its reply stream)."""
         return self.id, self.deadline_ms, self.request_id, self.payload
 
     def to_fields(self) -> dict[str, bytes | str | int]:
-        """Return the stream entry's fields."""
-        return {
+        """Return the stream entry's fields (``tenant`` only when there is one, as the script writes them)."""
+        fields: dict[str, bytes | str | int] = {
             "id": self.id,
             "reply": self.reply_to,
             "deadline_ms": self.deadline_ms,
             "rid": self.request_id,
             "req": self.payload,
         }
+        if self.tenant:
+            fields["tenant"] = self.tenant
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> QueuedRequest:
@@ -120,6 +166,7 @@ class QueuedRequest:
             deadline_ms=_int(fields, b"deadline_ms"),
             payload=fields[b"req"],
             request_id=fields.get(b"rid", b"").decode(errors="replace"),
+            tenant=fields.get(b"tenant", b"").decode(errors="replace"),
         )
 
 

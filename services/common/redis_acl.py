@@ -5,11 +5,14 @@ the ``maas:v1:`` key patterns it touches (``services.common.keys``); nobody gets
 channels (MaaS uses none). The same rules render as ``ACL SETUSER`` arguments (for a running
 Redis) and as ``users.acl`` lines (``aclfile``); passwords appear only as SHA-256 (``#<hex>``).
 
-- ``gateway``: the enqueue script (EVAL: XLEN + XADD on a queue), its own reply stream,
+- ``gateway``: the enqueue script (EVAL: XLEN + XADD on a queue, and the tenant quota: TIME,
+  HMGET/HSET/PEXPIRE on its token bucket, ZREMRANGEBYSCORE/ZCARD/ZADD on its in-flight set),
+  in-flight releases (ZREM), tenant records (HGET) and usage (HINCRBY), its own reply stream,
   statistics (HINCRBY, the max script, HGETALL), heartbeats (SCAN + GET) and registry events.
 - ``worker``: its queues (consumer group, XREADGROUP, claims, XACK + XDEL in a MULTI with the
   reply XADDs and statistics HINCRBYs), dead-letter XADDs, its heartbeat and registry events.
-- ``registry``: models, versions and deployments (its scripts run with EVALSHA), events, and
+- ``registry``: models, versions and deployments (its scripts run with EVALSHA), events
+  (WatchEvents: XREAD, XRANGE, XREVRANGE), version deletion (WATCH, HKEYS, MULTI), and
   on undeploy or delete: failing a queue (WATCH, XRANGE, reply XADDs, DEL) and deleting stats.
 - ``monitor``: read-only (KEDA's XLEN/XPENDING/XINFO, benchmarks' heartbeat reads).
 
@@ -62,9 +65,11 @@ ROLES: dict[str, Role] = {
         Role(
             "gateway",
             (*_CONNECTION, "eval", "xlen", "xadd", "xdel", "xtrim", "xread", "expire", "exists", "del",
-             "hincrby", "hget", "hset", "hgetall", "scan", "get"),
+             "hincrby", "hget", "hset", "hgetall", "scan", "get", "time", "hmget", "pexpire",
+             "zremrangebyscore", "zcard", "zadd", "zrem"),
             (f"{keys.QUEUE_PREFIX}*", f"{keys.REPLIES_PREFIX}*", f"{keys.STATS_PREFIX}*",
-             f"{keys.WORKER_PREFIX}*", keys.EVENTS, keys.API_KEYS),
+             f"{keys.WORKER_PREFIX}*", keys.EVENTS, keys.API_KEYS, keys.TENANTS, f"{keys.QUOTA_PREFIX}*",
+             f"{keys.USAGE_PREFIX}*"),
         ),
         Role(
             "worker",
@@ -72,15 +77,15 @@ ROLES: dict[str, Role] = {
              "xautoclaim", "xpending", "xlen", "xrange", "xadd", "multi", "exec", "discard", "hincrby",
              "set", "del", "xread", "xrevrange", "hget"),
             (f"{keys.QUEUE_PREFIX}*", f"{keys.DEAD_LETTER_PREFIX}*", f"{keys.REPLIES_PREFIX}*",
-             f"{keys.STATS_PREFIX}*", f"{keys.WORKER_PREFIX}*", keys.EVENTS, keys.API_KEYS),
+             f"{keys.STATS_PREFIX}*", f"{keys.WORKER_PREFIX}*", keys.EVENTS, keys.API_KEYS, f"{keys.USAGE_PREFIX}*"),
         ),
         Role(
             "registry",
             (*_CONNECTION, "evalsha", "script|load", "exists", "hset", "hget", "hgetall", "hincrby", "hvals",
              "hdel", "zadd", "zrange", "zrem", "del", "xadd", "xrange", "xdel", "multi", "exec", "discard",
-             "watch", "unwatch", "hsetnx", "hexists", "xread"),
+             "watch", "unwatch", "hsetnx", "hexists", "xread", "xrevrange", "hkeys"),
             (keys.MODELS, f"{keys.MODEL_PREFIX}*", keys.DEPLOYMENTS, keys.EVENTS, f"{keys.QUEUE_PREFIX}*",
-             f"{keys.REPLIES_PREFIX}*", f"{keys.STATS_PREFIX}*", keys.TENANTS, keys.API_KEYS),
+             f"{keys.REPLIES_PREFIX}*", f"{keys.STATS_PREFIX}*", keys.TENANTS, keys.API_KEYS, f"{keys.USAGE_PREFIX}*"),
         ),
         Role(
             "monitor",

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.common.auth import ApiKeyRecord, TenantRecord
+from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
 from services.common.errors import InvalidArgument, map_rpc_error
+from services.common.events import Event
 from services.common.grpc_server import MAX_MESSAGE_BYTES
-from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
+from services.common.metadata import DeploymentRecord, ModelRecord, Split, TensorSpec, VersionRecord
+from services.common.usage import TenantUsage
 
 _T = TypeVar("_T")
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -75,7 +77,15 @@ def version_from_proto(msg: registry_pb2.Version) -> VersionRecord:
         created_at_ms=msg.created_at_ms,
         platform=msg.platform,
         class_labels=tuple(msg.class_labels),
+        description=msg.description,
+        labels=dict(msg.labels),
+        pushed_by=msg.pushed_by,
     )
+
+
+def event_from_proto(msg: registry_pb2.Event) -> Event:
+    """Convert an ``Event`` message into a domain record (its time is in its id)."""
+    return Event(id=msg.id, kind=msg.kind, model=msg.model, version=msg.version)
 
 
 def deployment_from_proto(msg: registry_pb2.Deployment) -> DeploymentRecord:
@@ -88,7 +98,14 @@ def deployment_from_proto(msg: registry_pb2.Deployment) -> DeploymentRecord:
         pool=msg.pool,
         max_queue_length=msg.max_queue_length,
         updated_at_ms=msg.updated_at_ms,
+        traffic=_split(msg.traffic),
+        previous_traffic=_split(msg.previous_traffic),
+        aliased_versions=tuple(msg.aliased_versions),
     )
+
+
+def _split(pairs: Iterable[registry_pb2.VersionWeight]) -> Split:
+    return tuple((pair.version, pair.weight) for pair in pairs)
 
 
 def model_from_proto(msg: registry_pb2.Model) -> ModelRecord:
@@ -99,12 +116,21 @@ def model_from_proto(msg: registry_pb2.Model) -> ModelRecord:
         latest_version=msg.latest_version,
         created_at_ms=msg.created_at_ms,
         deployment=deployment_from_proto(msg.deployment) if msg.HasField("deployment") else None,
+        aliases=tuple((alias.name, alias.version) for alias in msg.aliases),
+        owner=msg.owner,
+        shared_with=tuple(msg.shared_with),
     )
 
 
 def tenant_from_proto(msg: registry_pb2.Tenant) -> TenantRecord:
     """Convert a ``Tenant`` message into a domain record."""
-    return TenantRecord(name=msg.name, description=msg.description, created_at_ms=msg.created_at_ms)
+    quota = TenantQuota(rps=msg.quota.rps, burst=msg.quota.burst, max_in_flight=msg.quota.max_in_flight)
+    return TenantRecord(name=msg.name, description=msg.description, created_at_ms=msg.created_at_ms, quota=quota)
+
+
+def usage_from_proto(msg: registry_pb2.TenantUsage) -> TenantUsage:
+    """Convert a ``TenantUsage`` message into a domain record."""
+    return TenantUsage(calls=msg.calls, errors=msg.errors, compute_ns=round(msg.compute_seconds * 1e9))
 
 
 def api_key_from_proto(msg: registry_pb2.ApiKey) -> ApiKeyRecord:
@@ -156,24 +182,93 @@ class RegistryClient:
         req = registry_pb2.GetModelRequest(name=name)
         return model_from_proto((await self._call(self._stub.GetModel, req)).model)
 
-    async def list_models(self) -> list[ModelRecord]:
-        """List every model."""
-        reply = await self._call(self._stub.ListModels, registry_pb2.ListModelsRequest())
-        return [model_from_proto(m) for m in reply.models]
+    async def list_models(self, prefix: str = "", labels: Mapping[str, str] | None = None) -> list[ModelRecord]:
+        """List every model (whose name starts with ``prefix``, with a version carrying ``labels``), page by page."""
+        return await _all_pages(lambda token: self.list_models_page(prefix, labels, page_token=token))
 
-    async def delete_model(self, name: str) -> None:
-        """Delete a model with its versions and deployment."""
-        await self._call(self._stub.DeleteModel, registry_pb2.DeleteModelRequest(name=name))
+    async def list_models_page(
+        self, prefix: str = "", labels: Mapping[str, str] | None = None, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ModelRecord], str]:
+        """List one page of models by name; return them and the next page's token ("" after the last)."""
+        req = registry_pb2.ListModelsRequest(
+            page_size=page_size, page_token=page_token, name_prefix=prefix, labels=dict(labels or {})
+        )
+        reply = await self._call(self._stub.ListModels, req)
+        return [model_from_proto(m) for m in reply.models], reply.next_page_token
+
+    async def delete_model(self, name: str, *, force: bool | None = None) -> None:
+        """Delete a model with its versions and deployment.
+
+        Args:
+            name: The model.
+            force: True undeploys a deployed model first, False refuses it (FailedPrecondition),
+                None leaves it to the registry's default (the same as True).
+        """
+        await self._call(self._stub.DeleteModel, registry_pb2.DeleteModelRequest(name=name, force=force))
 
     async def get_version(self, model: str, version: int = 0) -> VersionRecord:
         """Get one version (0: the latest)."""
         req = registry_pb2.GetVersionRequest(model=model, version=version)
         return version_from_proto((await self._call(self._stub.GetVersion, req)).version)
 
-    async def list_versions(self, model: str) -> list[VersionRecord]:
-        """List a model's versions, oldest first."""
-        reply = await self._call(self._stub.ListVersions, registry_pb2.ListVersionsRequest(model=model))
-        return [version_from_proto(v) for v in reply.versions]
+    async def list_versions(self, model: str, labels: Mapping[str, str] | None = None) -> list[VersionRecord]:
+        """List a model's versions (those carrying ``labels``), oldest first, page by page."""
+        return await _all_pages(lambda token: self.list_versions_page(model, labels, page_token=token))
+
+    async def list_versions_page(
+        self, model: str, labels: Mapping[str, str] | None = None, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[VersionRecord], str]:
+        """List one page of a model's versions; return them and the next page's token ("" after the last)."""
+        req = registry_pb2.ListVersionsRequest(
+            model=model, page_size=page_size, page_token=page_token, labels=dict(labels or {})
+        )
+        reply = await self._call(self._stub.ListVersions, req)
+        return [version_from_proto(v) for v in reply.versions], reply.next_page_token
+
+    async def update_version(
+        self,
+        model: str,
+        version: int,
+        *,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        remove_labels: Sequence[str] = (),
+    ) -> VersionRecord:
+        """Change a version's description (None: unchanged, "": cleared) and labels (set, then removed keys)."""
+        req = registry_pb2.UpdateVersionRequest(
+            model=model,
+            version=version,
+            description=description,
+            labels=dict(labels or {}),
+            remove_labels=list(remove_labels),
+        )
+        return version_from_proto((await self._call(self._stub.UpdateVersion, req)).version)
+
+    async def delete_version(self, model: str, version: int) -> None:
+        """Delete a version (FailedPrecondition while it serves traffic or an alias points to it)."""
+        await self._call(self._stub.DeleteVersion, registry_pb2.DeleteVersionRequest(model=model, version=version))
+
+    async def watch_events(
+        self, after_id: str = "", *, follow: bool = False, model: str = ""
+    ) -> AsyncGenerator[Event, None]:
+        """Yield the registry's events after ``after_id`` ("": from now on, "0": the oldest kept), in order.
+
+        Without ``follow`` it ends after the events recorded so far; with it, it runs until closed
+        (no deadline). To resume after an error, call it again with the id of the last event seen.
+
+        Raises:
+            FailedPrecondition: ``after_id`` is no longer kept (start again from "0" or "").
+        """
+        req = registry_pb2.WatchEventsRequest(after_id=after_id, follow=follow, model=model)
+        timeout_s = None if follow else self.timeout_s
+        call = self._stub.WatchEvents(req, timeout=timeout_s, metadata=resolve_metadata(self._metadata_source))
+        try:
+            async for reply in call:
+                yield event_from_proto(reply.event)
+        except grpc.aio.AioRpcError as exc:
+            raise map_rpc_error(exc, "registry") from exc
+        finally:
+            call.cancel()
 
     async def deploy(
         self,
@@ -184,8 +279,12 @@ class RegistryClient:
         max_wait_ms: int | None = None,
         pool: str | None = None,
         max_queue_length: int | None = None,
+        traffic: Iterable[tuple[int, int]] = (),
     ) -> DeploymentRecord:
-        """Deploy a version (0: the latest); unset options take the registry's defaults."""
+        """Deploy a version (0: the latest), or a ``traffic`` split of (version, weight) pairs.
+
+        Unset options take the registry's defaults.
+        """
         req = registry_pb2.DeployRequest(
             model=model,
             version=version,
@@ -193,8 +292,30 @@ class RegistryClient:
             max_wait_ms=max_wait_ms,
             pool=pool,
             max_queue_length=max_queue_length,
+            traffic=[registry_pb2.VersionWeight(version=v, weight=w) for v, w in traffic],
         )
         return deployment_from_proto((await self._call(self._stub.Deploy, req)).deployment)
+
+    async def rollback(self, model: str) -> DeploymentRecord:
+        """Go back to the deployment's previous traffic split (FailedPrecondition if there is none)."""
+        reply = await self._call(self._stub.Rollback, registry_pb2.RollbackRequest(model=model))
+        return deployment_from_proto(reply.deployment)
+
+    async def set_alias(self, model: str, alias: str, version: int) -> tuple[str, int]:
+        """Point ``alias`` at a version of ``model`` (created or moved); return (alias, version)."""
+        reply = await self._call(
+            self._stub.SetAlias, registry_pb2.SetAliasRequest(model=model, alias=alias, version=version)
+        )
+        return reply.alias.name, reply.alias.version
+
+    async def delete_alias(self, model: str, alias: str) -> None:
+        """Remove an alias (NotFound if the model has no such alias)."""
+        await self._call(self._stub.DeleteAlias, registry_pb2.DeleteAliasRequest(model=model, alias=alias))
+
+    async def list_aliases(self, model: str) -> list[tuple[str, int]]:
+        """List a model's aliases as (alias, version), by alias."""
+        reply = await self._call(self._stub.ListAliases, registry_pb2.ListAliasesRequest(model=model))
+        return [(alias.name, alias.version) for alias in reply.aliases]
 
     async def undeploy(self, model: str) -> None:
         """Remove a model's deployment."""
@@ -205,6 +326,16 @@ class RegistryClient:
         reply = await self._call(self._stub.ListDeployments, registry_pb2.ListDeploymentsRequest(pool=pool))
         return [deployment_from_proto(d) for d in reply.deployments]
 
+    async def share_model(self, name: str, tenant: str) -> ModelRecord:
+        """Share a model with a tenant (read and infer; the owner tenant's key or an admin's)."""
+        req = registry_pb2.ShareModelRequest(name=name, tenant=tenant)
+        return model_from_proto((await self._call(self._stub.ShareModel, req)).model)
+
+    async def unshare_model(self, name: str, tenant: str) -> ModelRecord:
+        """Stop sharing a model with a tenant (NotFound if it is not shared with it)."""
+        req = registry_pb2.UnshareModelRequest(name=name, tenant=tenant)
+        return model_from_proto((await self._call(self._stub.UnshareModel, req)).model)
+
     async def create_tenant(self, name: str, description: str = "") -> TenantRecord:
         """Create a tenant (admin scope; AlreadyExists if taken)."""
         req = registry_pb2.CreateTenantRequest(name=name, description=description)
@@ -214,6 +345,17 @@ class RegistryClient:
         """List the tenants (admin scope)."""
         reply = await self._call(self._stub.ListTenants, registry_pb2.ListTenantsRequest())
         return [tenant_from_proto(t) for t in reply.tenants]
+
+    async def tenant_report(self) -> list[tuple[TenantRecord, TenantUsage]]:
+        """List the tenants with their cluster-wide usage (admin scope)."""
+        reply = await self._call(self._stub.ListTenants, registry_pb2.ListTenantsRequest())
+        return [(tenant_from_proto(t), usage_from_proto(t.usage)) for t in reply.tenants]
+
+    async def set_tenant_quota(self, tenant: str, quota: TenantQuota) -> TenantRecord:
+        """Set a tenant's quota at the gateways (admin scope)."""
+        limits = registry_pb2.TenantQuota(rps=quota.rps, burst=quota.burst, max_in_flight=quota.max_in_flight)
+        req = registry_pb2.SetTenantQuotaRequest(tenant=tenant, quota=limits)
+        return tenant_from_proto((await self._call(self._stub.SetTenantQuota, req)).tenant)
 
     async def create_api_key(
         self, tenant: str, name: str, scopes: Sequence[str], models: Sequence[str] = (), expires_at_ms: int = 0
@@ -242,6 +384,8 @@ class RegistryClient:
         *,
         progress: ProgressCallback | None = None,
         class_labels: Sequence[str] = (),
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> VersionRecord:
         """Upload ``data`` as a new version of ``model`` in chunks, with its sha256 and size.
 
@@ -251,13 +395,20 @@ class RegistryClient:
             progress: Called as ``progress(sent_bytes, total_bytes)`` as chunks are sent; the last call
                 has ``sent_bytes == total_bytes`` unless the registry refuses the upload first.
             class_labels: Labels of the classification extension, by class index (``class_count``).
+            description: The version's description.
+            labels: The version's labels.
 
         Returns:
             The stored version.
         """
         sha256, size = await asyncio.to_thread(_digest, data)
         header = registry_pb2.UploadVersionHeader(
-            model=model, sha256=sha256, size_bytes=size, class_labels=list(class_labels)
+            model=model,
+            sha256=sha256,
+            size_bytes=size,
+            class_labels=list(class_labels),
+            description=description,
+            labels=dict(labels or {}),
         )
 
         async def requests() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
@@ -304,6 +455,15 @@ class RegistryClient:
             raise InvalidArgument(message)
         await asyncio.get_running_loop().run_in_executor(None, _write_atomic, dest, b"".join(chunks))
         return record
+
+
+async def _all_pages(page: Callable[[str], Awaitable[tuple[list[_T], str]]]) -> list[_T]:
+    """Return the items of every page: ``page(token)`` returns one page and the next token."""
+    items, token = await page("")
+    while token:
+        more, token = await page(token)
+        items.extend(more)
+    return items
 
 
 def _digest(data: bytes | Path) -> tuple[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import auth, dtypes
+from services.common.auth import TenantQuota
 from services.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -31,6 +33,7 @@ from services.common.stats import CallStats, VersionStats
 from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog, Target, parse_version
 from services.gateway.overrides import DeployOverrides
+from services.gateway.quotas import Quotas, RateLimited
 from services.gateway.replies import ReplyReader
 
 log = structlog.get_logger(__name__)
@@ -245,6 +248,7 @@ class Router:
         max_request_tensor_bytes: int,
         max_message_bytes: int,
         stats: CallStats,
+        quotas: Quotas,
     ) -> None:
         self._redis = redis
         self._catalog = catalog
@@ -254,10 +258,14 @@ class Router:
         self._default_timeout_s = default_timeout_s
         self.limits = {"max_request_tensor_bytes": max_request_tensor_bytes, "max_message_bytes": max_message_bytes}
         """The gateway's size limits, reported in ModelConfig's parameters."""
+        # NOTE: a random prefix per process, not just a counter: a gateway restarted under a fixed
+        # gateway_id reads its predecessor's reply stream, and a late reply to the predecessor's
+        # call N would resolve this process's call N (README, "Reply isolation").
+        self._call_prefix = secrets.token_hex(8) + "-"
         self._call_ids = itertools.count(1)
-        """Call ids need only be unique on this process's own reply stream."""
         self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._stats = stats
+        self._quotas = quotas
 
     async def server_ready(self) -> bool:
         """Whether this gateway can take calls: Redis answers."""
@@ -267,12 +275,19 @@ class Router:
             return False
 
     async def model_ready(self, name: str, version: str) -> bool:
-        """Whether calls to the model can be served now: deployed and loaded by a live worker."""
+        """Whether calls to the model can be served now: deployed and loaded by a live worker.
+
+        ``version`` may be a number or an alias; without one, every version the call may go to
+        (the ``default`` alias's, or each of the split's) must be loaded.
+        """
         try:
-            target = await self._catalog.resolve(name, version)
+            _model, _deployment, split = await self._catalog.candidates(name, version)
         except (NotFound, FailedPrecondition):
             return False
-        return await self._catalog.ready_workers(name, target.version.version) > 0
+        for number, _weight in split:
+            if await self._catalog.ready_workers(name, number) == 0:
+                return False
+        return True
 
     async def model_metadata(self, name: str, version: str) -> tuple[ModelRecord, VersionRecord]:
         """Return a model and the version its metadata describes."""
@@ -304,7 +319,7 @@ class Router:
 
     async def repository_index(self) -> list[ModelRecord]:
         """List the registry's models that the calling key may use."""
-        return auth.visible(await self._catalog.list_models(), lambda model: model.name)
+        return auth.visible_models(await self._catalog.list_models())
 
     async def load(self, name: str, overrides: DeployOverrides) -> None:
         """Deploy a model's latest version unless it is deployed already, with ``overrides`` applied."""
@@ -319,21 +334,27 @@ class Router:
 
         Raises:
             NotFound, FailedPrecondition, InvalidArgument: From resolution and validation.
-            ResourceExhausted: The model's queue is full.
+            ResourceExhausted: The model's queue is full, or the tenant is over its quota.
             DeadlineExceeded: No reply by the deadline.
             Unavailable: Redis cannot be reached.
         """
-        target = await self._catalog.resolve(call.model, call.version)
-        started = time.perf_counter_ns()
-        code = "OK"
+        identity = auth.current_identity()
+        tenant = identity.tenant if identity is not None else ""
+        target: Target | None = None
+        started, code = 0, "OK"
         try:
+            target = await self._catalog.resolve(call.model, call.version)
+            started = time.perf_counter_ns()
             validate(call, target.version, target.deployment.max_batch_size)
-            return await self._send(call, target, time_remaining_s)
+            return await self._send(call, target, time_remaining_s, tenant)
         except Exception as exc:
             code = getattr(exc, "grpc_code", grpc.StatusCode.INTERNAL).name
             raise
         finally:
-            self._record(target, code, time.perf_counter_ns() - started)
+            if target is not None:
+                self._record(target, code, time.perf_counter_ns() - started)
+            if tenant:
+                self._quotas.record(tenant, code)
 
     def check_request_size(self, size_bytes: int) -> None:
         """Refuse a call whose serialized request (its tensors, mostly) is over the limit.
@@ -350,30 +371,43 @@ class Router:
                 "(max_request_tensor_bytes); split the request"
             )
 
-    async def _send(self, call: InferCall, target: Target, time_remaining_s: float | None) -> bytes:
+    async def _send(self, call: InferCall, target: Target, time_remaining_s: float | None, tenant: str) -> bytes:
         timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
         entry = QueuedRequest(
-            id=str(next(self._call_ids)),
+            id=f"{self._call_prefix}{next(self._call_ids)}",
             reply_to=self._replies.stream,
             deadline_ms=now_ms() + int(timeout_s * 1000),
             payload=call.payload,
             request_id=str(structlog.contextvars.get_contextvars().get("request_id", "")),
+            tenant=tenant,
         )
+        quota = await self._quotas.quota(tenant) if tenant else None
         future = self._replies.expect(entry.id)
+        is_holding_slot = False
         try:
             async with asyncio.timeout(timeout_s):
-                await self._admit(target, entry)
+                await self._admit(target, entry, quota)
+                is_holding_slot = quota is not None and quota.max_in_flight > 0
                 reply = await future
         except TimeoutError:
             raise await self._deadline_error(target, timeout_s) from None
         finally:
             self._replies.forget(entry.id)
+            if is_holding_slot:  # the call ends here: reply, error, deadline or client cancel
+                self._quotas.release(tenant, entry.reply_to, entry.id)
         if reply.code != 0:
             raise error_for_code(code_from_value(reply.code), reply.message)
         return reply.payload
 
-    async def _admit(self, target: Target, entry: QueuedRequest) -> None:
-        if not await self._admission.enqueue(target.queue, target.deployment.max_queue_length, entry):
+    async def _admit(self, target: Target, entry: QueuedRequest, quota: TenantQuota | None) -> None:
+        if quota is not None:
+            self._quotas.check_bucket(entry.tenant, quota)
+        try:
+            is_queued = await self._admission.enqueue(target.queue, target.deployment.max_queue_length, entry, quota)
+        except RateLimited as exc:
+            self._quotas.bucket_empty(entry.tenant, exc.retry_after_ms)
+            raise
+        if not is_queued:
             raise ResourceExhausted(
                 f"model '{target.model.name}' is overloaded: {target.deployment.max_queue_length} requests "
                 "are already queued; retry with backoff"

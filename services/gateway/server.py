@@ -19,6 +19,7 @@ from services.common.stats import CallStats
 from services.common.tls import registry_channel_credentials
 from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog
+from services.gateway.quotas import Quotas
 from services.gateway.replies import ReplyReader
 from services.gateway.router import Router
 from services.gateway.servicer import GRPCInferenceServiceServicer
@@ -42,18 +43,21 @@ class Gateway:
     streams: Streams
     shared_memory: SharedMemoryRegistry = field(default_factory=SharedMemoryRegistry)
     stats: CallStats = field(kw_only=True)
+    quotas: Quotas = field(kw_only=True)
 
     async def start(self) -> None:
         """Follow registry events, start reading the reply stream, admitting calls and flushing statistics."""
         await self.catalog.start()
         await self.replies.start()
         await self.admission.start()
+        await self.quotas.start()
         await self.stats.start()
 
     async def stop(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) for calls in flight, then stop reading and unmap shared memory."""
         await self.replies.stop(timeout_s=timeout_s)
         await self.stats.stop()
+        await self.quotas.stop()
         await self.admission.stop()
         await self.catalog.stop()
         self.shared_memory.close()
@@ -66,13 +70,15 @@ def create_gateway(settings: GatewaySettings, redis: aioredis.Redis, registry: R
         redis, keys.replies(settings.gateway_id), ttl_s=settings.reply_stream_ttl_s, block_ms=settings.block_ms
     )
     admission = Admission(redis)
+    quotas = Quotas(redis, admission.send_soon, ttl_s=settings.quota_cache_ttl_s)
     stats = CallStats(redis)
     router = Router(
         redis, catalog, replies, admission, default_timeout_s=settings.default_timeout_s,
         max_request_tensor_bytes=settings.max_request_tensor_bytes, max_message_bytes=settings.max_message_bytes,
-        stats=stats,
+        stats=stats, quotas=quotas,
     )  # fmt: skip
-    return Gateway(catalog, replies, admission, router, Streams(settings.max_stream_in_flight), stats=stats)
+    streams = Streams(settings.max_stream_in_flight)
+    return Gateway(catalog, replies, admission, router, streams, stats=stats, quotas=quotas)
 
 
 def create_server(settings: GatewaySettings, gateway: Gateway, auth: ServerAuth | None = None) -> GrpcServer:

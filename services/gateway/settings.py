@@ -43,6 +43,8 @@ class GatewaySettings(ServiceSettings):
     """Timeout of one registry call."""
     metadata_cache_ttl_s: float = 30.0
     """How long model metadata is cached; registry events invalidate it sooner."""
+    quota_cache_ttl_s: float = 5.0
+    """How long a tenant's quota is cached; the registry's ``tenant_quota_set`` event clears it sooner."""
     reply_stream_ttl_s: float = 60.0
     """TTL kept alive on the reply stream; it expires if this process dies."""
     block_ms: int = 1000

@@ -31,7 +31,7 @@ import redis.exceptions
 import structlog
 from prometheus_client import Counter, Histogram
 
-from services.common import keys, stats
+from services.common import keys, stats, usage
 from services.common.errors import InvalidArgument, MaasError
 from services.common.metadata import DeploymentRecord
 from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, now_ms, stream_entries
@@ -363,10 +363,11 @@ class QueueConsumer:
             else:
                 answers.append(admitted)
         batch_stats = stats.BatchStats()
-        answers += await self._run_jobs(jobs, batch_stats, started_ns)
+        charges = usage.ComputeCharges(self._labels)
+        answers += await self._run_jobs(jobs, batch_stats, started_ns, charges)
         if ran is not None:
             ran()  # the next batch may be read and run while these replies are written
-        await self._send_all(answers, first=batch_stats.commands(self._stats_key))
+        await self._send_all(answers, first=[*batch_stats.commands(self._stats_key), *charges.commands()])
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now: int) -> _Job | _Answer:
         try:
@@ -386,7 +387,9 @@ class QueueConsumer:
             return _error_answer(entry_id, queued, exc)
         return _Job(entry_id, queued, request, time.perf_counter_ns() - started)
 
-    async def _run_jobs(self, jobs: Sequence[_Job], batch_stats: stats.BatchStats, started_ns: int) -> list[_Answer]:
+    async def _run_jobs(
+        self, jobs: Sequence[_Job], batch_stats: stats.BatchStats, started_ns: int, charges: usage.ComputeCharges
+    ) -> list[_Answer]:
         requests = [job.request for job in jobs]
         outcomes: dict[int, batcher.Outcome] = {}
         groups: list[tuple[list[int], batcher.Timing]] = []
@@ -398,6 +401,7 @@ class QueueConsumer:
         answers: dict[int, _Answer] = {}
         for group, timing in groups:
             ran: list[stats.RequestTimes] = []
+            share_ns = (timing.input_ns + timing.output_ns + sum(ns for _rows, ns in timing.runs)) // len(group)
             for index in group:
                 job = jobs[index]
                 started = time.perf_counter_ns()
@@ -405,7 +409,9 @@ class QueueConsumer:
                 if answer.code is grpc.StatusCode.OK:
                     queue_ns = started_ns - stats.entry_time_ns(job.entry_id)
                     rows = batcher.batch_rows(job.request, self._runtime.signature) or 1
-                    ran.append((queue_ns, job.decode_ns, time.perf_counter_ns() - started, rows))
+                    encode_ns = time.perf_counter_ns() - started
+                    ran.append((queue_ns, job.decode_ns, encode_ns, rows))
+                    charges.charge(job.queued.tenant, job.decode_ns + share_ns + encode_ns)
             batch_stats.group_ran(ran, input_ns=timing.input_ns, output_ns=timing.output_ns, runs=timing.runs)
         return [answers[index] for index in range(len(jobs))]
 

@@ -11,8 +11,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +37,9 @@ _RECONCILE_RETRY_S = 2.0
 """Wait before retrying a reconcile whose deployment listing failed (registry down)."""
 _RETIRE_CHECK_S = 0.5
 """How often a retiring model version's queue is checked for being empty."""
+_RETIRE_GRACE_S = 2.0
+"""Least time a version stays loaded after leaving the deployment: a gateway may still enqueue
+for it meanwhile (a call resolved just before the registry's event reached it)."""
 
 
 class ModelSource(Protocol):
@@ -62,6 +66,11 @@ class _Served:
     consumer: QueueConsumer
 
 
+def _desired(deployments: Iterable[DeploymentRecord]) -> dict[tuple[str, int], DeploymentRecord]:
+    """Map each (model, version) to serve to its deployment: every version with weight or an alias."""
+    return {(d.model, version): replace(d, version=version) for d in deployments for version in d.served_versions}
+
+
 def _cache_path(cache_dir: Path, record: VersionRecord) -> Path:
     return cache_dir / record.model / f"{record.version}-{record.sha256[:12]}.onnx"
 
@@ -85,8 +94,8 @@ class InferenceWorker:
         self._lock: asyncio.Lock | None = None
         self._progress: asyncio.Event | None = None
         self._events_id = "$"
-        self._retiring: set[tuple[str, int]] = set()
-        """Served versions no longer deployed, unloaded once their queue is empty."""
+        self._retiring: dict[tuple[str, int], float] = {}
+        """Served versions no longer deployed, unloaded once idle and past their time (``_retire_at``)."""
 
     @property
     def is_ready(self) -> bool:
@@ -132,9 +141,9 @@ class InferenceWorker:
             except MaasError as exc:
                 log.warning("reconcile_failed", reason=exc.message)
                 return False
-            desired = {(d.model, d.version): d for d in deployments if d.pool in (self.settings.pool, "")}
+            desired = _desired(d for d in deployments if d.pool in (self.settings.pool, ""))
             before = self.served_models
-            self._retiring = {key for key in self._served if key not in desired}
+            self._retiring = {key: self._retire_at(key, desired) for key in self._served if key not in desired}
             for key in list(self._retiring):
                 await self._retire(key)
             for key, deployment in desired.items():
@@ -208,11 +217,20 @@ class InferenceWorker:
             is_idle = await served.consumer.is_idle()
         except _REDIS_ERRORS:
             is_idle = False
-        if is_idle:
-            await self._unload(key)
-            self._retiring.discard(key)
-        else:
+        if not is_idle:
             log.info("model_retiring", model=key[0], version=key[1])
+        elif time.monotonic() >= self._retiring[key]:
+            await self._unload(key)
+            del self._retiring[key]
+
+    def _retire_at(self, key: tuple[str, int], desired: dict[tuple[str, int], DeploymentRecord]) -> float:
+        """When a version that left the deployments may be unloaded once idle (``time.monotonic``)."""
+        if key in self._retiring:
+            return self._retiring[key]
+        # A version replaced within a deployment (a split or an alias change) gets the grace; an
+        # undeployed model's queues were failed by the registry, so nothing more can come.
+        is_deployed = any(model == key[0] for model, _ in desired)
+        return time.monotonic() + (_RETIRE_GRACE_S if is_deployed else 0.0)
 
     async def _unload(self, key: tuple[str, int]) -> None:
         # NOTE: removed from _served only once stopped, so a drain that cancels this still stops it.

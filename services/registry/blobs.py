@@ -1,13 +1,17 @@
 """Artifact storage: the small ``BlobStore`` interface and its local-directory implementation.
 
 An upload is staged in a local file first (ONNX Runtime validates it there), then committed
-under its version, after which it never changes. An S3-compatible store implements the same
-interface by staging locally and uploading the file on commit.
+under its version, after which it never changes. The S3-compatible store (``s3blobs.py``)
+implements the same interface by staging locally and uploading the file on commit.
+
+Staged files are ``<staging dir>/<uuid>.part``; the staging directory belongs to one registry
+process, which removes what a crashed predecessor left there when it starts (``start``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import uuid
@@ -17,15 +21,28 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
-from services.common.errors import NotFound
+from services.common.errors import FailedPrecondition, NotFound
 from services.common.metadata import MODEL_NAME_RE
 
 _T = TypeVar("_T")
+_STAGED_SUFFIX = ".part"
+STAGING_DIR = ".tmp"
+"""Name of the staging directory under a data directory (no model name starts with '.')."""
 
 
-async def _run(func: Callable[[], _T]) -> _T:
+async def _run(func: Callable[[], _T], *, undo: Callable[[_T], object] | None = None) -> _T:
     # NOTE: file I/O blocks; it runs on the default executor so the event loop never waits on disk.
-    return await asyncio.get_running_loop().run_in_executor(None, func)
+    # A thread cannot be stopped: when the caller is cancelled, wait for it to end before passing the
+    # cancellation on, so that the cleanup which follows sees what it did (a file opened or moved);
+    # ``undo`` releases a result the cancelled caller will never see (a file it opened).
+    future = asyncio.get_running_loop().run_in_executor(None, func)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if undo is not None and not future.cancelled() and future.exception() is None:
+            undo(future.result())
+        raise
 
 
 def _open_for_read(path: Path) -> BinaryIO:
@@ -48,6 +65,13 @@ class BlobUpload(Protocol):
 class BlobStore(Protocol):
     """Where artifacts live, keyed by model name and version number."""
 
+    async def start(self) -> None:
+        """Prepare the store before the registry serves: remove the staged files of a crashed registry.
+
+        Raises:
+            Unavailable: The store cannot be reached or used (the message says why).
+        """
+
     def upload(self) -> AbstractAsyncContextManager[BlobUpload]:
         """Stage a new artifact; leaving the context without a commit discards it."""
 
@@ -65,40 +89,90 @@ class BlobStore(Protocol):
         """Delete every artifact of ``model``."""
 
 
-class _StagedFile:
-    """A local upload file in the staging directory; ``LocalBlobStore`` owns its lifetime."""
+async def verified_chunks(
+    chunks: AsyncIterator[bytes], sha256: str, size_bytes: int, what: str
+) -> AsyncGenerator[bytes, None]:
+    """Yield ``chunks`` of a stored artifact, holding the last one back until the whole checks out.
 
-    def __init__(self, path: Path, file: BinaryIO, target: Callable[[str, int], Path]) -> None:
-        self._path = path
-        self._file = file
+    A corrupted or replaced artifact thus never reaches a client whole: its stream ends with the
+    error instead of its last chunk, whatever the store.
+
+    Args:
+        chunks: The artifact as the store reads it.
+        sha256: The sha256 recorded when it was uploaded.
+        size_bytes: The size recorded when it was uploaded.
+        what: Names the artifact in the error ("model 'm' version 3").
+
+    Raises:
+        FailedPrecondition: The artifact's size or sha256 differs from the record.
+    """
+    digest = hashlib.sha256()
+    received = 0
+    held: bytes | None = None
+    async for chunk in chunks:
+        received += len(chunk)
+        if received > size_bytes:
+            raise FailedPrecondition(f"the artifact of {what} is corrupted: it has more than its {size_bytes} bytes")
+        await _run(partial(digest.update, chunk))
+        if held is not None:
+            yield held
+        held = chunk
+    actual = digest.hexdigest()
+    if received != size_bytes or actual != sha256:
+        raise FailedPrecondition(
+            f"the artifact of {what} is corrupted: {received} bytes with sha256 {actual}, "
+            f"expected {size_bytes} bytes with sha256 {sha256}"
+        )
+    if held is not None:
+        yield held
+
+
+class StagedFile:
+    """A local upload file in the staging directory; ``staged_file`` owns its lifetime.
+
+    The file is opened by the first write, in a thread, so this object exists before any file
+    does: whatever happens (a cancellation included), ``discard`` finds what there is to remove.
+    """
+
+    def __init__(self, staging_dir: Path, target: Callable[[str, int], Path]) -> None:
+        self._staging_dir = staging_dir
+        self._path = staging_dir / f"{uuid.uuid4().hex}{_STAGED_SUFFIX}"
+        self._file: BinaryIO | None = None
         self._target = target
         self._is_committed = False
 
-    @classmethod
-    def create(cls, staging_dir: Path, target: Callable[[str, int], Path]) -> _StagedFile:
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        path = staging_dir / f"{uuid.uuid4().hex}.part"
-        return cls(path, path.open("xb"), target)
-
     async def write(self, chunk: bytes) -> None:
-        await _run(partial(self._file.write, chunk))
+        """Append ``chunk``."""
+        await _run(partial(self._write, chunk))
 
     async def finish(self) -> Path:
+        """Flush and close the file; return its path."""
         await _run(self._close)
         return self._path
 
     async def commit(self, model: str, version: int) -> None:
+        """Move the file to its place as ``version`` of ``model``."""
         await _run(partial(self._move_to, self._target(model, version)))
 
     async def discard(self) -> None:
-        if not self._is_committed:
-            await _run(self._remove)
+        """Remove the file unless it was committed."""
+        await _run(self._remove)
+
+    def _opened(self) -> BinaryIO:
+        if self._file is None:
+            self._staging_dir.mkdir(parents=True, exist_ok=True)
+            self._file = self._path.open("xb")
+        return self._file
+
+    def _write(self, chunk: bytes) -> None:
+        self._opened().write(chunk)
 
     def _close(self) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+        file = self._opened()
+        if not file.closed:
+            file.flush()
+            os.fsync(file.fileno())
+            file.close()
 
     def _move_to(self, target: Path) -> None:
         self._close()
@@ -107,8 +181,33 @@ class _StagedFile:
         self._is_committed = True
 
     def _remove(self) -> None:
-        self._file.close()
-        self._path.unlink(missing_ok=True)
+        if self._file is not None:
+            self._file.close()
+        if not self._is_committed:
+            self._path.unlink(missing_ok=True)
+
+
+@asynccontextmanager
+async def staged_file(staging_dir: Path, target: Callable[[str, int], Path]) -> AsyncIterator[StagedFile]:
+    """Stage a new file in ``staging_dir``; it is removed on leaving (a cancellation too) unless committed."""
+    staged = StagedFile(staging_dir, target)
+    try:
+        yield staged
+    finally:
+        await staged.discard()
+
+
+def _remove_staged(staging_dir: Path) -> int:
+    removed = 0
+    for path in staging_dir.glob(f"*{_STAGED_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+async def remove_staged_files(staging_dir: Path) -> int:
+    """Remove the staged files in ``staging_dir`` (those of a registry that crashed); return how many."""
+    return await _run(partial(_remove_staged, staging_dir))
 
 
 class LocalBlobStore:
@@ -119,7 +218,7 @@ class LocalBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._staging_dir = root / ".tmp"
+        self._staging_dir = root / STAGING_DIR
 
     def path(self, model: str, version: int) -> Path:
         """Return the path of the artifact of ``version`` of ``model``."""
@@ -132,14 +231,13 @@ class LocalBlobStore:
             raise ValueError(f"invalid model name {model!r}")
         return self.root / model
 
-    @asynccontextmanager
-    async def upload(self) -> AsyncIterator[BlobUpload]:
+    async def start(self) -> None:
+        """Remove the staged files that a crashed registry left."""
+        await remove_staged_files(self._staging_dir)
+
+    def upload(self) -> AbstractAsyncContextManager[BlobUpload]:
         """Stage a new artifact in the staging directory; it is removed unless committed."""
-        staged = await _run(partial(_StagedFile.create, self._staging_dir, self.path))
-        try:
-            yield staged
-        finally:
-            await staged.discard()
+        return staged_file(self._staging_dir, self.path)
 
     async def read(self, model: str, version: int, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
         """Yield the artifact of ``version`` of ``model`` in chunks of ``chunk_bytes``.
@@ -149,7 +247,7 @@ class LocalBlobStore:
         """
         path = self.path(model, version)
         try:
-            file = await _run(partial(_open_for_read, path))
+            file = await _run(partial(_open_for_read, path), undo=lambda opened: opened.close())
         except FileNotFoundError:
             raise NotFound(f"the artifact of model '{model}' version {version} is missing") from None
         try:

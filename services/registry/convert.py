@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from maas.registry.v1 import registry_pb2
-from services.common.auth import ApiKeyRecord, TenantRecord
+from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
 from services.common.errors import InvalidArgument
-from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
+from services.common.events import Event
+from services.common.metadata import DeploymentRecord, ModelRecord, Split, TensorSpec, VersionRecord
+from services.common.usage import TenantUsage
+from services.registry.events_watch import WatchRequest
 from services.registry.identities import NewApiKey
+from services.registry.lifecycle import VersionUpdate
+from services.registry.pages import PageQuery
+from services.registry.rollout import Alias
 from services.registry.store import DeploySpec, UploadHeader
 
 
@@ -27,7 +33,20 @@ def deployment_to_pb(record: DeploymentRecord) -> registry_pb2.Deployment:
         pool=record.pool,
         max_queue_length=record.max_queue_length,
         updated_at_ms=record.updated_at_ms,
+        traffic=split_to_pb(record.traffic),
+        previous_traffic=split_to_pb(record.previous_traffic),
+        aliased_versions=record.aliased_versions,
     )
+
+
+def split_to_pb(split: Split) -> list[registry_pb2.VersionWeight]:
+    """Convert a traffic split."""
+    return [registry_pb2.VersionWeight(version=version, weight=weight) for version, weight in split]
+
+
+def alias_to_pb(alias: Alias) -> registry_pb2.Alias:
+    """Convert an (alias, version) pair."""
+    return registry_pb2.Alias(name=alias[0], version=alias[1])
 
 
 def model_to_pb(record: ModelRecord) -> registry_pb2.Model:
@@ -37,6 +56,9 @@ def model_to_pb(record: ModelRecord) -> registry_pb2.Model:
         description=record.description,
         latest_version=record.latest_version,
         created_at_ms=record.created_at_ms,
+        aliases=[alias_to_pb(alias) for alias in record.aliases],
+        owner=record.owner,
+        shared_with=record.shared_with,
     )
     if record.deployment is not None:
         model.deployment.CopyFrom(deployment_to_pb(record.deployment))
@@ -55,6 +77,9 @@ def version_to_pb(record: VersionRecord) -> registry_pb2.Version:
         created_at_ms=record.created_at_ms,
         platform=record.platform,
         class_labels=record.class_labels,
+        description=record.description,
+        labels=record.labels,
+        pushed_by=record.pushed_by,
     )
 
 
@@ -75,6 +100,7 @@ def deploy_spec(request: registry_pb2.DeployRequest) -> DeploySpec:
         max_wait_ms=request.max_wait_ms if has("max_wait_ms") else None,
         pool=request.pool if has("pool") else None,
         max_queue_length=request.max_queue_length if has("max_queue_length") else None,
+        traffic=tuple((pair.version, pair.weight) for pair in request.traffic),
     )
 
 
@@ -85,6 +111,8 @@ def upload_header(header: registry_pb2.UploadVersionHeader) -> UploadHeader:
         sha256=header.sha256,
         size_bytes=header.size_bytes,
         class_labels=tuple(header.class_labels),
+        description=header.description,
+        labels=dict(header.labels),
     )
 
 
@@ -110,9 +138,61 @@ async def _chunks(requests: AsyncIterator[registry_pb2.UploadVersionRequest]) ->
         yield request.chunk
 
 
-def tenant_to_pb(record: TenantRecord) -> registry_pb2.Tenant:
-    """Convert a tenant."""
-    return registry_pb2.Tenant(name=record.name, description=record.description, created_at_ms=record.created_at_ms)
+def page_query(request: registry_pb2.ListModelsRequest | registry_pb2.ListVersionsRequest) -> PageQuery:
+    """Convert the paging and filters of a list request (ListVersions has no name prefix)."""
+    prefix = request.name_prefix if isinstance(request, registry_pb2.ListModelsRequest) else ""
+    return PageQuery(
+        page_size=request.page_size, page_token=request.page_token, name_prefix=prefix, labels=dict(request.labels)
+    )
+
+
+def version_update(request: registry_pb2.UpdateVersionRequest) -> VersionUpdate:
+    """Convert an UpdateVersion request; an unset description stays unchanged (None)."""
+    return VersionUpdate(
+        description=request.description if request.HasField("description") else None,
+        labels=dict(request.labels),
+        remove_labels=tuple(request.remove_labels),
+    )
+
+
+def delete_force(request: registry_pb2.DeleteModelRequest) -> bool | None:
+    """Return DeleteModel's ``force``: None when unset (the behaviour from before the field)."""
+    return request.force if request.HasField("force") else None
+
+
+def watch_request(request: registry_pb2.WatchEventsRequest) -> WatchRequest:
+    """Convert a WatchEvents request."""
+    return WatchRequest(after_id=request.after_id, is_following=request.follow, model=request.model)
+
+
+def event_to_pb(event: Event) -> registry_pb2.WatchEventsResponse:
+    """Convert one event into a WatchEvents message."""
+    return registry_pb2.WatchEventsResponse(
+        event=registry_pb2.Event(
+            id=event.id, kind=event.kind, model=event.model, version=event.version, time_ms=event.time_ms
+        )
+    )
+
+
+def tenant_to_pb(record: TenantRecord, usage: TenantUsage | None = None) -> registry_pb2.Tenant:
+    """Convert a tenant, with its usage if given."""
+    quota = record.quota
+    tenant = registry_pb2.Tenant(
+        name=record.name,
+        description=record.description,
+        created_at_ms=record.created_at_ms,
+        quota=registry_pb2.TenantQuota(rps=quota.rps, burst=quota.burst, max_in_flight=quota.max_in_flight),
+    )
+    if usage is not None:
+        tenant.usage.CopyFrom(
+            registry_pb2.TenantUsage(calls=usage.calls, errors=usage.errors, compute_seconds=usage.compute_ns / 1e9)
+        )
+    return tenant
+
+
+def tenant_quota(request: registry_pb2.SetTenantQuotaRequest) -> TenantQuota:
+    """Convert a SetTenantQuota request's quota."""
+    return TenantQuota(rps=request.quota.rps, burst=request.quota.burst, max_in_flight=request.quota.max_in_flight)
 
 
 def api_key_to_pb(record: ApiKeyRecord) -> registry_pb2.ApiKey:

@@ -11,6 +11,7 @@ A key's secret exists in clear only in the reply that creates it. Revoking publi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -20,10 +21,13 @@ import structlog
 
 from services.common import events, keys
 from services.common.auth import (
+    QUOTA_EVENT,
     READ,
     SCOPES,
+    SYSTEM_TENANT,
     WRITE,
     ApiKeyRecord,
+    TenantQuota,
     TenantRecord,
     new_token,
     now_ms,
@@ -33,11 +37,10 @@ from services.common.auth import (
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.metadata import check_name, shown
 from services.common.redis_conn import redis_errors
+from services.common.usage import TenantUsage
 
 log = structlog.get_logger(__name__)
 
-SYSTEM_TENANT = "system"
-"""The built-in tenant of the keys ``maas up`` (or a deployment's Secret) creates."""
 SYSTEM_KEYS: dict[str, tuple[str, ...]] = {"admin": SCOPES, "gateway": (READ, WRITE), "worker": (READ,)}
 """Scopes of the built-in keys, by name: the first administrator, and the services' credentials
 towards the registry (the gateway deploys for RepositoryModelLoad; workers only read)."""
@@ -45,6 +48,8 @@ towards the registry (the gateway deploys for RepositoryModelLoad; workers only 
 _WHAT = "identity store"
 _PATTERN_RE = re.compile(r"[A-Za-z0-9._\-*?\[\]!]{1,128}")
 _MAX_PATTERNS = 64
+_MAX_LIMIT = 1_000_000
+"""Largest value of each quota limit."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,17 @@ def _checked_models(models: tuple[str, ...]) -> tuple[str, ...]:
                 "'.', '_', '-' and the glob characters '*', '?', '[', ']', '!'"
             )
     return tuple(dict.fromkeys(models)) or ("*",)
+
+
+def _check_quota(quota: TenantQuota) -> None:
+    limits = {"rps": quota.rps, "burst": quota.burst, "max_in_flight": quota.max_in_flight}
+    for field_name, value in limits.items():
+        if not 0 <= value <= _MAX_LIMIT:  # NaN fails too
+            raise InvalidArgument(f"quota {field_name} must be between 0 (off) and {_MAX_LIMIT}, got {value:g}")
+    if quota.rps > 0 and quota.burst < 1:
+        raise InvalidArgument(f"quota burst must be >= 1 with rps {quota.rps:g} (e.g. {math.ceil(quota.rps)})")
+    if quota.rps == 0 and quota.burst:
+        raise InvalidArgument("quota burst needs rps: a token bucket without a refill rate is not supported")
 
 
 class IdentityStore:
@@ -125,6 +141,41 @@ class IdentityStore:
         with redis_errors(_WHAT):
             raw = await self._redis.hvals(keys.TENANTS)
         return sorted((TenantRecord.from_json(value) for value in raw), key=lambda t: t.name)
+
+    async def tenant_report(self) -> list[tuple[TenantRecord, TenantUsage]]:
+        """Return every tenant, ordered by name, with its cluster-wide usage (one more round trip).
+
+        Raises:
+            Unavailable: Redis cannot be reached.
+        """
+        tenants = await self.list_tenants()
+        with redis_errors(_WHAT):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tenant in tenants:
+                    pipe.hgetall(keys.usage(tenant.name))
+                hashes: list[dict[bytes, bytes]] = await pipe.execute()
+        return [(tenant, TenantUsage.parse(raw)) for tenant, raw in zip(tenants, hashes, strict=True)]
+
+    async def set_tenant_quota(self, name: str, quota: TenantQuota) -> TenantRecord:
+        """Set a tenant's quota; every gateway applies it on the ``tenant_quota_set`` event.
+
+        Raises:
+            InvalidArgument: The name is invalid, a limit is negative or too large, a rate limit
+                has no burst, or a burst no rate limit.
+            NotFound: No such tenant.
+            Unavailable: Redis cannot be reached.
+        """
+        check_name(name, "tenant name")
+        _check_quota(quota)
+        with redis_errors(_WHAT):
+            raw = await self._redis.hget(keys.TENANTS, name)
+            if raw is None:
+                raise NotFound(f"tenant '{name}' not found")
+            record = replace(TenantRecord.from_json(raw), quota=quota)
+            await self._redis.hset(keys.TENANTS, name, record.to_json())
+            await events.publish(self._redis, QUOTA_EVENT, "")
+        log.info("tenant_quota_set", tenant=name, rps=quota.rps, burst=quota.burst, max_in_flight=quota.max_in_flight)
+        return record
 
     async def create_api_key(self, spec: NewApiKey) -> tuple[ApiKeyRecord, str]:
         """Create an API key; return its record and the key itself (never stored in clear).

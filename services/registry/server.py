@@ -10,8 +10,10 @@ from services.common.auth import REGISTRY_RULES, ServerAuth, auth_secret, create
 from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal
 from services.common.redis_acl import read_passwords
 from services.common.redis_conn import create_redis
-from services.registry.blobs import LocalBlobStore
+from services.registry.blobs import STAGING_DIR, BlobStore, LocalBlobStore
 from services.registry.identities import IdentityStore
+from services.registry.s3blobs import S3BlobStore, S3Config, create_s3_client
+from services.registry.sandbox import ArtifactValidator, SandboxLimits
 from services.registry.servicer import ModelRegistryServicer
 from services.registry.settings import RegistrySettings
 from services.registry.store import ModelStore
@@ -64,13 +66,36 @@ async def ensure_system_keys(settings: RegistrySettings, identities: IdentitySto
         await identities.ensure_system_keys(read_passwords(settings.system_keys_file))
 
 
+def create_blobs(settings: RegistrySettings) -> BlobStore:
+    """Build the blob store that ``settings.blob_store`` names: ``data_dir``, or an S3 bucket."""
+    if settings.blob_store == "local":
+        return LocalBlobStore(settings.data_dir)
+    config = S3Config(
+        bucket=settings.s3_bucket,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+        prefix=settings.s3_prefix,
+        part_bytes=settings.s3_part_bytes,
+        timeout_s=settings.s3_timeout_s,
+    )
+    return S3BlobStore(config, settings.data_dir / STAGING_DIR, create_s3_client(config))
+
+
 def create_store(settings: RegistrySettings, redis: aioredis.Redis) -> ModelStore:
-    """Build the model store: metadata in ``redis``, artifacts under ``settings.data_dir``."""
+    """Build the model store: metadata in ``redis``, artifacts in ``create_blobs``'s store."""
+    limits = SandboxLimits(
+        timeout_s=settings.validate_timeout_s,
+        memory_bytes=settings.validate_memory_bytes,
+        concurrency=settings.validate_concurrency,
+    )
     return ModelStore(
         redis,
-        LocalBlobStore(settings.data_dir),
+        create_blobs(settings),
         max_artifact_bytes=settings.max_artifact_bytes,
         chunk_bytes=settings.chunk_bytes,
+        validator=ArtifactValidator(limits),
     )
 
 
@@ -81,10 +106,15 @@ async def serve(settings: RegistrySettings) -> None:
     try:
         identities = create_identities(settings, redis)
         await ensure_system_keys(settings, identities)
-        handle = create_server(settings, create_store(settings, redis), identities, auth)
+        store = create_store(settings, redis)
+        await store.start()
+        handle = create_server(settings, store, identities, auth)
         if auth is not None:
             await auth.start()
-        await run_until_signal(handle, settings, service="registry")
+        try:
+            await run_until_signal(handle, settings, service="registry")
+        finally:
+            await store.close()
     finally:
         if auth is not None:
             await auth.stop()

@@ -8,6 +8,7 @@ from typing import Any
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import convert
+from services.registry.events_watch import visibility
 from services.registry.identities import IdentityStore
 from services.registry.store import ModelStore
 
@@ -37,15 +38,17 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def ListModels(
         self, request: registry_pb2.ListModelsRequest, context: _Context
     ) -> registry_pb2.ListModelsResponse:
-        """List the models by name."""
-        models = await self._store.list_models()
-        return registry_pb2.ListModelsResponse(models=[convert.model_to_pb(m) for m in models])
+        """List a page of the models by name, filtered by name prefix and labels."""
+        page = await self._store.lifecycle.list_models(convert.page_query(request))
+        return registry_pb2.ListModelsResponse(
+            models=[convert.model_to_pb(m) for m in page.items], next_page_token=page.next_page_token
+        )
 
     async def DeleteModel(
         self, request: registry_pb2.DeleteModelRequest, context: _Context
     ) -> registry_pb2.DeleteModelResponse:
         """Delete a model with its versions and deployment."""
-        await self._store.delete_model(request.name)
+        await self._store.delete_model(request.name, force=convert.delete_force(request))
         return registry_pb2.DeleteModelResponse()
 
     async def UploadVersion(
@@ -66,9 +69,35 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def ListVersions(
         self, request: registry_pb2.ListVersionsRequest, context: _Context
     ) -> registry_pb2.ListVersionsResponse:
-        """List a model's versions, oldest first."""
-        versions = await self._store.list_versions(request.model)
-        return registry_pb2.ListVersionsResponse(versions=[convert.version_to_pb(v) for v in versions])
+        """List a page of a model's versions, oldest first, filtered by labels."""
+        page = await self._store.lifecycle.list_versions(request.model, convert.page_query(request))
+        return registry_pb2.ListVersionsResponse(
+            versions=[convert.version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdateVersion(
+        self, request: registry_pb2.UpdateVersionRequest, context: _Context
+    ) -> registry_pb2.UpdateVersionResponse:
+        """Change a version's description and labels."""
+        update = convert.version_update(request)
+        version = await self._store.lifecycle.update_version(request.model, request.version, update)
+        return registry_pb2.UpdateVersionResponse(version=convert.version_to_pb(version))
+
+    async def DeleteVersion(
+        self, request: registry_pb2.DeleteVersionRequest, context: _Context
+    ) -> registry_pb2.DeleteVersionResponse:
+        """Delete a version that serves no traffic and no alias points to."""
+        await self._store.lifecycle.delete_version(request.model, request.version)
+        return registry_pb2.DeleteVersionResponse()
+
+    async def WatchEvents(
+        self, request: registry_pb2.WatchEventsRequest, context: _Context
+    ) -> AsyncIterator[registry_pb2.WatchEventsResponse]:
+        """Stream the registry's events from a position, in order."""
+        is_visible = visibility(self._store.get_model)
+        async with aclosing(self._store.event_watch.watch(convert.watch_request(request), is_visible)) as watched:
+            async for event in watched:
+                yield convert.event_to_pb(event)
 
     async def DownloadVersion(
         self, request: registry_pb2.DownloadVersionRequest, context: _Context
@@ -95,6 +124,44 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         deployments = await self._store.list_deployments(request.pool)
         return registry_pb2.ListDeploymentsResponse(deployments=[convert.deployment_to_pb(d) for d in deployments])
 
+    async def ShareModel(
+        self, request: registry_pb2.ShareModelRequest, context: _Context
+    ) -> registry_pb2.ShareModelResponse:
+        """Share a model with a tenant (read and infer)."""
+        model = await self._store.share_model(request.name, request.tenant)
+        return registry_pb2.ShareModelResponse(model=convert.model_to_pb(model))
+
+    async def UnshareModel(
+        self, request: registry_pb2.UnshareModelRequest, context: _Context
+    ) -> registry_pb2.UnshareModelResponse:
+        """Stop sharing a model with a tenant."""
+        model = await self._store.share_model(request.name, request.tenant, is_shared=False)
+        return registry_pb2.UnshareModelResponse(model=convert.model_to_pb(model))
+
+    async def Rollback(self, request: registry_pb2.RollbackRequest, context: _Context) -> registry_pb2.RollbackResponse:
+        """Go back to a deployment's previous traffic split."""
+        deployment = await self._store.rollouts.rollback(request.model)
+        return registry_pb2.RollbackResponse(deployment=convert.deployment_to_pb(deployment))
+
+    async def SetAlias(self, request: registry_pb2.SetAliasRequest, context: _Context) -> registry_pb2.SetAliasResponse:
+        """Point an alias at a version."""
+        alias = await self._store.rollouts.set_alias(request.model, request.alias, request.version)
+        return registry_pb2.SetAliasResponse(alias=convert.alias_to_pb(alias))
+
+    async def DeleteAlias(
+        self, request: registry_pb2.DeleteAliasRequest, context: _Context
+    ) -> registry_pb2.DeleteAliasResponse:
+        """Remove an alias."""
+        await self._store.rollouts.delete_alias(request.model, request.alias)
+        return registry_pb2.DeleteAliasResponse()
+
+    async def ListAliases(
+        self, request: registry_pb2.ListAliasesRequest, context: _Context
+    ) -> registry_pb2.ListAliasesResponse:
+        """List a model's aliases."""
+        aliases = await self._store.rollouts.list_aliases(request.model)
+        return registry_pb2.ListAliasesResponse(aliases=[convert.alias_to_pb(alias) for alias in aliases])
+
     async def CreateTenant(
         self, request: registry_pb2.CreateTenantRequest, context: _Context
     ) -> registry_pb2.CreateTenantResponse:
@@ -105,9 +172,16 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def ListTenants(
         self, request: registry_pb2.ListTenantsRequest, context: _Context
     ) -> registry_pb2.ListTenantsResponse:
-        """List the tenants by name."""
-        tenants = await self._identities.list_tenants()
-        return registry_pb2.ListTenantsResponse(tenants=[convert.tenant_to_pb(t) for t in tenants])
+        """List the tenants by name, with their quotas and usage."""
+        report = await self._identities.tenant_report()
+        return registry_pb2.ListTenantsResponse(tenants=[convert.tenant_to_pb(t, usage) for t, usage in report])
+
+    async def SetTenantQuota(
+        self, request: registry_pb2.SetTenantQuotaRequest, context: _Context
+    ) -> registry_pb2.SetTenantQuotaResponse:
+        """Set a tenant's quota at the gateways."""
+        tenant = await self._identities.set_tenant_quota(request.tenant, convert.tenant_quota(request))
+        return registry_pb2.SetTenantQuotaResponse(tenant=convert.tenant_to_pb(tenant))
 
     async def CreateApiKey(
         self, request: registry_pb2.CreateApiKeyRequest, context: _Context

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.grpc_server import MAX_MESSAGE_BYTES
@@ -25,9 +26,42 @@ class RegistrySettings(ServiceSettings):
     data_dir: Path = Path(".maas/registry")
     """Root of the local blob store: artifacts live at ``<data_dir>/<model>/<version>.onnx``."""
     max_artifact_bytes: int = Field(default=2 * 1024 * _MIB, gt=0)
-    """Largest artifact an upload may announce (2 GiB: the protobuf limit of one ONNX file)."""
+    """Largest artifact an upload may announce (2 GiB: the protobuf limit of one ONNX file); a stream
+    that passes its announced size is refused at once, so no upload ever holds more."""
     chunk_bytes: int = Field(default=_MIB, gt=0, le=MAX_MESSAGE_BYTES // 2)
     """Size of one download chunk."""
+    validate_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest load of an uploaded artifact in ONNX Runtime (in a child process, killed after it)."""
+    validate_memory_bytes: int = Field(default=4 * 1024 * _MIB, ge=256 * _MIB)
+    """Address space of that child process (``RLIMIT_AS``): an upload that needs more is refused.
+    Loading takes about twice the artifact's size on top of ~250 MiB: raise it for models over ~1.5 GiB."""
+    validate_concurrency: int = Field(default=2, ge=1)
+    """Uploads validated at once (each may use ``validate_memory_bytes``); more wait their turn."""
+    blob_store: Literal["local", "s3"] = "local"
+    """Where artifacts live: ``local`` (``data_dir``) or ``s3`` (an S3-compatible bucket; uploads are
+    still staged in ``data_dir/.tmp``)."""
+    s3_endpoint_url: str | None = None
+    """S3 endpoint, e.g. ``http://seaweedfs:8333``; unset: AWS S3 of ``s3_region``."""
+    s3_bucket: str = ""
+    """Bucket of the artifacts (must exist); required with ``blob_store=s3``."""
+    s3_region: str = "us-east-1"
+    """Region of the bucket."""
+    s3_access_key_id: str = ""
+    """Access key; empty: boto3's default credential chain (``AWS_*`` variables, the pod's IAM role)."""
+    s3_secret_access_key: SecretStr = SecretStr("")
+    """Secret key of ``s3_access_key_id``."""
+    s3_prefix: str = ""
+    """Prepended to every object key (e.g. ``maas/``)."""
+    s3_part_bytes: int = Field(default=64 * _MIB, ge=5 * _MIB)
+    """Part size of multipart uploads (S3's minimum is 5 MiB); smaller artifacts take one PUT."""
+    s3_timeout_s: float = Field(default=30.0, gt=0)
+    """Connect and read timeout of one S3 call."""
     system_keys_file: Path | None = None
     """``name=key`` lines (mode 0600) of the built-in ``system`` keys (``admin``, ``gateway``,
     ``worker``), created at start unless they exist: ``maas up`` writes it, deploy/ mounts it."""
+
+    @model_validator(mode="after")
+    def _check_s3(self) -> RegistrySettings:
+        if self.blob_store == "s3" and not self.s3_bucket:
+            raise ValueError("s3_bucket (MAAS_REGISTRY_S3_BUCKET) is required when blob_store is 's3'")
+        return self

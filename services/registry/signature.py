@@ -34,8 +34,14 @@ def read_signature(path: Path) -> Signature:
     options = ort.SessionOptions()
     # NOTE: only loading is checked here; optimising the graph would only cost time.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # NOTE: it runs in the validation sandbox (sandbox.py), where thread pools would only reserve
+    # address space under its memory limit.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except MemoryError:
+        raise
     except Exception as exc:  # ORT raises one pybind class per status code, with no common base.
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # NOTE: ORT's message names the staging file; that path is an internal detail.

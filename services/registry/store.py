@@ -4,9 +4,11 @@ Redis layout (names from ``services.common.keys``):
 
 - ``keys.MODELS``: sorted set of model names.
 - ``keys.model(name)``: hash with ``description``, ``created_at_ms``, ``next_version`` (the
-  counter versions are allocated from) and ``latest_version`` (the newest stored version).
+  counter versions are allocated from), ``latest_version`` (the newest stored version), ``owner``
+  and ``share:<tenant>`` fields (``services.registry.ownership``).
 - ``keys.versions(name)``: hash, version number -> ``VersionRecord`` JSON.
 - ``keys.DEPLOYMENTS``: hash, model name -> ``DeploymentRecord`` JSON.
+- ``keys.aliases(name)``: hash, alias -> version (``services.registry.rollout``).
 
 Writes that must see the model still exist run as Lua scripts, so a model deleted in the
 middle of an upload or a deploy leaves nothing behind.
@@ -17,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -52,8 +53,14 @@ from services.common.metadata import (
 )
 from services.common.queue import MalformedEntry, QueuedRequest, Reply, now_ms
 from services.common.redis_conn import redis_errors
-from services.registry.blobs import BlobStore, BlobUpload
-from services.registry.signature import Signature, read_signature
+from services.registry import rollout
+from services.registry.blobs import BlobStore, BlobUpload, verified_chunks
+from services.registry.events_watch import EventWatch
+from services.registry.labels import check_description, check_labels
+from services.registry.lifecycle import VersionLifecycle
+from services.registry.ownership import ModelSharing, owner_of
+from services.registry.sandbox import ArtifactValidator
+from services.registry.signature import Signature
 
 log = structlog.get_logger(__name__)
 
@@ -73,10 +80,10 @@ _RANGES: dict[str, tuple[int, int]] = {
 }
 
 _CREATE_MODEL_LUA = """
--- KEYS[1]: model hash, KEYS[2]: models set; ARGV: name, description, created_at_ms
+-- KEYS[1]: model hash, KEYS[2]: models set; ARGV: name, description, created_at_ms, owner
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'description', ARGV[2], 'created_at_ms', ARGV[3],
-           'next_version', 0, 'latest_version', 0)
+           'next_version', 0, 'latest_version', 0, 'owner', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
@@ -95,12 +102,6 @@ if tonumber(redis.call('HGET', KEYS[1], 'latest_version')) < tonumber(ARGV[1]) t
 end
 return 1
 """
-_PUT_DEPLOYMENT_LUA = """
--- KEYS[1]: model hash, KEYS[2]: deployments hash; ARGV: model name, deployment JSON
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ class UploadHeader:
     size_bytes: int
     class_labels: tuple[str, ...] = ()
     """Labels of the classification extension, by class index."""
+    description: str = ""
+    """The version's description (``services.registry.labels`` has the rules)."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """The version's labels."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,8 @@ class DeploySpec:
     max_wait_ms: int | None = None
     pool: str | None = None
     max_queue_length: int | None = None
+    traffic: tuple[tuple[int, int], ...] = ()
+    """(version, weight) pairs serving several versions; then ``version`` must be 0."""
 
 
 def _check_version(version: int) -> None:
@@ -134,7 +141,7 @@ def _check_version(version: int) -> None:
 
 
 def _model_not_found(name: str) -> NotFound:
-    return NotFound(f"model '{name}' not found")
+    return auth.model_not_found(name)
 
 
 def _in_range(field: str, value: int | None, default: int) -> int:
@@ -171,6 +178,8 @@ def _check_header(header: UploadHeader, max_artifact_bytes: int) -> None:
     if not 1 <= header.size_bytes <= max_artifact_bytes:
         raise InvalidArgument(f"size_bytes must be 1..{max_artifact_bytes}, got {header.size_bytes}")
     _check_class_labels(header.class_labels)
+    check_description(header.description)
+    check_labels(header.labels)
 
 
 def _check_class_labels(labels: tuple[str, ...]) -> None:
@@ -179,6 +188,12 @@ def _check_class_labels(labels: tuple[str, ...]) -> None:
     size = sum(len(label.encode()) for label in labels)
     if size > MAX_CLASS_LABEL_BYTES:
         raise InvalidArgument(f"class_labels hold {size} bytes of UTF-8, at most {MAX_CLASS_LABEL_BYTES} are allowed")
+
+
+def _pusher() -> str:
+    """Who uploads: the calling API key as ``tenant/key name``, or ``anonymous`` when keys are off."""
+    identity = auth.current_identity()
+    return "anonymous" if identity is None else f"{identity.tenant}/{identity.key_name}"
 
 
 def _check_received(header: UploadHeader, sha256: str, size_bytes: int) -> None:
@@ -190,14 +205,25 @@ def _check_received(header: UploadHeader, sha256: str, size_bytes: int) -> None:
         raise InvalidArgument(f"sha256 mismatch: the header announced {header.sha256}, the artifact has {sha256}")
 
 
-def _model_record(name: str, fields: dict[bytes, bytes], deployment: bytes | None) -> ModelRecord:
+def _model_record(
+    name: str, fields: dict[bytes, bytes], deployment: bytes | None, raw_aliases: dict[bytes, bytes]
+) -> ModelRecord:
+    aliases = rollout.aliases_from_hash(raw_aliases)
+    owner, shared_with = owner_of(fields)
     return ModelRecord(
         name=name,
         description=fields.get(b"description", b"").decode(),
         latest_version=int(fields.get(b"latest_version", 0)),
         created_at_ms=int(fields.get(b"created_at_ms", 0)),
-        deployment=DeploymentRecord.from_json(deployment) if deployment is not None else None,
+        deployment=_deployment_record(deployment, aliases),
+        aliases=aliases,
+        owner=owner,
+        shared_with=shared_with,
     )
+
+
+def _deployment_record(raw: bytes | None, aliases: tuple[rollout.Alias, ...]) -> DeploymentRecord | None:
+    return None if raw is None else rollout.with_aliases(DeploymentRecord.from_json(raw), aliases)
 
 
 _Entry = tuple[bytes, dict[bytes, bytes]]
@@ -231,21 +257,44 @@ class ModelStore:
         *,
         max_artifact_bytes: int = 2 * 1024**3,
         chunk_bytes: int = 1024**2,
+        validator: ArtifactValidator | None = None,
     ) -> None:
         self._redis = redis
         self._blobs = blobs
+        self._validator = validator or ArtifactValidator()
         self._max_artifact_bytes = max_artifact_bytes
         self._chunk_bytes = chunk_bytes
         # Script objects reload themselves after NOSCRIPT (e.g. a Redis restart).
         self._create_model = redis.register_script(_CREATE_MODEL_LUA)
         self._allocate_version = redis.register_script(_ALLOCATE_VERSION_LUA)
         self._add_version = redis.register_script(_ADD_VERSION_LUA)
-        self._put_deployment = redis.register_script(_PUT_DEPLOYMENT_LUA)
+        self._sharing = ModelSharing(redis)
+        self.rollouts = rollout.Rollouts(redis, self._publish, self._sharing.check)
+        self.lifecycle = VersionLifecycle(self, blobs, self._publish)
+        self.event_watch = EventWatch(redis)
+        """Aliases, rollbacks and compare-and-set deployment changes."""
 
     @property
     def redis(self) -> aioredis.Redis:
         """The client of the metadata (other registry stores share it)."""
         return self._redis
+
+    async def start(self) -> None:
+        """Prepare the blob store before serving (removes the staged uploads of a crashed registry).
+
+        Raises:
+            Unavailable: The blob store cannot be used.
+        """
+        await self._blobs.start()
+
+    @property
+    def validator(self) -> ArtifactValidator:
+        """The upload validator (its spare child is idle between uploads)."""
+        return self._validator
+
+    async def close(self) -> None:
+        """Stop the upload validator's spare child process."""
+        await self._validator.close()
 
     # Models
 
@@ -259,15 +308,18 @@ class ModelStore:
         """
         check_name(name)
         created_at_ms = now_ms()
+        # NOTE: names are global (queues, streams and workers know models by name alone), so a
+        # name another tenant owns is ALREADY_EXISTS too: README, "Model ownership".
+        owner = auth.new_model_owner()
         with redis_errors(_WHAT):
             is_created = await self._create_model(
-                keys=[keys.model(name), keys.MODELS], args=[name, description, created_at_ms]
+                keys=[keys.model(name), keys.MODELS], args=[name, description, created_at_ms, owner]
             )
         if not is_created:
             raise AlreadyExists(f"model '{name}' already exists")
         log.info("model_created", model=name)
         await self._publish("model_created", name)
-        return ModelRecord(name=name, description=description, created_at_ms=created_at_ms)
+        return ModelRecord(name=name, description=description, created_at_ms=created_at_ms, owner=owner)
 
     async def get_model(self, name: str) -> ModelRecord:
         """Return one model with its latest version number and deployment.
@@ -282,10 +334,13 @@ class ModelStore:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(keys.model(name))
                 pipe.hget(keys.DEPLOYMENTS, name)
-                fields, deployment = await pipe.execute()
+                pipe.hgetall(keys.aliases(name))
+                fields, deployment, aliases = await pipe.execute()
         if not fields:
             raise _model_not_found(name)
-        return _model_record(name, fields, deployment)
+        record = _model_record(name, fields, deployment, aliases)
+        auth.check_owner(name, record.owner, record.shared_with)
+        return record
 
     async def list_models(self) -> list[ModelRecord]:
         """Return every model the calling API key may use (``auth.visible``), ordered by name.
@@ -302,41 +357,57 @@ class ModelStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for name in names:
                     pipe.hgetall(keys.model(name))
+                    pipe.hgetall(keys.aliases(name))
                 hashes = await pipe.execute()
         # A model deleted between the two round trips has an empty hash: it is left out.
         records = [
-            _model_record(name, fields, deployments.get(name.encode()))
-            for name, fields in zip(names, hashes, strict=True)
+            _model_record(name, fields, deployments.get(name.encode()), aliases)
+            for name, fields, aliases in zip(names, hashes[::2], hashes[1::2], strict=True)
             if fields
         ]
-        return auth.visible(records, lambda record: record.name)  # only the calling key's models
+        return auth.visible_models(records)  # only the models the calling key may see
 
-    async def delete_model(self, name: str) -> None:
+    async def delete_model(self, name: str, *, force: bool | None = None) -> None:
         """Delete a model, its versions, its artifacts, its deployment and its statistics.
 
-        Requests still queued for the deployed version fail with UNAVAILABLE.
+        Requests still queued for the deployed versions fail with UNAVAILABLE.
+
+        Args:
+            name: The model.
+            force: True (or None, the behaviour from before the flag) undeploys a deployed model
+                first; False refuses it. NOTE: a deploy racing with a refusing delete may still
+                be deleted, as with True.
 
         Raises:
             InvalidArgument: The name is invalid.
             NotFound: No such model.
+            FailedPrecondition: ``force`` is False and the model is deployed.
             Unavailable: Redis cannot be reached.
         """
         check_name(name)
+        await self._sharing.check(name, is_write=True)
         with redis_errors(_WHAT):
+            if force is False and await self._redis.hexists(keys.DEPLOYMENTS, name):
+                raise FailedPrecondition(
+                    f"model '{name}' is deployed: undeploy it first (`maas undeploy {name}`) or delete with force"
+                )
             allocated = int(await self._redis.hget(keys.model(name), "next_version") or 0)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hget(keys.DEPLOYMENTS, name)
-                pipe.delete(keys.model(name), keys.versions(name))
+                pipe.hgetall(keys.aliases(name))
+                pipe.delete(keys.model(name), keys.versions(name), keys.aliases(name))
                 pipe.hdel(keys.DEPLOYMENTS, name)
                 pipe.zrem(keys.MODELS, name)
                 # Statistics of every version ever allocated (a recreated model reuses the numbers).
                 pipe.delete(*(keys.stats(name, version) for version in range(allocated + 1)))
-                deployment, deleted_keys, _undeployed, is_listed, _stats = await pipe.execute()
+                deployment, aliases, deleted_keys, _undeployed, is_listed, _stats = await pipe.execute()
         if not deleted_keys and not is_listed:
             raise _model_not_found(name)
         failed = 0
-        if deployment is not None:
-            failed = await self._fail_queue(DeploymentRecord.from_json(deployment), "deleted")
+        served = _deployment_record(deployment, rollout.aliases_from_hash(aliases))
+        if served is not None:
+            await self._publish("undeployed", name, served.version)
+            failed = await self._fail_queues(name, served.served_versions, "deleted")
         await self._blobs.delete_model(name)
         log.info("model_deleted", model=name, failed_requests=failed)
         await self._publish("model_deleted", name)
@@ -347,8 +418,8 @@ class ModelStore:
         """Store a new version from a stream of chunks, once it matches ``header`` and loads.
 
         Raises:
-            InvalidArgument: The header is invalid, or the artifact does not match it or does not
-                load in ONNX Runtime.
+            InvalidArgument: The header is invalid, or the artifact does not match it, references
+                external data, or does not load in ONNX Runtime within the validation limits.
             NotFound: No such model.
             Unavailable: Redis cannot be reached.
         """
@@ -369,18 +440,20 @@ class ModelStore:
             size_bytes=record.size_bytes,
             sha256=record.sha256,
         )
-        await self._publish("version_uploaded", record.model)
+        await self._publish("version_uploaded", record.model, record.version)
         return record
 
     async def _upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> VersionRecord:
         _check_header(header, self._max_artifact_bytes)
+        await self._sharing.check(header.model, is_write=True)
         await self._require_model(header.model)
         async with self._blobs.upload() as staged:
             sha256, size_bytes = await self._receive(header, chunks, staged)
             _check_received(header, sha256, size_bytes)
             path = await staged.finish()
-            loop = asyncio.get_running_loop()
-            signature = await loop.run_in_executor(None, partial(read_signature, path))
+            # NOTE: ONNX Runtime loads untrusted uploads only in a child process with a time and a
+            # memory limit (sandbox.py): a hostile model cannot hang or exhaust the registry.
+            signature = await self._validator.validate(path)
             version = await self._next_version(header.model)
             await staged.commit(header.model, version)
         record = self._version_record(header, version, signature)
@@ -416,6 +489,9 @@ class ModelStore:
             outputs=signature.outputs,
             created_at_ms=now_ms(),
             class_labels=header.class_labels,
+            description=header.description,
+            labels=dict(header.labels),
+            pushed_by=_pusher(),
         )
 
     async def _require_model(self, name: str) -> None:
@@ -455,6 +531,7 @@ class ModelStore:
         """
         check_name(model)
         _check_version(version)
+        await self._sharing.check(model)
         return await self._find_version(model, version, no_versions=NotFound)
 
     async def _find_version(self, model: str, version: int, *, no_versions: type[MaasError]) -> VersionRecord:
@@ -482,6 +559,7 @@ class ModelStore:
             Unavailable: Redis cannot be reached.
         """
         check_name(model)
+        await self._sharing.check(model)
         with redis_errors(_WHAT):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.exists(keys.model(model))
@@ -497,22 +575,49 @@ class ModelStore:
         Raises:
             InvalidArgument: The name or version is invalid.
             NotFound: No such model, version or artifact.
-            Unavailable: Redis cannot be reached.
+            FailedPrecondition: The stored artifact does not match the version's sha256 or size
+                (raised instead of its last chunk, so a corrupted artifact is never served whole).
+            Unavailable: Redis or the blob store cannot be reached.
         """
         record = await self.get_version(model, version)
         yield record
-        async with aclosing(self._blobs.read(model, record.version, self._chunk_bytes)) as chunks:
+        what = f"model '{model}' version {record.version}"
+        stored = self._blobs.read(model, record.version, self._chunk_bytes)
+        checked = verified_chunks(stored, record.sha256, record.size_bytes, what)
+        async with aclosing(stored), aclosing(checked) as chunks:
             async for chunk in chunks:
                 DOWNLOAD_BYTES.inc(len(chunk))
                 yield chunk
+
+    # Sharing
+
+    async def share_model(self, name: str, tenant: str, *, is_shared: bool = True) -> ModelRecord:
+        """Share a model with a tenant (read and infer), or stop sharing it (``is_shared`` False).
+
+        Raises:
+            InvalidArgument: A name is invalid, or ``tenant`` owns the model.
+            NotFound: No such model (or one the caller may not see), no such tenant, or (unsharing)
+                the model is not shared with it.
+            PermissionDenied: The caller's tenant only has the model shared.
+            FailedPrecondition: The model has no owner.
+            Unavailable: Redis cannot be reached.
+        """
+        model = await self.get_model(name)
+        await self._sharing.change(model, tenant, is_shared=is_shared)
+        await self._publish("model_shared" if is_shared else "model_unshared", name)
+        return await self.get_model(name)
 
     # Deployments
 
     async def deploy(self, spec: DeploySpec) -> DeploymentRecord:
         """Set the deployment of a model, replacing the previous one.
 
+        The replaced deployment's split is kept as ``previous_traffic`` (what ``rollouts.rollback``
+        restores), unless the split stays the same.
+
         Raises:
-            InvalidArgument: A value is invalid or out of its documented range.
+            InvalidArgument: A value is invalid or out of its documented range, or both a version
+                and a traffic split are given.
             NotFound: No such model or version.
             FailedPrecondition: The latest version is asked for, but the model has none.
             Unavailable: Redis cannot be reached.
@@ -520,17 +625,32 @@ class ModelStore:
         check_name(spec.model)
         _check_version(spec.version)
         wanted = _deployment(spec)
-        version = await self._find_version(spec.model, spec.version, no_versions=FailedPrecondition)
-        record = replace(wanted, version=version.version, updated_at_ms=now_ms())
-        with redis_errors(_WHAT):
-            is_stored = await self._put_deployment(
-                keys=[keys.model(spec.model), keys.DEPLOYMENTS], args=[spec.model, record.to_json()]
-            )
-        if not is_stored:
-            raise _model_not_found(spec.model)
-        log.info("deployed", model=record.model, version=record.version, pool=record.pool)
-        await self._publish("deployed", record.model)
-        return record
+        await self._sharing.check(spec.model, is_write=True)
+        split = await self._split(spec)
+        record = replace(wanted, version=rollout.primary_version(split), traffic=split, updated_at_ms=now_ms())
+
+        async def build(current: DeploymentRecord | None) -> DeploymentRecord:
+            previous = () if current is None else current.split
+            if previous == split:
+                previous = current.previous_traffic if current is not None else ()
+            return replace(record, previous_traffic=previous)
+
+        stored = await self.rollouts.replace_deployment(spec.model, build)
+        log.info("deployed", model=stored.model, version=stored.version, traffic=stored.traffic, pool=stored.pool)
+        await self._publish("deployed", stored.model, stored.version)
+        return stored
+
+    async def _split(self, spec: DeploySpec) -> tuple[tuple[int, int], ...]:
+        """Return the split a deploy asks for: its traffic (versions checked), else its one version."""
+        if not spec.traffic:
+            record = await self._find_version(spec.model, spec.version, no_versions=FailedPrecondition)
+            return ((record.version, rollout.TOTAL_WEIGHT),)
+        if spec.version:
+            raise InvalidArgument(f"set version or traffic, not both (version {spec.version} with a traffic split)")
+        split = rollout.check_traffic(spec.traffic)
+        for version, _ in split:
+            await self._find_version(spec.model, version, no_versions=NotFound)
+        return split
 
     async def undeploy(self, model: str) -> None:
         """Remove a model's deployment; requests still queued for it fail with UNAVAILABLE.
@@ -541,34 +661,57 @@ class ModelStore:
             Unavailable: Redis cannot be reached.
         """
         check_name(model)
+        await self._sharing.check(model, is_write=True)
         with redis_errors(_WHAT):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.exists(keys.model(model))
                 pipe.hget(keys.DEPLOYMENTS, model)
                 pipe.hdel(keys.DEPLOYMENTS, model)
-                exists, raw, _ = await pipe.execute()
+                pipe.hgetall(keys.aliases(model))
+                exists, raw, _, aliases = await pipe.execute()
         if not exists:
             raise _model_not_found(model)
-        if raw is None:
+        deployment = _deployment_record(raw, rollout.aliases_from_hash(aliases))
+        if deployment is None:
             raise NotFound(f"model '{model}' is not deployed")
-        deployment = DeploymentRecord.from_json(raw)
-        await self._publish("undeployed", model)
-        failed = await self._fail_queue(deployment, "undeployed")
+        await self._publish("undeployed", model, deployment.version)
+        failed = await self._fail_queues(model, deployment.served_versions, "undeployed")
         log.info("undeployed", model=model, version=deployment.version, failed_requests=failed)
 
     async def list_deployments(self, pool: str = "") -> list[DeploymentRecord]:
         """Return the deployments ordered by model name, only those of ``pool`` unless it is empty.
 
-        Only deployments of models the calling API key may use are returned (``auth.visible``).
+        Only deployments of models the calling API key may see are returned (``auth.may_see``).
 
         Raises:
             Unavailable: Redis cannot be reached.
         """
         with redis_errors(_WHAT):
             raw = await self._redis.hvals(keys.DEPLOYMENTS)
-        records = (DeploymentRecord.from_json(value) for value in raw)
+            records = await self._with_aliases([DeploymentRecord.from_json(value) for value in raw])
         wanted = sorted((r for r in records if not pool or r.pool == pool), key=lambda r: r.model)
+        if auth.is_restricted():  # a tenant's key: its own models and those shared with it
+            seen = {model.name for model in await self.list_models()}
+            wanted = [record for record in wanted if record.model in seen]
         return auth.visible(wanted, lambda record: record.model)  # only the calling key's models
+
+    async def _with_aliases(self, records: list[DeploymentRecord]) -> list[DeploymentRecord]:
+        """Fill in each deployment's ``aliased_versions`` (workers load them too)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for record in records:
+                pipe.hgetall(keys.aliases(record.model))
+            aliases = await pipe.execute()
+        return [
+            rollout.with_aliases(record, rollout.aliases_from_hash(raw))
+            for record, raw in zip(records, aliases, strict=True)
+        ]
+
+    async def _fail_queues(self, model: str, versions: Iterable[int], reason: str) -> int:
+        """Fail the queues of ``versions`` of ``model`` (``_fail_queue``); return how many requests."""
+        failed = 0
+        for version in versions:
+            failed += await self._fail_queue(DeploymentRecord(model=model, version=version), reason)
+        return failed
 
     async def _fail_queue(self, deployment: DeploymentRecord, reason: str) -> int:
         """Answer every request in the deployment's queue with UNAVAILABLE, then delete the queue.
@@ -616,11 +759,11 @@ class ModelStore:
                 return False, 0
         return is_last, len(requests)
 
-    async def _publish(self, kind: str, model: str) -> None:
+    async def _publish(self, kind: str, model: str, version: int = 0) -> None:
         # NOTE: events are hints (followers also refresh periodically), and the change they
         # announce is already stored: failing the call now would make clients retry a done change.
         try:
             with redis_errors(_WHAT):
-                await events.publish(self._redis, kind, model)
+                await events.publish(self._redis, kind, model, version)
         except MaasError as exc:
             log.warning("event_not_published", kind=kind, model=model, reason=exc.message)

@@ -62,6 +62,24 @@ async def start_gateway_process(suite: Suite, ready: Path, **settings: str) -> t
     return process, f"127.0.0.1:{port}"
 
 
+async def run_cli(suite: Suite, *args: str, key: str | None = None) -> tuple[int, str, str]:
+    """Run the ``maas`` CLI against ``suite`` in a child process; return its code, stdout and stderr.
+
+    The CLI sends ``key`` if given, and no key otherwise (not even ``maas up``'s key file).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")} | {
+        "MAAS_GATEWAY": suite.gateway_address, "MAAS_REGISTRY": suite.registry_address,
+        "MAAS_API_KEY_FILE": str(suite.data_dir / "no-such.key"),
+    } | ({"MAAS_API_KEY": key} if key is not None else {})  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
 class Suite:
     """Registry + gateway (+ optionally a worker) built with the production wiring functions."""
 
@@ -77,8 +95,10 @@ class Suite:
         tls: CertificateFiles | None = None,
         mtls: bool = False,
         auth: dict[str, object] | None = None,
+        registry: dict[str, object] | None = None,
     ) -> None:
         self.redis_url = redis_url
+        self.registry_overrides = registry or {}
         self.timeout_s = timeout_s
         self.data_dir = data_dir
         self.pool = pool
@@ -102,9 +122,10 @@ class Suite:
     async def start(self, *, with_worker: bool = True) -> Suite:
         reg_settings = RegistrySettings(
             port=0, redis_url=self._url("registry"), data_dir=self.data_dir / "blobs", **self._server_tls("registry"),
-            **self._auth("registry"),
+            **self._auth("registry"), **self.registry_overrides,
         )  # fmt: skip
-        store = registry_server.create_store(reg_settings, self._client("registry"))
+        store = self.store = registry_server.create_store(reg_settings, self._client("registry"))
+        await store.start()
         identities = registry_server.create_identities(reg_settings, self._client("registry"))
         if self.system_keys:
             await identities.ensure_system_keys(self.system_keys)
@@ -175,6 +196,7 @@ class Suite:
         await self.channel.close()
         for handle in reversed(self._servers):
             await handle.server.stop(None)
+        await self.store.close()
         if self.worker is not None:
             await self.worker.drain()
             await self._worker_registry.close()

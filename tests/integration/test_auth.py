@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from services.common.embedded_redis import EmbeddedRedis
 from services.common.registry_client import RegistryClient
 from services.gateway import server as gateway_server
 from services.gateway.settings import GatewaySettings
-from tests.integration.suite import Suite
+from tests.integration.suite import Suite, run_cli
 from tests.models import affine_model
 
 pytestmark = pytest.mark.integration
@@ -374,25 +372,12 @@ async def test_identity_rpcs_validate_their_input(suite: Suite) -> None:
     assert key.split("_", 2)[2] not in stored and key not in stored
 
 
-async def _maas(suite: Suite, *args: str, key: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")} | {
-        "MAAS_GATEWAY": suite.gateway_address, "MAAS_REGISTRY": suite.registry_address, "MAAS_API_KEY": key,
-    }  # fmt: skip
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    stdout, stderr = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
-
-
 async def test_cli_tenants_and_keys(suite: Suite) -> None:
     admin = suite.admin_key
-    assert (await _maas(suite, "tenants", "create", "cli-team", key=admin))[0] == 0
-    code, stdout, _ = await _maas(suite, "tenants", "ls", key=admin)
+    assert (await run_cli(suite, "tenants", "create", "cli-team", key=admin))[0] == 0
+    code, stdout, _ = await run_cli(suite, "tenants", "ls", key=admin)
     assert code == 0 and "cli-team" in stdout and "system" in stdout
-    code, key, stderr = await _maas(
+    code, key, stderr = await run_cli(
         suite, "keys", "create", "--tenant", "cli-team", "--name", "bot", "--scope", "infer", "--scope", "read",
         "--models", "fraud-*", "--expires-in", "30d", key=admin,
     )  # fmt: skip
@@ -400,14 +385,14 @@ async def test_cli_tenants_and_keys(suite: Suite) -> None:
     key = key.strip()
     assert key.startswith("maas_") and "not shown again" in stderr
     key_id = key.split("_")[1]
-    code, stdout, _ = await _maas(suite, "keys", "ls", "--tenant", "cli-team", key=admin)
+    code, stdout, _ = await run_cli(suite, "keys", "ls", "--tenant", "cli-team", key=admin)
     assert code == 0 and key_id in stdout and "bot" in stdout and "active" in stdout
     assert key.split("_", 2)[2] not in stdout
-    code, stdout, _ = await _maas(suite, "infer", ALLOWED, "--input", "x=[[1, 2, 3, 4]]", key=key)
+    code, stdout, _ = await run_cli(suite, "infer", ALLOWED, "--input", "x=[[1, 2, 3, 4]]", key=key)
     assert code == 0 and '"data": [[3.0, 5.0, 7.0, 9.0]]' in stdout
-    code, _, stderr = await _maas(suite, "keys", "ls", key=key)
+    code, _, stderr = await run_cli(suite, "keys", "ls", key=key)
     assert code == 1 and "PERMISSION_DENIED" in stderr and "lacks scope 'admin'" in stderr
-    assert (await _maas(suite, "keys", "revoke", key_id, key=admin))[0] == 0
+    assert (await run_cli(suite, "keys", "revoke", key_id, key=admin))[0] == 0
     await asyncio.sleep(0.2)
-    code, _, stderr = await _maas(suite, "models", "ls", key=key)
+    code, _, stderr = await run_cli(suite, "models", "ls", key=key)
     assert code == 1 and "UNAUTHENTICATED" in stderr

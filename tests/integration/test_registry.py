@@ -38,13 +38,15 @@ Stub = registry_pb2_grpc.ModelRegistryStub
 async def running_registry(redis: aioredis.Redis, data_dir: Path) -> AsyncIterator[Stub]:
     """Serve the registry on a free port and yield a stub on a real channel."""
     settings = RegistrySettings(host="127.0.0.1", port=0, data_dir=data_dir, chunk_bytes=DOWNLOAD_CHUNK_BYTES)
-    handle = create_server(settings, create_store(settings, redis))
+    store = create_store(settings, redis)
+    handle = create_server(settings, store)
     await handle.server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
             yield registry_pb2_grpc.ModelRegistryStub(channel)
     finally:
         await handle.server.stop(None)
+        await store.close()
 
 
 @pytest.fixture

@@ -715,7 +715,8 @@ async def running_registry(redis_url: str, data_dir: Path) -> AsyncIterator[Regi
     """Serve the registry service on a free port; yield a client of it."""
     client = create_redis(redis_url, timeout_s=5)
     settings = RegistrySettings(host="127.0.0.1", port=0, data_dir=data_dir)
-    handle = create_registry_server(settings, create_store(settings, client))
+    store = create_store(settings, client)
+    handle = create_registry_server(settings, store)
     await handle.server.start()
     registry = RegistryClient(f"127.0.0.1:{handle.port}")
     try:
@@ -723,6 +724,7 @@ async def running_registry(redis_url: str, data_dir: Path) -> AsyncIterator[Regi
     finally:
         await registry.close()
         await handle.server.stop(None)
+        await store.close()
         await client.aclose()
 
 
