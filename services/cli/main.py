@@ -337,7 +337,7 @@ def models_push(
     class_labels = () if labels is None else _read_labels(labels)
     version_labels = _label_map(label, "--label")
     with _client() as client:
-        with _upload_bar(file) as progress:
+        with _transfer_bar("uploading", file.name, file.stat().st_size) as progress:
             version = client.push(
                 name, file, description=description, progress=progress, class_labels=class_labels,
                 labels=version_labels,
@@ -351,13 +351,25 @@ def models_push(
 
 
 @contextmanager
-def _upload_bar(file: Path) -> Iterator[ProgressCallback]:
+def _transfer_bar(verb: str, name: str, total: int | None) -> Iterator[ProgressCallback]:
     """Show a progress bar (on stderr) that the yielded callback drives; it may be called from any thread."""
-    columns = (TextColumn("uploading {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    columns = (TextColumn(f"{verb} {{task.description}}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, console=err) as bar:
-        task = bar.add_task(file.name, total=file.stat().st_size)
-        yield lambda sent, total: bar.update(task, completed=sent, total=total)
+        task = bar.add_task(name, total=total)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Where to write the .onnx file.")],
+    version: Annotated[int, typer.Option(help="Version to download (0: the latest).")] = 0,
+) -> None:
+    """Download a version's .onnx file (streamed to disk, sha256-checked, with a progress bar)."""
+    with _client() as client, _transfer_bar("downloading", f"{name} v{version or 'latest'}", None) as progress:
+        record = client.pull(name, output, version=version, progress=progress)
+    out.print(f"pulled model '{name}' version {record.version} to {output} ({record.size_bytes} bytes, sha256 ok)")
 
 
 @models_app.command("example")

@@ -334,6 +334,22 @@ class AsyncMaasClient:
         """Return one version (0: the latest) with its signature, size and sha256."""
         return await self._registry.get_version(name, version)
 
+    async def pull(
+        self, name: str, dest: str | os.PathLike[str], *, version: int = 0, progress: ProgressCallback | None = None
+    ) -> VersionRecord:
+        """Download a version's .onnx file (0: the latest) to ``dest``, streamed and sha256-checked.
+
+        Args:
+            name: The model.
+            dest: Where to write it; it appears only whole and verified.
+            version: The version; 0 is the latest.
+            progress: Called as ``progress(received_bytes, total_bytes)`` as chunks arrive.
+
+        Returns:
+            The version downloaded.
+        """
+        return await self._registry.download_version(name, version, Path(dest), progress=progress)
+
     async def delete_model(self, name: str, *, force: bool | None = None) -> None:
         """Delete a model with all its versions and its deployment.
 

@@ -113,6 +113,7 @@ class MaasClient:
     model_metadata = _blocking(AsyncMaasClient.model_metadata)
     model_ready = _blocking(AsyncMaasClient.model_ready)
     push = _blocking(AsyncMaasClient.push)
+    pull = _blocking(AsyncMaasClient.pull)
     deploy = _blocking(AsyncMaasClient.deploy)
     promote = _blocking(AsyncMaasClient.promote)
     rollback = _blocking(AsyncMaasClient.rollback)

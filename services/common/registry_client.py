@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
@@ -428,8 +429,19 @@ class RegistryClient:
             raise map_rpc_error(exc, "registry") from exc
         return version_from_proto(reply.version)
 
-    async def download_version(self, model: str, version: int, dest: Path) -> VersionRecord:
-        """Download a version's artifact to ``dest`` (written atomically, sha256 verified).
+    async def download_version(
+        self, model: str, version: int, dest: Path, *, progress: ProgressCallback | None = None
+    ) -> VersionRecord:
+        """Download a version's artifact to ``dest``: streamed to disk, sha256 verified, moved in place.
+
+        Memory stays at one chunk whatever the artifact's size; ``dest`` appears only whole and
+        verified (a ``.part`` file beside it holds the bytes meanwhile, removed on failure).
+
+        Args:
+            model: The model.
+            version: The version (0: the latest).
+            dest: Where to write the artifact.
+            progress: Called as ``progress(received_bytes, total_bytes)`` after each chunk.
 
         Raises:
             InvalidArgument: The downloaded bytes do not match the version's sha256 or size.
@@ -437,7 +449,11 @@ class RegistryClient:
         req = registry_pb2.DownloadVersionRequest(model=model, version=version)
         record: VersionRecord | None = None
         digest = hashlib.sha256()
-        chunks: list[bytes] = []
+        received = 0
+        loop = asyncio.get_running_loop()
+        tmp = dest.with_name(dest.name + ".part")
+        await loop.run_in_executor(None, partial(dest.parent.mkdir, parents=True, exist_ok=True))
+        file = await loop.run_in_executor(None, tmp.open, "wb")
         try:
             parts = self._stub.DownloadVersion(
                 req, timeout=max(self.timeout_s, 300.0), metadata=resolve_metadata(self._metadata_source)
@@ -445,15 +461,23 @@ class RegistryClient:
             async for part in parts:
                 if part.HasField("version"):
                     record = version_from_proto(part.version)
-                else:
-                    digest.update(part.chunk)
-                    chunks.append(part.chunk)
+                    continue
+                digest.update(part.chunk)
+                received += len(part.chunk)
+                await loop.run_in_executor(None, file.write, part.chunk)
+                if progress is not None and record is not None:
+                    progress(received, record.size_bytes)
+            await loop.run_in_executor(None, file.close)
+            if record is None or digest.hexdigest() != record.sha256 or received != record.size_bytes:
+                message = f"download of model '{model}' version {version} is corrupt (sha256 mismatch)"
+                raise InvalidArgument(message)
+            await loop.run_in_executor(None, tmp.replace, dest)
         except grpc.aio.AioRpcError as exc:
             raise map_rpc_error(exc, "registry") from exc
-        if record is None or digest.hexdigest() != record.sha256:
-            message = f"download of model '{model}' version {version} is corrupt (sha256 mismatch)"
-            raise InvalidArgument(message)
-        await asyncio.get_running_loop().run_in_executor(None, _write_atomic, dest, b"".join(chunks))
+        finally:
+            if not file.closed:
+                await loop.run_in_executor(None, file.close)
+            await loop.run_in_executor(None, partial(tmp.unlink, missing_ok=True))
         return record
 
 
@@ -488,10 +512,3 @@ async def _chunks(data: bytes | Path) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         file.close()
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(dest)

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from services.client import AsyncMaasClient, InvalidArgument, MaasClient, NotFound
 from services.common.registry_client import UPLOAD_CHUNK_BYTES
-from tests.integration.suite import Suite
+from tests.integration.suite import Suite, run_cli
 from tests.models import affine_model, identity_model
 
 pytestmark = pytest.mark.integration
@@ -165,3 +165,31 @@ async def test_metadata_hook_is_sent_with_every_call(suite: Suite) -> None:
                 await asyncio.sleep(0.01)
     finished = _finished(logs)
     assert finished["client-0"].endswith("ModelInfer") and finished["client-1"].endswith("ListModels")
+
+
+def _pull(suite: Suite, dest: Path, seen: list[tuple[int, int]]) -> int:
+    with _client(suite) as client:
+        return client.pull("plus", dest, progress=lambda *p: seen.append(p)).version
+
+
+async def test_pull_streams_the_artifact_to_disk_with_progress(suite: Suite, tmp_path: Path) -> None:
+    model = _plus_one_model(rows=250_000)
+    await suite.registry.create_model("plus")
+    await suite.registry.upload_version("plus", model)
+    seen: list[tuple[int, int]] = []
+
+    version = await asyncio.to_thread(_pull, suite, tmp_path / "out" / "plus.onnx", seen)
+
+    assert version == 1
+    assert (tmp_path / "out" / "plus.onnx").read_bytes() == model
+    assert not (tmp_path / "out" / "plus.onnx.part").exists()
+    assert len(seen) > 1 and seen[-1] == (len(model), len(model))
+    assert [got for got, _ in seen] == sorted(got for got, _ in seen)
+    async with AsyncMaasClient(suite.gateway_address, suite.registry_address) as client:
+        with pytest.raises(NotFound):
+            await client.pull("plus", tmp_path / "missing.onnx", version=7)
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("missing.onnx*")))
+    code, stdout, stderr = await run_cli(suite, "models", "pull", "plus", "-o", str(tmp_path / "cli.onnx"))
+    assert code == 0, stderr
+    assert "pulled model 'plus' version 1" in stdout
+    assert (tmp_path / "cli.onnx").read_bytes() == model
