@@ -36,7 +36,7 @@ from pydantic import SecretStr
 
 from services.common import events, keys
 from services.common.errors import MaasError, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
-from services.common.interceptors import HandlerCache
+from services.common.interceptors import WrappingInterceptor
 from services.common.metadata import ModelRecord, shown
 from services.common.redis_conn import redis_errors
 from services.common.settings import ServiceSettings
@@ -557,7 +557,7 @@ class _Call:
         )  # fmt: skip
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Authenticate every RPC but health (and open reflection) and check its scope and model.
 
     RPCs without a rule in ``rules`` are refused (a new RPC is closed until it gets one).
@@ -575,20 +575,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._verifier = verifier
         self._rules = rules
         self._limiter = limiter
-        self._open = OPEN_SERVICES + (REFLECTION_SERVICES if is_reflection_open else ())
-        self._cache = HandlerCache(self._wrap)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Wrap the RPC's handler (see class docstring); wrapped handlers are built once per method."""
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(self._open):
-            return handler
-        return self._cache.get(handler, method)
+        super().__init__(self._wrap, OPEN_SERVICES + (REFLECTION_SERVICES if is_reflection_open else ()))
 
     async def _authorize(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> _Call:
         """Authenticate the caller and check the RPC's scope; bind the identity to this call.

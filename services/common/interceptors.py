@@ -137,7 +137,34 @@ class HandlerCache:
         return cached[1]
 
 
-class RequestContextInterceptor(grpc.aio.ServerInterceptor):
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler, once per method (``HandlerCache``).
+
+    Args:
+        wrap: Builds the wrapped handler of ``(handler, method)``.
+        unwrapped: Prefixes of the methods left as they are (e.g. health and reflection).
+    """
+
+    def __init__(
+        self, wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler], unwrapped: tuple[str, ...] = ()
+    ) -> None:
+        self._cache = HandlerCache(wrap)
+        self._unwrapped = unwrapped
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wrap the RPC's handler (see the class docstring)."""
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(self._unwrapped):
+            return handler
+        return self._cache.get(handler, method)
+
+
+class RequestContextInterceptor(WrappingInterceptor):
     """Bind request_id and rpc to the log context and log one ``rpc_finished`` line a call.
 
     Args:
@@ -147,18 +174,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, access_log_sample: float = 1.0) -> None:
         self._sample = access_log_sample
-        self._cache = HandlerCache(self._wrap)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Wrap the RPC's handler (see class docstring)."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._cache.get(handler, handler_call_details.method)
+        super().__init__(self._wrap)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
         sample = self._sample
@@ -189,22 +205,11 @@ class _RequestScope:
             log.info("rpc_finished", code=_final_code(self._context, exc), duration_ms=duration_ms)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(WrappingInterceptor):
     """Abort with the taxonomy's code and message; anything else is INTERNAL, logged once."""
 
     def __init__(self) -> None:
-        self._cache = HandlerCache(lambda handler, _rpc: _wrap_handler(handler, _ErrorScope, checks_decoding=True))
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Wrap the RPC's handler (see class docstring)."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._cache.get(handler, handler_call_details.method)
+        super().__init__(lambda handler, _rpc: _wrap_handler(handler, _ErrorScope, checks_decoding=True))
 
 
 class _ErrorScope:
