@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import signal
@@ -19,10 +20,12 @@ import typer
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from services.cli import convert
+from services.cli import status as cluster_view
 from services.cli.examples import affine_model
 from services.cli.supervisor import Supervisor, UpOptions
 from services.client import MaasClient
@@ -584,7 +587,7 @@ def infer(
 
 @app.command()
 def status(as_json: JsonFlag = False) -> None:
-    """Show models, deployments and whether a live worker serves each."""
+    """Show models and deployments, live workers, each model version's queue and last-minute calls."""
     table = Table("model", "deployment", "ready")
     states = []
     with _client() as client:
@@ -593,18 +596,45 @@ def status(as_json: JsonFlag = False) -> None:
             states.append({"model": model.name, "deployment": _jsonable(model.deployment), "ready": ready})
             table.add_row(model.name, _describe(model), "[green]yes[/]" if ready else "[red]no[/]")
         try:
-            report = client.tenant_report()
+            report, cluster = client.tenant_report(), client.cluster_status()
         except PermissionDenied:
-            report = None
+            report, cluster = None, None
     if as_json:
         tenants = None if report is None else [asdict(tenant) | {"usage": asdict(used)} for tenant, used in report]
-        _print_json({"models": states, "tenants": tenants})
+        _print_json({"models": states, "tenants": tenants} | (cluster_view.to_json(cluster) if cluster else {}))
         return
     out.print(table)
+    if cluster is not None:
+        cluster_view.print_view(out, cluster)
     if report is None:
         out.print("tenants: usage needs a key with the admin scope")
     elif report:
         out.print(_tenant_table(report, with_description=False))
+
+
+@app.command()
+def top(
+    interval_s: Annotated[float, typer.Option("--interval", min=0.1, help="Seconds between refreshes.")] = 1.0,
+    iterations: Annotated[int, typer.Option(min=0, help="Refreshes before exiting (0: until Ctrl-C).")] = 0,
+) -> None:
+    """Show workers and queues live, refreshed every second, until Ctrl-C (admin scope)."""
+    with _client() as client:
+        live = Live(console=out, auto_refresh=False) if out.is_terminal else None
+        try:
+            with live or contextlib.nullcontext():
+                count = 0
+                while True:
+                    cluster = client.cluster_status()
+                    if live is not None:
+                        live.update(cluster_view.render(cluster), refresh=True)
+                    else:  # not a terminal (a pipe, a test): one screen after another
+                        cluster_view.print_view(out, cluster)
+                    count += 1
+                    if count == iterations:
+                        return
+                    time.sleep(interval_s)
+        except KeyboardInterrupt:
+            return
 
 
 # `maas redis acl`: the Redis users of the service roles (services/common/redis_acl.py).

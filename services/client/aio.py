@@ -27,6 +27,7 @@ from services.common.registry_client import (
     create_channel,
     resolve_metadata,
 )
+from services.common.status import ClusterStatus
 from services.common.usage import TenantUsage
 
 
@@ -400,6 +401,15 @@ class AsyncMaasClient:
     async def tenant_report(self) -> list[tuple[TenantRecord, TenantUsage]]:
         """List the tenants by name with their cluster-wide usage: calls, errors, compute (``admin`` scope)."""
         return await self._registry.tenant_report()
+
+    async def cluster_status(self) -> ClusterStatus:
+        """Return live workers and every deployed version's queue and last-minute calls (``admin`` scope).
+
+        Raises:
+            PermissionDenied: The key lacks the ``admin`` scope.
+            Unavailable: The registry or its Redis cannot be reached.
+        """
+        return await self._registry.get_cluster_status()
 
     async def set_tenant_quota(
         self, tenant: str, *, rps: float = 0.0, burst: int = 0, max_in_flight: int = 0

@@ -134,6 +134,7 @@ class MaasClient:
     list_tenants = _blocking(AsyncMaasClient.list_tenants)
     tenant_report = _blocking(AsyncMaasClient.tenant_report)
     set_tenant_quota = _blocking(AsyncMaasClient.set_tenant_quota)
+    cluster_status = _blocking(AsyncMaasClient.cluster_status)
     create_api_key = _blocking(AsyncMaasClient.create_api_key)
     list_api_keys = _blocking(AsyncMaasClient.list_api_keys)
     revoke_api_key = _blocking(AsyncMaasClient.revoke_api_key)

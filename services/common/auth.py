@@ -466,6 +466,7 @@ REGISTRY_RULES: dict[str, Rule] = {
         "ListApiKeys": Rule((ADMIN,)),
         "RevokeApiKey": Rule((ADMIN,)),
         "SetTenantQuota": Rule((ADMIN,)),
+        "GetClusterStatus": Rule((ADMIN,)),
     }.items()
 }
 """``maas.registry.v1.ModelRegistry``: scope and model field of each RPC."""

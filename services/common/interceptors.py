@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import structlog
 
+from services.common import tracing
 from services.common.errors import InvalidArgument, MaasError
 
 log = structlog.get_logger(__name__)
@@ -182,27 +183,34 @@ class RequestContextInterceptor(WrappingInterceptor):
 
 
 class _RequestScope:
-    """One call's log context, request id and ``rpc_finished`` line (a class: cheaper than a generator)."""
+    """One call's log context, request id, server span and ``rpc_finished`` line (a class: cheaper than a generator)."""
 
-    __slots__ = ("_context", "_rpc", "_sample", "_started")
+    __slots__ = ("_context", "_rpc", "_sample", "_span", "_started")
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str, sample: float) -> None:
         self._context = context
         self._rpc = rpc
         self._sample = sample
         self._started = 0.0
+        self._span: tracing.ServerSpan | None = None
 
     async def __aenter__(self) -> None:
         structlog.contextvars.clear_contextvars()
         request_id = _request_id(self._context)
         structlog.contextvars.bind_contextvars(request_id=request_id, rpc=self._rpc)
         self._context.set_trailing_metadata((("x-request-id", request_id),))
+        if tracing.is_enabled():  # the caller's traceparent, or a new trace
+            self._span = tracing.server_span(self._rpc, self._context.invocation_metadata())
+            tracing.annotate(request_id=request_id)
         self._started = time.perf_counter()
 
     async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        code = _final_code(self._context, exc)
         if exc is not None or self._sample >= 1.0 or random.random() < self._sample:
             duration_ms = round((time.perf_counter() - self._started) * 1000, 3)
-            log.info("rpc_finished", code=_final_code(self._context, exc), duration_ms=duration_ms)
+            log.info("rpc_finished", code=code, duration_ms=duration_ms)
+        if self._span is not None:  # after the log line, which carries its trace id
+            self._span.end(code)
 
 
 class ErrorInterceptor(WrappingInterceptor):

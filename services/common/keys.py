@@ -68,6 +68,11 @@ def stats(name: str, version: int) -> str:
     return f"{PREFIX}stats:{name}:{version}"
 
 
+def stats_window(name: str, version: int, slot: int) -> str:
+    """Hash of one model version's calls in one short time slot (``services.common.stats``; expires)."""
+    return f"{PREFIX}stats:{name}:{version}:w:{slot}"
+
+
 def replies(gateway_id: str) -> str:
     """Reply stream of one gateway process."""
     return f"{PREFIX}replies:{gateway_id}"

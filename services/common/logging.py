@@ -8,6 +8,8 @@ import sys
 import structlog
 from structlog.typing import EventDict
 
+from services.common.tracing import add_trace_ids
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -31,6 +33,7 @@ def configure_logging(level: str = "info", *, json: bool = True, service: str | 
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,  # trace_id/span_id of the current span, when tracing is on
             add_service,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

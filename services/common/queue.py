@@ -17,7 +17,8 @@ ENQUEUE_MANY_LUA = """
 -- by the call's deadline in epoch ms, so a crashed gateway's calls expire by themselves).
 -- ARGV[1]: max queue length; ARGV[2]: reply stream of every entry; ARGV[3]: tenant ('': none);
 -- ARGV[4]: requests/s (0: no rate limit); ARGV[5]: burst; ARGV[6]: max in flight (0: no cap);
--- ARGV[7..]: the entries, 4 values each: id, deadline_ms, rid, req (QueuedRequest's fields).
+-- ARGV[7..]: the entries, 5 values each: id, deadline_ms, rid, req, traceparent ('': none)
+-- (QueuedRequest's fields).
 -- Returns one reply per entry: its stream id; 0 when the queue was full; {1, wait ms} when the
 -- tenant's bucket was empty; {2, calls in flight} at the tenant's cap. The queue length, the
 -- bucket and the in-flight count are checked before each XADD, atomically with it (trimming
@@ -41,7 +42,7 @@ if #KEYS == 3 then
   end
 end
 local ids = {}
-for first = 7, #ARGV, 4 do
+for first = 7, #ARGV, 5 do
   if length >= limit then
     ids[#ids + 1] = 0
   elseif tokens and tokens < 1 then
@@ -49,13 +50,17 @@ for first = 7, #ARGV, 4 do
   elseif in_flight and in_flight >= cap then
     ids[#ids + 1] = {2, in_flight}
   else
-    if ARGV[3] == '' then
-      ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'id', ARGV[first], 'reply', ARGV[2],
-        'deadline_ms', ARGV[first + 1], 'rid', ARGV[first + 2], 'req', ARGV[first + 3])
-    else
-      ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'id', ARGV[first], 'reply', ARGV[2],
-        'deadline_ms', ARGV[first + 1], 'rid', ARGV[first + 2], 'req', ARGV[first + 3], 'tenant', ARGV[3])
+    local fields = {'id', ARGV[first], 'reply', ARGV[2], 'deadline_ms', ARGV[first + 1], 'rid', ARGV[first + 2],
+      'req', ARGV[first + 3]}
+    if ARGV[3] ~= '' then
+      fields[#fields + 1] = 'tenant'
+      fields[#fields + 1] = ARGV[3]
     end
+    if ARGV[first + 4] ~= '' then
+      fields[#fields + 1] = 'traceparent'
+      fields[#fields + 1] = ARGV[first + 4]
+    end
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(fields))
     length = length + 1
     if tokens then tokens = tokens - 1 end
     if in_flight then
@@ -133,13 +138,15 @@ class QueuedRequest:
     """The caller's request id (``x-request-id``), for logs."""
     tenant: str = ""
     """The calling key's tenant ('' when the gateway checks no keys), for per-tenant usage."""
+    traceparent: str = ""
+    """The W3C trace context of the gateway's span ('' when not traced), parent of the worker's spans."""
 
-    def enqueue_args(self) -> tuple[str, int, str, bytes]:
+    def enqueue_args(self) -> tuple[str, int, str, bytes, str]:
         """Return this entry's values as ``ENQUEUE_MANY_LUA`` takes them (after its reply stream)."""
-        return self.id, self.deadline_ms, self.request_id, self.payload
+        return self.id, self.deadline_ms, self.request_id, self.payload, self.traceparent
 
     def to_fields(self) -> dict[str, bytes | str | int]:
-        """Return the stream entry's fields (``tenant`` only when there is one, as the script writes them)."""
+        """Return the stream entry's fields (``tenant``, ``traceparent`` only when set, as the script writes them)."""
         fields: dict[str, bytes | str | int] = {
             "id": self.id,
             "reply": self.reply_to,
@@ -149,6 +156,8 @@ class QueuedRequest:
         }
         if self.tenant:
             fields["tenant"] = self.tenant
+        if self.traceparent:
+            fields["traceparent"] = self.traceparent
         return fields
 
     @classmethod
@@ -167,6 +176,7 @@ class QueuedRequest:
             payload=fields[b"req"],
             request_id=fields.get(b"rid", b"").decode(errors="replace"),
             tenant=fields.get(b"tenant", b"").decode(errors="replace"),
+            traceparent=fields.get(b"traceparent", b"").decode(errors="replace"),
         )
 
 

@@ -13,7 +13,8 @@ Redis) and as ``users.acl`` lines (``aclfile``); passwords appear only as SHA-25
   reply XADDs and statistics HINCRBYs), dead-letter XADDs, its heartbeat and registry events.
 - ``registry``: models, versions and deployments (its scripts run with EVALSHA), events
   (WatchEvents: XREAD, XRANGE, XREVRANGE), version deletion (WATCH, HKEYS, MULTI), and
-  on undeploy or delete: failing a queue (WATCH, XRANGE, reply XADDs, DEL) and deleting stats.
+  on undeploy or delete: failing a queue (WATCH, XRANGE, reply XADDs, DEL) and deleting stats;
+  the cluster status (heartbeats: SCAN + GET; queues: XLEN, XPENDING, XRANGE; stats windows).
 - ``monitor``: read-only (KEDA's XLEN/XPENDING/XINFO, benchmarks' heartbeat reads).
 
 NOTE: Redis 6.2 (the embedded one) has no ACL selectors, so a role's commands apply to all of
@@ -83,9 +84,11 @@ ROLES: dict[str, Role] = {
             "registry",
             (*_CONNECTION, "evalsha", "script|load", "exists", "hset", "hget", "hgetall", "hincrby", "hvals",
              "hdel", "zadd", "zrange", "zrem", "del", "xadd", "xrange", "xdel", "multi", "exec", "discard",
-             "watch", "unwatch", "hsetnx", "hexists", "xread", "xrevrange", "hkeys"),
+             "watch", "unwatch", "hsetnx", "hexists", "xread", "xrevrange", "hkeys", "scan", "get", "xlen",
+             "xpending"),
             (keys.MODELS, f"{keys.MODEL_PREFIX}*", keys.DEPLOYMENTS, keys.EVENTS, f"{keys.QUEUE_PREFIX}*",
-             f"{keys.REPLIES_PREFIX}*", f"{keys.STATS_PREFIX}*", keys.TENANTS, keys.API_KEYS, f"{keys.USAGE_PREFIX}*"),
+             f"{keys.REPLIES_PREFIX}*", f"{keys.STATS_PREFIX}*", keys.TENANTS, keys.API_KEYS, f"{keys.USAGE_PREFIX}*",
+             f"{keys.WORKER_PREFIX}*"),
         ),
         Role(
             "monitor",

@@ -29,6 +29,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from prometheus_client import Counter
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -45,6 +46,12 @@ _SWEEP_INTERVAL_S = 1.0
 """How often a pool in use looks through its idle connections."""
 
 _RETRIES = 1
+
+REDIS_ERRORS = Counter(
+    "maas_redis_errors",
+    "Redis errors caught by this process, by redis-py exception class (ConnectionError, TimeoutError, ...).",
+    ["error"],
+)
 
 _HIREDIS_PACKER = HiredisRespSerializer()
 """redis-py's own hiredis command packer (its sync client's; the asyncio one packs in Python)."""
@@ -198,7 +205,14 @@ def redis_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        count_redis_error(exc)
         raise Unavailable(f"{what}: redis unreachable") from exc
+
+
+def count_redis_error(exc: BaseException) -> None:
+    """Count ``exc`` in ``maas_redis_errors_total`` if it is a Redis error (others are ignored)."""
+    if isinstance(exc, redis.exceptions.RedisError):
+        REDIS_ERRORS.labels(error=type(exc).__name__).inc()
 
 
 async def send_commands(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:

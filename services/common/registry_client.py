@@ -20,6 +20,8 @@ from services.common.errors import InvalidArgument, map_rpc_error
 from services.common.events import Event
 from services.common.grpc_server import MAX_MESSAGE_BYTES
 from services.common.metadata import DeploymentRecord, ModelRecord, Split, TensorSpec, VersionRecord
+from services.common.stats import CallWindow
+from services.common.status import ClusterStatus, QueueStatus, WorkerStatus
 from services.common.usage import TenantUsage
 
 _T = TypeVar("_T")
@@ -132,6 +134,22 @@ def tenant_from_proto(msg: registry_pb2.Tenant) -> TenantRecord:
 def usage_from_proto(msg: registry_pb2.TenantUsage) -> TenantUsage:
     """Convert a ``TenantUsage`` message into a domain record."""
     return TenantUsage(calls=msg.calls, errors=msg.errors, compute_ns=round(msg.compute_seconds * 1e9))
+
+
+def cluster_status_from_proto(msg: registry_pb2.GetClusterStatusResponse) -> ClusterStatus:
+    """Convert a ``GetClusterStatusResponse`` into a domain record."""
+    workers = tuple(
+        WorkerStatus(w.worker_id, w.pool, w.host, tuple(w.providers), tuple(w.models), w.in_flight, w.heartbeat_age_ms)
+        for w in msg.workers
+    )
+    queues = tuple(
+        QueueStatus(
+            q.model, q.version, q.pool, q.workers, q.length, q.pending, q.oldest_age_ms,
+            CallWindow(q.window_s, q.calls_per_s, q.errors_per_s, q.p50_ms, q.p99_ms),
+        )
+        for q in msg.queues
+    )  # fmt: skip
+    return ClusterStatus(workers=workers, queues=queues, time_ms=msg.time_ms)
 
 
 def api_key_from_proto(msg: registry_pb2.ApiKey) -> ApiKeyRecord:
@@ -351,6 +369,11 @@ class RegistryClient:
         """List the tenants with their cluster-wide usage (admin scope)."""
         reply = await self._call(self._stub.ListTenants, registry_pb2.ListTenantsRequest())
         return [(tenant_from_proto(t), usage_from_proto(t.usage)) for t in reply.tenants]
+
+    async def get_cluster_status(self) -> ClusterStatus:
+        """Return live workers and every deployed version's queue and last-minute calls (admin scope)."""
+        reply = await self._call(self._stub.GetClusterStatus, registry_pb2.GetClusterStatusRequest())
+        return cluster_status_from_proto(reply)
 
     async def set_tenant_quota(self, tenant: str, quota: TenantQuota) -> TenantRecord:
         """Set a tenant's quota at the gateways (admin scope)."""

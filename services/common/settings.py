@@ -60,3 +60,12 @@ class ServiceSettings(BaseSettings):
     """PEM private key of ``tls_cert_file`` (never logged)."""
     tls_client_ca_file: Path | None = None
     """PEM CA(s) of client certificates; when set, clients must present one (mutual TLS)."""
+    tracing_enabled: bool = False
+    """Record OpenTelemetry traces (services/common/tracing.py; the gateway and inference workers,
+    the registry records none yet), exported as ``OTEL_TRACES_EXPORTER`` says (otlp when unset).
+    Off, the request path has no tracing cost."""
+    otel_traces_exporter: str = Field(default="", validation_alias="otel_traces_exporter")
+    """Span exporters, comma-separated: otlp (the ``maas[otlp]`` extra), console, none (env
+    ``OTEL_TRACES_EXPORTER``, shared by all services); any but none turns tracing on."""
+    otel_service_name: str = Field(default="", validation_alias="otel_service_name")
+    """The traces' ``service.name`` (env ``OTEL_SERVICE_NAME``); empty: ``maas-<service>``."""

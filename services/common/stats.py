@@ -21,13 +21,21 @@ docs/protocol/extension_statistics.md):
   compute times.
 
 The hashes have no TTL (a redeploy keeps them); the registry deletes them with their model.
+
+For "the last minute" (``maas status``), the same flush also adds each version's calls to a
+short-lived window hash, ``keys.stats_window(model, version, slot)`` of ``WINDOW_SLOT_S`` slots
+(expiring after ``WINDOW_TTL_S``): counts of calls and failures and an end-to-end latency
+histogram in fixed ``LATENCY_BUCKETS_MS``; ``window_summary`` turns the last ``WINDOW_SLOTS``
+slots into rates and p50/p99. It costs no extra round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -68,6 +76,19 @@ local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 0
 """
+
+WINDOW_SLOT_S = 10
+"""Width of one window slot, in seconds."""
+WINDOW_SLOTS = 6
+"""Slots read for "the last minute": the current one and the five before it."""
+WINDOW_TTL_S = 120
+"""A window hash expires this long after its last flush (past any read of it)."""
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000)
+"""Upper bounds of the window latency histogram; a last bucket holds everything slower."""
+WINDOW_CALLS = "calls"
+WINDOW_FAILS = "fails"
+_LATENCY_PREFIX = "le:"
+"""Window histogram fields: ``le:<index into LATENCY_BUCKETS_MS>`` (the last index: slower)."""
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -237,6 +258,8 @@ class _Calls:
     fail: int = 0
     fail_ns: int = 0
     last_ms: int = 0
+    latency: dict[int, int] = field(default_factory=dict)
+    """Calls by window histogram bucket (index into ``LATENCY_BUCKETS_MS``)."""
 
     def fields(self) -> dict[str, int]:
         return {SUCCESS_COUNT: self.success, SUCCESS_NS: self.success_ns, FAIL_COUNT: self.fail, FAIL_NS: self.fail_ns}
@@ -247,6 +270,12 @@ class _Calls:
         self.fail += other.fail
         self.fail_ns += other.fail_ns
         self.last_ms = max(self.last_ms, other.last_ms)
+        for bucket, count in other.latency.items():
+            self.latency[bucket] = self.latency.get(bucket, 0) + count
+
+    def window_fields(self) -> dict[str, int]:
+        fields = {WINDOW_CALLS: self.success + self.fail, WINDOW_FAILS: self.fail}
+        return fields | {f"{_LATENCY_PREFIX}{bucket}": count for bucket, count in self.latency.items()}
 
 
 class CallStats:
@@ -276,6 +305,8 @@ class CallStats:
             calls.fail += 1
             calls.fail_ns += duration_ns
         calls.last_ms = now_ms()
+        bucket = bisect.bisect_left(LATENCY_BUCKETS_MS, duration_ns / 1e6)
+        calls.latency[bucket] = calls.latency.get(bucket, 0) + 1
 
     async def start(self) -> None:
         """Start adding the counts to Redis every ``interval_s``."""
@@ -315,10 +346,13 @@ class CallStats:
             if not taken:
                 return
             commands: list[tuple[Any, ...]] = []
+            slot = window_slot(time.time())
             for (model, version), calls in taken.items():
                 key = keys.stats(model, version)
                 commands += _increments(key, calls.fields())
                 commands.append(("EVAL", MAX_FIELD_LUA, 1, key, LAST_INFERENCE, calls.last_ms))
+                window = keys.stats_window(model, version, slot)
+                commands += [*_increments(window, calls.window_fields()), ("EXPIRE", window, WINDOW_TTL_S)]
             try:
                 replies = await send_commands(self.redis, commands)
             except BaseException:
@@ -364,3 +398,69 @@ class CallStats:
             if fields:
                 found.append(parse(model, version, fields))
         return found
+
+
+def window_slot(epoch_s: float) -> int:
+    """Return the window slot that ``epoch_s`` falls in."""
+    return int(epoch_s // WINDOW_SLOT_S)
+
+
+def window_keys(model: str, version: int, epoch_s: float) -> tuple[list[str], float]:
+    """Return the window hashes of "the last minute" before ``epoch_s``, and the seconds they cover."""
+    last = window_slot(epoch_s)
+    first = last - WINDOW_SLOTS + 1
+    return [keys.stats_window(model, version, slot) for slot in range(first, last + 1)], epoch_s - first * WINDOW_SLOT_S
+
+
+@dataclass(frozen=True)
+class CallWindow:
+    """A model version's calls over a recent window, as the gateways saw them."""
+
+    window_s: float = 0.0
+    calls_per_s: float = 0.0
+    errors_per_s: float = 0.0
+    p50_ms: float = 0.0
+    """Upper bound of the latency bucket holding the median call (0: no calls)."""
+    p99_ms: float = 0.0
+    """Upper bound of the bucket holding the 99th percentile (``inf``: slower than the last bound)."""
+
+
+def window_summary(hashes: Sequence[Mapping[str, int]], window_s: float) -> CallWindow:
+    """Add up window hashes (fields as this module writes them) covering ``window_s`` seconds."""
+    calls = sum(fields.get(WINDOW_CALLS, 0) for fields in hashes)
+    fails = sum(fields.get(WINDOW_FAILS, 0) for fields in hashes)
+    counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    for fields in hashes:
+        for name, value in fields.items():
+            if name.startswith(_LATENCY_PREFIX):
+                counts[int(name.removeprefix(_LATENCY_PREFIX))] += value
+    seconds = max(window_s, 1e-9)
+    return CallWindow(
+        window_s=window_s,
+        calls_per_s=calls / seconds,
+        errors_per_s=fails / seconds,
+        p50_ms=latency_quantile_ms(counts, 0.50),
+        p99_ms=latency_quantile_ms(counts, 0.99),
+    )
+
+
+def latency_quantile_ms(counts: Sequence[int], quantile: float) -> float:
+    """Return the upper bound of the ``LATENCY_BUCKETS_MS`` bucket holding ``quantile`` of ``counts``.
+
+    Args:
+        counts: Calls per bucket, one more than there are bounds (the last: slower than all).
+        quantile: Between 0 and 1.
+
+    Returns:
+        The bucket's bound in ms; ``inf`` for the last bucket; 0 when there are no calls.
+    """
+    total = sum(counts)
+    if not total:
+        return 0.0
+    rank = quantile * total
+    seen = 0
+    for index, count in enumerate(counts):
+        seen += count
+        if count and seen >= rank:
+            return float(LATENCY_BUCKETS_MS[index]) if index < len(LATENCY_BUCKETS_MS) else float("inf")
+    return float("inf")

@@ -24,7 +24,7 @@ from services.common import keys
 from services.common.auth import TenantQuota
 from services.common.errors import MaasError, Unavailable
 from services.common.queue import ENQUEUE_MANY_LUA, QueuedRequest
-from services.common.redis_conn import redis_errors, send_commands
+from services.common.redis_conn import count_redis_error, redis_errors, send_commands
 from services.common.tasks import finish_tasks
 from services.gateway.quotas import Commands, refusal, release_command
 
@@ -152,12 +152,14 @@ class Admission:
             return
         for result in results[: len(later)]:
             if isinstance(result, redis.exceptions.RedisError):
+                count_redis_error(result)
                 log.warning("admission_command_rejected", error=str(result))
         for (group, items), result in zip(groups.items(), results[len(later) :], strict=True):
             self._resolve(group, items, result)
 
     def _resolve(self, group: _Group, items: list[_Pending], result: object) -> None:
         if isinstance(result, redis.exceptions.RedisError):
+            count_redis_error(result)
             log.error("enqueue_rejected", error=str(result))
             self._fail(items, MaasError("request queue: redis refused the request"))
             return

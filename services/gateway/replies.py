@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from prometheus_client import Histogram
 
 from services.common.errors import Unavailable
 from services.common.queue import MalformedEntry, Reply, stream_entries
-from services.common.redis_conn import send_commands
+from services.common.redis_conn import count_redis_error, send_commands
+from services.common.stats import entry_time_ns
 from services.common.tasks import finish_tasks
 
 log = structlog.get_logger(__name__)
@@ -19,6 +22,12 @@ log = structlog.get_logger(__name__)
 _MAX_BACKOFF_S = 5.0
 _READ_COUNT = 512
 _LOST_MESSAGE = "redis lost the queued request (it restarted without its data); retry the call"
+
+REPLY_LAG = Histogram(
+    "maas_gateway_reply_lag_seconds",
+    "Time from a worker's XADD of a reply to this gateway's read of it, in seconds (clocks of Redis and gateway).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 
 
 class ReplyReader:
@@ -104,6 +113,7 @@ class ReplyReader:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a supervised loop: log, back off, go on
+                count_redis_error(exc)
                 log.warning("reply_reader_failed", error=str(exc), retry_in_s=backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
@@ -152,6 +162,9 @@ class ReplyReader:
         entries = stream_entries(batches)
         if entries:
             self._last_id = entries[-1][0].decode()
+            read_ns = time.time_ns()
+            for entry_id, _fields in entries:
+                REPLY_LAG.observe(max(0, read_ns - entry_time_ns(entry_id)) / 1e9)
         for _entry_id, fields in entries:
             self._resolve(fields)
         if entries:

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common import auth, dtypes
+from services.common import auth, dtypes, tracing
 from services.common.auth import TenantQuota
 from services.common.errors import (
     DeadlineExceeded,
@@ -38,11 +38,13 @@ from services.gateway.replies import ReplyReader
 
 log = structlog.get_logger(__name__)
 
-REQUESTS = Counter("maas_gateway_requests_total", "Inference calls by model and final code", ["model", "code"])
+REQUESTS = Counter(
+    "maas_gateway_requests_total", "Inference calls by model, version and final code", ["model", "version", "code"]
+)
 LATENCY = Histogram(
     "maas_gateway_request_duration_seconds",
-    "Inference call latency inside the gateway",
-    ["model"],
+    "Inference call latency inside the gateway (end to end: admission, queue, run, reply), in seconds",
+    ["model", "version"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 IN_FLIGHT = Gauge("maas_gateway_in_flight_requests", "Calls waiting for a worker's reply")
@@ -263,7 +265,7 @@ class Router:
         # call N would resolve this process's call N (README, "Reply isolation").
         self._call_prefix = secrets.token_hex(8) + "-"
         self._call_ids = itertools.count(1)
-        self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._metrics: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self._stats = stats
         self._quotas = quotas
 
@@ -380,15 +382,20 @@ class Router:
             payload=call.payload,
             request_id=str(structlog.contextvars.get_contextvars().get("request_id", "")),
             tenant=tenant,
+            traceparent=tracing.traceparent(),
         )
+        model, version = target.model.name, target.version.version
+        tracing.annotate(model=model, version=version, tenant=tenant)
         quota = await self._quotas.quota(tenant) if tenant else None
         future = self._replies.expect(entry.id)
         is_holding_slot = False
         try:
             async with asyncio.timeout(timeout_s):
-                await self._admit(target, entry, quota)
+                with tracing.span("maas.admission", model=model, version=version, tenant=tenant):
+                    await self._admit(target, entry, quota)
                 is_holding_slot = quota is not None and quota.max_in_flight > 0
-                reply = await future
+                with tracing.span("maas.reply_wait", model=model, version=version):
+                    reply = await future
         except TimeoutError:
             raise await self._deadline_error(target, timeout_s) from None
         finally:
@@ -424,16 +431,16 @@ class Router:
 
     def _record(self, target: Target, code: str, duration_ns: int) -> None:
         self._stats.record(target.model.name, target.version.version, code == "OK", duration_ns)
-        counter, latency = self._model_metrics(target.model.name, code)
+        counter, latency = self._model_metrics(target.model.name, target.version.version, code)
         counter.inc()
         latency.observe(duration_ns / 1e9)
 
-    def _model_metrics(self, model: str, code: str) -> tuple[Any, Any]:
+    def _model_metrics(self, model: str, version: int, code: str) -> tuple[Any, Any]:
         # NOTE: .labels() takes a lock and builds a tuple on every call: keep the children.
-        children = self._metrics.get((model, code))
+        children = self._metrics.get((model, version, code))
         if children is None:
-            children = self._metrics[(model, code)] = (
-                REQUESTS.labels(model=model, code=code),
-                LATENCY.labels(model=model),
+            children = self._metrics[(model, version, code)] = (
+                REQUESTS.labels(model=model, version=str(version), code=code),
+                LATENCY.labels(model=model, version=str(version)),
             )
         return children

@@ -10,7 +10,7 @@ import redis.exceptions
 import structlog
 
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
-from services.common import keys
+from services.common import keys, tracing
 from services.common.auth import INFERENCE_RULES, ServerAuth, bearer, create_server_auth
 from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal
 from services.common.redis_conn import create_redis
@@ -110,6 +110,7 @@ async def _wait_for_redis(client: aioredis.Redis) -> None:
 
 async def serve(settings: GatewaySettings) -> None:
     """Run the gateway until SIGTERM/SIGINT, then drain (see DESIGN.md, drain order)."""
+    tracer_provider = tracing.configure_tracing(settings, "gateway")
     redis = create_redis(settings.redis_url, settings.redis_timeout_s)
     credentials = registry_channel_credentials(settings)
     registry = RegistryClient(
@@ -138,3 +139,4 @@ async def serve(settings: GatewaySettings) -> None:
             await auth.stop()
         await registry.close()
         await redis.aclose()
+        await tracing.shutdown_tracing(tracer_provider)

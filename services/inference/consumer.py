@@ -31,11 +31,11 @@ import redis.exceptions
 import structlog
 from prometheus_client import Counter, Histogram
 
-from services.common import keys, stats, usage
+from services.common import keys, stats, tracing, usage
 from services.common.errors import InvalidArgument, MaasError
 from services.common.metadata import DeploymentRecord
 from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, now_ms, stream_entries
-from services.common.redis_conn import send_commands
+from services.common.redis_conn import count_redis_error, send_commands
 from services.common.tasks import finish_tasks
 from services.inference import batcher, convert
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime
@@ -53,6 +53,15 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 RUN_SECONDS = Histogram("maas_inference_run_seconds", "Duration of one model run, in seconds.", ["model", "version"])
+QUEUE_WAIT = Histogram(
+    "maas_inference_queue_wait_seconds",
+    "Time from a request's XADD to the queue until a worker took it up, in seconds.",
+    ["model", "version"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+DEAD_LETTERED = Counter(
+    "maas_inference_dead_lettered", "Requests moved to the dead-letter stream (poison).", ["model", "version"]
+)
 
 _BACKOFF_INITIAL_S = 0.5
 _BACKOFF_MAX_S = 5.0
@@ -107,8 +116,10 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], stop: asyncio
             await run()
             return
         except _REDIS_ERRORS as exc:
+            count_redis_error(exc)
             log.warning("redis_unreachable", loop=name, error=str(exc), retry_in_s=backoff_s, **fields)
         except redis.exceptions.ResponseError as exc:
+            count_redis_error(exc)
             if not is_nogroup(exc):
                 log.exception("loop_crashed", loop=name, **fields)
             else:
@@ -185,6 +196,7 @@ class QueueConsumer:
         """``REQUESTS`` children by code: labelling a metric per request costs a dict lookup and a lock."""
         self._batch_size = BATCH_SIZE.labels(**self._labels)
         self._run_seconds = RUN_SECONDS.labels(**self._labels)
+        self._queue_wait = QUEUE_WAIT.labels(**self._labels)
         self._in_flight: set[bytes] = set()
         self._batches: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -194,6 +206,11 @@ class QueueConsumer:
         self._sending: asyncio.Semaphore | None = None
         """Batches read and not yet answered (twice as many: replies overlap the next run)."""
         self._progress = progress
+
+    @property
+    def in_flight(self) -> int:
+        """Entries read and not yet answered (the heartbeat's ``in_flight``)."""
+        return len(self._in_flight)
 
     def start(self) -> None:
         """Start the read and reclaim loops (the group is created by the loops, retried)."""
@@ -344,6 +361,7 @@ class QueueConsumer:
         error = None if task.cancelled() else task.exception()
         # NOTE: a failed batch's entries stay pending; reclaim runs them again one by one.
         if isinstance(error, _REDIS_ERRORS) or (error is not None and is_nogroup(error)):
+            count_redis_error(error)
             log.warning("reply_failed", queue=self.queue, error=str(error))
         elif error is not None:
             log.error("batch_failed", queue=self.queue, exc_info=error)
@@ -354,9 +372,11 @@ class QueueConsumer:
         """Answer ``entries``; ``ran`` is called once the model runs are over, before the replies go out."""
         now = now_ms()
         started_ns = time.time_ns()
+        trace = tracing.batch_trace(entries, started_ns, self._labels)  # None when tracing is off
         answers: list[_Answer] = []
         jobs: list[_Job] = []
         for entry_id, fields in entries:
+            self._queue_wait.observe(max(0, started_ns - stats.entry_time_ns(entry_id)) / 1e9)
             admitted = self._admit(entry_id, fields, now)
             if isinstance(admitted, _Job):
                 jobs.append(admitted)
@@ -364,10 +384,15 @@ class QueueConsumer:
                 answers.append(admitted)
         batch_stats = stats.BatchStats()
         charges = usage.ComputeCharges(self._labels)
+        assembled_ns = time.time_ns()
         answers += await self._run_jobs(jobs, batch_stats, started_ns, charges)
+        if trace is not None:
+            trace.ran([job.entry_id for job in jobs], assembled_ns, time.time_ns())
         if ran is not None:
             ran()  # the next batch may be read and run while these replies are written
         await self._send_all(answers, first=[*batch_stats.commands(self._stats_key), *charges.commands()])
+        if trace is not None:
+            trace.replied({answer.entry_id: answer.code.name for answer in answers}, time.time_ns())
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now: int) -> _Job | _Answer:
         try:
@@ -557,5 +582,6 @@ class QueueConsumer:
         answer = _Answer(entry_id, None if reply_to is None else reply_to.decode(errors="replace"), reply, code)
         to_dead_letter = ("XADD", self.dead_letter, "MAXLEN", "~", _DEAD_LETTER_MAXLEN, "*", *_flat(dead))
         await self._send_all([answer], first=[to_dead_letter])
+        DEAD_LETTERED.labels(**self._labels).inc()
         self._notify()
         log.warning("request_dead_lettered", queue=self.queue, entry_id=entry_id.decode(), deliveries=deliveries)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from services.common import tracing
 from services.common.auth import INFERENCE_RULES, ServerAuth, bearer, create_server_auth
 from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal, stop_signal_event
 from services.common.redis_conn import create_redis
@@ -39,6 +40,7 @@ async def serve(settings: InferenceSettings) -> None:
     The deployed models are loaded (first reconcile) before health reports SERVING.
     """
     stop = stop_signal_event()
+    tracer_provider = tracing.configure_tracing(settings, "inference")
     redis = create_redis(settings.redis_url, settings.redis_timeout_s)
     registry = RegistryClient(
         settings.registry_address, credentials=registry_channel_credentials(settings),
@@ -59,3 +61,4 @@ async def serve(settings: InferenceSettings) -> None:
             await auth.stop()
         await registry.close()
         await redis.aclose()
+        await tracing.shutdown_tracing(tracer_provider)

@@ -26,6 +26,7 @@ from services.common.errors import MaasError, NotFound
 from services.common.metadata import DeploymentRecord, VersionRecord
 from services.common.queue import now_ms
 from services.common.tasks import finish_tasks
+from services.inference import queue_metrics
 from services.inference.consumer import QueueConsumer, sleep_unless, supervise
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime, parse_version
 from services.inference.settings import InferenceSettings
@@ -116,6 +117,7 @@ class InferenceWorker:
         self._lock = asyncio.Lock()
         self._progress = asyncio.Event()
         self._events_id = await self._last_event_id()
+        queue_metrics.watch_worker(self, self.settings.pool, lambda: self.served_models, self._redis)
         await self.reconcile()
         self._loops = [
             asyncio.create_task(supervise("reconcile", self._reconcile_loop, self._stop)),
@@ -198,13 +200,15 @@ class InferenceWorker:
             spinning=self.settings.ort_spinning,
             class_labels=record.class_labels,
         )
+        load_s = time.perf_counter() - started
+        queue_metrics.MODEL_LOAD_SECONDS.labels(model=deployment.model, version=str(deployment.version)).observe(load_s)
         log.info(
             "model_loaded",
             model=deployment.model,
             version=deployment.version,
             providers=runtime.providers,
             is_batchable=runtime.signature.is_batchable,
-            load_ms=round((time.perf_counter() - started) * 1000, 3),
+            load_ms=round(load_s * 1000, 3),
         )
         return runtime
 
@@ -291,6 +295,8 @@ class InferenceWorker:
             "host": socket.gethostname(),
             "port": self.grpc_port,
             "models": self.served_models,
+            "providers": sorted({p for served in self._served.values() for p in served.runtime.providers}),
+            "in_flight": sum(served.consumer.in_flight for served in self._served.values()),
             "ts_ms": now_ms(),
         }
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
@@ -306,6 +312,7 @@ class InferenceWorker:
         if self._is_drained:
             return
         self._is_drained = True
+        queue_metrics.unwatch_worker(self)
         log.info("worker_draining", worker_id=self.settings.worker_id)
         if self._stop is not None:
             self._stop.set()

@@ -9,6 +9,7 @@ from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
 from services.common.errors import InvalidArgument
 from services.common.events import Event
 from services.common.metadata import DeploymentRecord, ModelRecord, Split, TensorSpec, VersionRecord
+from services.common.status import ClusterStatus, QueueStatus, WorkerStatus
 from services.common.usage import TenantUsage
 from services.registry.events_watch import WatchRequest
 from services.registry.identities import NewApiKey
@@ -16,6 +17,45 @@ from services.registry.lifecycle import VersionUpdate
 from services.registry.pages import PageQuery
 from services.registry.rollout import Alias
 from services.registry.store import DeploySpec, UploadHeader
+
+
+def cluster_status_to_pb(status: ClusterStatus) -> registry_pb2.GetClusterStatusResponse:
+    """Convert the cluster status (``GetClusterStatus``)."""
+    return registry_pb2.GetClusterStatusResponse(
+        workers=[_worker_to_pb(worker) for worker in status.workers],
+        queues=[_queue_to_pb(queue) for queue in status.queues],
+        time_ms=status.time_ms,
+    )
+
+
+def _worker_to_pb(worker: WorkerStatus) -> registry_pb2.WorkerStatus:
+    return registry_pb2.WorkerStatus(
+        worker_id=worker.worker_id,
+        pool=worker.pool,
+        host=worker.host,
+        providers=list(worker.providers),
+        models=list(worker.models),
+        in_flight=worker.in_flight,
+        heartbeat_age_ms=worker.heartbeat_age_ms,
+    )
+
+
+def _queue_to_pb(queue: QueueStatus) -> registry_pb2.QueueStatus:
+    calls = queue.calls
+    return registry_pb2.QueueStatus(
+        model=queue.model,
+        version=queue.version,
+        pool=queue.pool,
+        workers=queue.workers,
+        length=queue.length,
+        pending=queue.pending,
+        oldest_age_ms=queue.oldest_age_ms,
+        window_s=calls.window_s,
+        calls_per_s=calls.calls_per_s,
+        errors_per_s=calls.errors_per_s,
+        p50_ms=calls.p50_ms,
+        p99_ms=calls.p99_ms,
+    )
 
 
 def tensor_to_pb(spec: TensorSpec) -> registry_pb2.TensorSpec:

@@ -75,7 +75,7 @@ class ArtifactValidator:
         # NOTE: asyncio primitives bind to a loop on first use (Python >= 3.10), not here.
         self._slots = asyncio.Semaphore(self.limits.concurrency)
         self._spare: asyncio.subprocess.Process | None = None
-        """A child started after the last validation: it imports ONNX Runtime (about 1 s) while
+        """A child started during the last validation: it imports ONNX Runtime (about 1 s) while
         the registry waits for the next upload, which then costs only its own load."""
 
     async def validate(self, path: Path) -> Signature:
@@ -87,11 +87,18 @@ class ArtifactValidator:
             Unavailable: The child process could not be started.
         """
         async with self._slots:
-            process = await self._take()
+            # NOTE: every await below sits inside the try, so a cancelled upload kills its child; a
+            # spawn cancelled midway is cleaned up by asyncio itself.
+            process, self._spare = self._spare, None
             try:
+                if process is None or process.returncode is not None:
+                    process = await self._spawn()
+                with contextlib.suppress(Unavailable):  # no spare: the next upload starts its own child
+                    self._spare = await self._spawn()
                 result = await self._run(process, path)
             finally:
-                await _kill(process)
+                if process is not None:
+                    await _kill(process)
         return self._signature(result, process.returncode)
 
     @property
@@ -104,19 +111,6 @@ class ArtifactValidator:
         spare, self._spare = self._spare, None
         if spare is not None:
             await _kill(spare)
-
-    async def _take(self) -> asyncio.subprocess.Process:
-        """A fresh child for one validation (the spare, if it lives), and a new spare for the next.
-
-        Each upload still gets a process of its own: nothing one model does in its loader can
-        reach the validation of another.
-        """
-        process, self._spare = self._spare, None
-        if process is None or process.returncode is not None:
-            process = await self._spawn()
-        with contextlib.suppress(Unavailable):  # no spare: the next upload starts its own child
-            self._spare = await self._spawn()
-        return process
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         try:

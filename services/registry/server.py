@@ -11,6 +11,7 @@ from services.common.grpc_server import GrpcServer, create_grpc_server, run_unti
 from services.common.redis_acl import read_passwords
 from services.common.redis_conn import create_redis
 from services.registry.blobs import STAGING_DIR, BlobStore, LocalBlobStore
+from services.registry.cluster_status import ClusterStatusReader
 from services.registry.identities import IdentityStore
 from services.registry.s3blobs import S3BlobStore, S3Config, create_s3_client
 from services.registry.sandbox import ArtifactValidator, SandboxLimits
@@ -41,7 +42,8 @@ def create_server(
     Returns:
         The server with its health servicer and the bound port.
     """
-    servicer = ModelRegistryServicer(store, identities or IdentityStore(store.redis, None))
+    cluster = ClusterStatusReader(store.redis, store.list_deployments)
+    servicer = ModelRegistryServicer(store, identities or IdentityStore(store.redis, None), cluster)
 
     def add_servicers(server: grpc.aio.Server) -> None:
         registry_pb2_grpc.add_ModelRegistryServicer_to_server(servicer, server)

@@ -8,6 +8,7 @@ from typing import Any
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import convert
+from services.registry.cluster_status import ClusterStatusReader
 from services.registry.events_watch import visibility
 from services.registry.identities import IdentityStore
 from services.registry.store import ModelStore
@@ -19,9 +20,10 @@ _Context = Any
 class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     """Serves the registry API from a ``ModelStore`` and an ``IdentityStore``."""
 
-    def __init__(self, store: ModelStore, identities: IdentityStore) -> None:
+    def __init__(self, store: ModelStore, identities: IdentityStore, cluster: ClusterStatusReader) -> None:
         self._store = store
         self._identities = identities
+        self._cluster = cluster
 
     async def CreateModel(
         self, request: registry_pb2.CreateModelRequest, context: _Context
@@ -182,6 +184,12 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         """Set a tenant's quota at the gateways."""
         tenant = await self._identities.set_tenant_quota(request.tenant, convert.tenant_quota(request))
         return registry_pb2.SetTenantQuotaResponse(tenant=convert.tenant_to_pb(tenant))
+
+    async def GetClusterStatus(
+        self, request: registry_pb2.GetClusterStatusRequest, context: _Context
+    ) -> registry_pb2.GetClusterStatusResponse:
+        """Report live workers and every deployed version's queue and last-minute calls."""
+        return convert.cluster_status_to_pb(await self._cluster.read())
 
     async def CreateApiKey(
         self, request: registry_pb2.CreateApiKeyRequest, context: _Context

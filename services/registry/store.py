@@ -30,6 +30,7 @@ import structlog
 from prometheus_client import Counter
 
 from services.common import auth, events, keys
+from services.common.collectors import GaugeSpec, LoopCollector, Samples, register
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -67,6 +68,9 @@ log = structlog.get_logger(__name__)
 UPLOADS = Counter("maas_registry_uploads", "Version uploads by result (ok, invalid, failed).", ["result"])
 UPLOAD_BYTES = Counter("maas_registry_upload_bytes", "Artifact bytes received by uploads.")
 DOWNLOAD_BYTES = Counter("maas_registry_download_bytes", "Artifact bytes sent by downloads.")
+DEPLOYED_VERSIONS = "maas_registry_deployed_versions"
+_DEPLOYED = GaugeSpec(DEPLOYED_VERSIONS, "1 per model version deployed to workers.", ("model", "version", "pool"))
+DEPLOYMENTS = register(LoopCollector([_DEPLOYED]))
 
 _WHAT = "model store"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -286,6 +290,14 @@ class ModelStore:
             Unavailable: The blob store cannot be used.
         """
         await self._blobs.start()
+        DEPLOYMENTS.add(self, self._deployment_samples)
+
+    async def _deployment_samples(self) -> Samples:
+        deployments = await self.list_deployments()
+        versions: dict[tuple[str, ...], float] = {
+            (d.model, str(v), d.pool): 1.0 for d in deployments for v in d.served_versions
+        }
+        return {DEPLOYED_VERSIONS: versions}
 
     @property
     def validator(self) -> ArtifactValidator:
@@ -294,6 +306,7 @@ class ModelStore:
 
     async def close(self) -> None:
         """Stop the upload validator's spare child process."""
+        DEPLOYMENTS.remove(self)
         await self._validator.close()
 
     # Models

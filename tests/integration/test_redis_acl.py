@@ -175,7 +175,7 @@ def test_no_role_may_run_admin_commands(acl_redis: AclRedis, role: str, command:
         ("worker", ["DEL", keys.DEPLOYMENTS]),
         ("worker", ["XADD", keys.model("affine"), "*", "a", "b"]),
         ("registry", ["DEL", "other:key"]),
-        ("registry", ["DEL", keys.worker("w1")]),
+        ("registry", ["DEL", keys.quota_bucket("t1")]),
         ("monitor", ["GET", "other:key"]),
     ],
 )

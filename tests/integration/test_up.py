@@ -138,7 +138,7 @@ def test_up_push_infer_restart(up_process: Up, model_file: Path, tmp_path: Path)
     metrics = up.endpoints["metrics"]
     assert set(metrics) == {"gateway", "worker-0", "registry"}  # type: ignore[arg-type]
     with urllib.request.urlopen(metrics["gateway"], timeout=10) as page:  # type: ignore[index]
-        assert 'maas_gateway_requests_total{code="OK",model="affine"} 2.0' in page.read().decode()
+        assert 'maas_gateway_requests_total{code="OK",model="affine",version="1"} 2.0' in page.read().decode()
     killed = up.endpoints["pids"]["worker-0"]  # type: ignore[index]
     os.kill(killed, signal.SIGKILL)  # the supervisor restarts it; calls in between wait in the queue
     assert _infer_affine(up) == [[3.0, 5.0, 7.0, 9.0]]
