@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 import structlog
@@ -46,6 +47,7 @@ SYSTEM_KEYS: dict[str, tuple[str, ...]] = {"admin": SCOPES, "gateway": (READ, WR
 towards the registry (the gateway deploys for RepositoryModelLoad; workers only read)."""
 
 _WHAT = "identity store"
+_Record = TypeVar("_Record", TenantRecord, ApiKeyRecord)
 _PATTERN_RE = re.compile(r"[A-Za-z0-9._\-*?\[\]!]{1,128}")
 _MAX_PATTERNS = 64
 _MAX_LIMIT = 1_000_000
@@ -167,13 +169,10 @@ class IdentityStore:
         """
         check_name(name, "tenant name")
         _check_quota(quota)
-        with redis_errors(_WHAT):
-            raw = await self._redis.hget(keys.TENANTS, name)
-            if raw is None:
-                raise NotFound(f"tenant '{name}' not found")
-            record = replace(TenantRecord.from_json(raw), quota=quota)
-            await self._redis.hset(keys.TENANTS, name, record.to_json())
-            await events.publish(self._redis, QUOTA_EVENT, "")
+        record = await self._rewrite(
+            keys.TENANTS, name, lambda raw: replace(TenantRecord.from_json(raw), quota=quota),
+            missing=f"tenant '{name}' not found", event=QUOTA_EVENT,
+        )  # fmt: skip
         log.info("tenant_quota_set", tenant=name, rps=quota.rps, burst=quota.burst, max_in_flight=quota.max_in_flight)
         return record
 
@@ -226,14 +225,29 @@ class IdentityStore:
             NotFound: No key has this id.
             Unavailable: Redis cannot be reached.
         """
-        with redis_errors(_WHAT):
-            raw = await self._redis.hget(keys.API_KEYS, key_id)
-            if raw is None:
-                raise NotFound(f"API key '{shown(key_id)}' not found")
-            record = replace(ApiKeyRecord.from_json(raw), revoked=True)
-            await self._redis.hset(keys.API_KEYS, key_id, record.to_json())
-            await events.publish(self._redis, "api_key_revoked", "")
+        record = await self._rewrite(
+            keys.API_KEYS, key_id, lambda raw: replace(ApiKeyRecord.from_json(raw), revoked=True),
+            missing=f"API key '{shown(key_id)}' not found", event="api_key_revoked",
+        )  # fmt: skip
         log.info("api_key_revoked", key_id=key_id, tenant=record.tenant, key=record.name)
+        return record
+
+    async def _rewrite(
+        self, hash_key: str, field: str, change: Callable[[bytes | str], _Record], *, missing: str, event: str
+    ) -> _Record:
+        """Replace one record of ``hash_key`` with ``change(stored JSON)`` and publish ``event``.
+
+        Raises:
+            NotFound: No record ``field`` (``missing`` is the message).
+            Unavailable: Redis cannot be reached.
+        """
+        with redis_errors(_WHAT):
+            raw = await self._redis.hget(hash_key, field)
+            if raw is None:
+                raise NotFound(missing)
+            record = change(raw)
+            await self._redis.hset(hash_key, field, record.to_json())
+            await events.publish(self._redis, event, "")
         return record
 
     async def ensure_system_keys(self, tokens: Mapping[str, str]) -> None:
