@@ -143,6 +143,8 @@ class _Job:
     request: InferRequest
     decode_ns: int = 0
     """Time spent decoding and validating it (its share of ``compute_input``)."""
+    queue_ns: int = 0
+    """Time from its stream entry's creation to the start of its batch."""
 
 
 @dataclass(frozen=True)
@@ -376,8 +378,9 @@ class QueueConsumer:
         answers: list[_Answer] = []
         jobs: list[_Job] = []
         for entry_id, fields in entries:
-            self._queue_wait.observe(max(0, started_ns - stats.entry_time_ns(entry_id)) / 1e9)
-            admitted = self._admit(entry_id, fields, now)
+            queue_ns = max(0, started_ns - stats.entry_time_ns(entry_id))
+            self._queue_wait.observe(queue_ns / 1e9)
+            admitted = self._admit(entry_id, fields, now, queue_ns)
             if isinstance(admitted, _Job):
                 jobs.append(admitted)
             else:
@@ -385,7 +388,7 @@ class QueueConsumer:
         batch_stats = stats.BatchStats()
         charges = usage.ComputeCharges(self._labels)
         assembled_ns = time.time_ns()
-        answers += await self._run_jobs(jobs, batch_stats, started_ns, charges)
+        answers += await self._run_jobs(jobs, batch_stats, charges)
         if trace is not None:
             trace.ran([job.entry_id for job in jobs], assembled_ns, time.time_ns())
         if ran is not None:
@@ -394,7 +397,7 @@ class QueueConsumer:
         if trace is not None:
             trace.replied({answer.entry_id: answer.code.name for answer in answers}, time.time_ns())
 
-    def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now: int) -> _Job | _Answer:
+    def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now: int, queue_ns: int) -> _Job | _Answer:
         try:
             queued = QueuedRequest.from_fields(fields)
         except MalformedEntry as exc:
@@ -410,10 +413,10 @@ class QueueConsumer:
         except InvalidArgument as exc:
             log.info("request_rejected", request_id=queued.request_id, reason=exc.message)
             return _error_answer(entry_id, queued, exc)
-        return _Job(entry_id, queued, request, time.perf_counter_ns() - started)
+        return _Job(entry_id, queued, request, time.perf_counter_ns() - started, queue_ns)
 
     async def _run_jobs(
-        self, jobs: Sequence[_Job], batch_stats: stats.BatchStats, started_ns: int, charges: usage.ComputeCharges
+        self, jobs: Sequence[_Job], batch_stats: stats.BatchStats, charges: usage.ComputeCharges
     ) -> list[_Answer]:
         requests = [job.request for job in jobs]
         outcomes: dict[int, batcher.Outcome] = {}
@@ -432,10 +435,9 @@ class QueueConsumer:
                 started = time.perf_counter_ns()
                 answer = answers[index] = self._answer(job, outcomes[index])
                 if answer.code is grpc.StatusCode.OK:
-                    queue_ns = started_ns - stats.entry_time_ns(job.entry_id)
                     rows = batcher.batch_rows(job.request, self._runtime.signature) or 1
                     encode_ns = time.perf_counter_ns() - started
-                    ran.append((queue_ns, job.decode_ns, encode_ns, rows))
+                    ran.append((job.queue_ns, job.decode_ns, encode_ns, rows))
                     charges.charge(job.queued.tenant, job.decode_ns + share_ns + encode_ns)
             batch_stats.group_ran(ran, input_ns=timing.input_ns, output_ns=timing.output_ns, runs=timing.runs)
         return [answers[index] for index in range(len(jobs))]
