@@ -104,6 +104,10 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Run each request of the stream through the queue; answer each as it completes."""
+        # NOTE: headers go out at once (the key was accepted by now), so a client can wait for
+        # them before writing: a write racing a refused stream's end makes the client library
+        # report INTERNAL ("Internal error from Core") instead of the server's status.
+        await context.send_initial_metadata(())
 
         async def infer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
             return await self._infer(request, context.time_remaining())

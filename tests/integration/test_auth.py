@@ -124,10 +124,15 @@ async def _call(channel: grpc.aio.Channel, path: str, request: Any, key: str | N
     metadata = bearer(key) or None
     try:
         if method.client_streaming and method.server_streaming:
-            replies = [
-                reply
-                async for reply in channel.stream_stream(path, **kwargs)(iter([request]), metadata=metadata, timeout=10)
-            ]
+            call = channel.stream_stream(path, **kwargs)(metadata=metadata, timeout=10)
+            # Write only once the server has accepted the stream (its headers): a write racing a
+            # refusal makes grpc.aio report INTERNAL instead of the server's status.
+            await call.initial_metadata()
+            if call.done():
+                return await call.code(), await call.details() or ""
+            await call.write(request)
+            await call.done_writing()
+            replies = [reply async for reply in call]
             errors = [r.error_message for r in replies if r.error_message]
             if errors:
                 return grpc.StatusCode.PERMISSION_DENIED, errors[0]
