@@ -12,6 +12,12 @@ the model a request names, is ``PermissionDenied`` naming the scope or the patte
 check looks at the name only, so a model the key may not use answers the same whether it exists
 or not. The caller's identity is in a contextvar (``current_identity``) for the code that
 filters lists. Health and (unless closed by a setting) reflection stay open.
+
+Administration is per tenant: a key with the ``admin`` scope administers its own tenant (its
+keys, its usage), and only an ``admin`` key of the built-in ``system`` tenant (``maas up``'s
+bootstrap key) administers the whole service: every tenant and model, tenants, quotas and the
+cluster status (rules with ``is_global``). ``administered_tenant`` and ``check_administers``
+tell the identity store which tenant a caller may administer.
 """
 
 from __future__ import annotations
@@ -47,13 +53,14 @@ log = structlog.get_logger(__name__)
 INFER, READ, WRITE, ADMIN = "infer", "read", "write", "admin"
 SCOPES = (INFER, READ, WRITE, ADMIN)
 """``infer``: inference; ``read``: metadata, lists, status; ``write``: push, deploy, delete, share;
-``admin``: tenants and keys."""
+``admin``: the keys of its tenant (every tenant, tenants and quotas for the ``system`` tenant's keys)."""
 TOKEN_PREFIX = "maas_"
 MIN_SECRET_CHARS = 32
 """Shortest server secret accepted (``auth_secret``)."""
 SYSTEM_TENANT = "system"
-"""The built-in tenant of the administrator's and the services' keys: it sees every model, and
-the models its keys create have no owner (every tenant sees them)."""
+"""The built-in tenant of the administrator's and the services' keys: it sees every model, the
+models its keys create have no owner (every tenant sees them), and its ``admin`` keys are the
+global administrators."""
 IDENTITY_EVENTS = frozenset({"api_key_revoked"})
 """Registry events after which every process forgets the keys it verified."""
 
@@ -181,8 +188,11 @@ class Identity:
 
     @property
     def is_admin(self) -> bool:
-        """Whether the key has the ``admin`` scope."""
-        return ADMIN in self.scopes
+        """Whether the key administers the whole service: the ``admin`` scope on a ``system`` tenant key.
+
+        An ``admin`` key of another tenant administers that tenant only (``check_administers``).
+        """
+        return ADMIN in self.scopes and self.tenant == SYSTEM_TENANT
 
     def may_use(self, model: str) -> bool:
         """Whether one of the key's model patterns matches ``model``."""
@@ -229,8 +239,57 @@ def model_not_found(name: str) -> NotFound:
 
 
 def _sees_every_model(identity: Identity | None) -> bool:
-    """Auth off, an admin key, or a ``system`` key (the gateway's and the workers')."""
-    return identity is None or identity.is_admin or identity.tenant == SYSTEM_TENANT
+    """Auth off, or a ``system`` key (the global administrator's, the gateway's and the workers')."""
+    return identity is None or identity.tenant == SYSTEM_TENANT
+
+
+def administered_tenant() -> str | None:
+    """Return the one tenant the calling key administers; None when it administers every tenant.
+
+    None: auth off or a ``system`` tenant key (the global administrator); otherwise the key's tenant.
+    """
+    identity = _identity.get()
+    return None if _sees_every_model(identity) or identity is None else identity.tenant
+
+
+def check_administers(tenant: str) -> None:
+    """Refuse to administer ``tenant`` for a tenant administrator of another tenant.
+
+    Raises:
+        PermissionDenied: The calling key administers another tenant only; the message names both.
+    """
+    own = administered_tenant()
+    if own is not None and tenant != own:
+        identity = _identity.get()
+        assert identity is not None
+        raise PermissionDenied(
+            f"API key '{identity.key_name}' administers tenant '{own}' only, not tenant '{shown(tenant)}'"
+        )
+
+
+def check_grantable(scopes: Sequence[str], models: Sequence[str]) -> None:
+    """Refuse a new key that could do more than the calling tenant administrator's own key.
+
+    A tenant administrator grants only scopes it has, and, unless its key may use every model
+    (``*``), only model patterns its key has; the global administrator grants anything.
+
+    Raises:
+        PermissionDenied: A scope or a model pattern the calling key lacks; the message names it.
+    """
+    identity = _identity.get()
+    if administered_tenant() is None or identity is None:
+        return
+    for scope in scopes:
+        if scope not in identity.scopes:
+            raise PermissionDenied(f"API key '{identity.key_name}' may not grant scope '{shown(scope)}': it lacks it")
+    if "*" in identity.models:
+        return
+    for pattern in models or ("*",):
+        if pattern not in identity.models:
+            raise PermissionDenied(
+                f"API key '{identity.key_name}' may not grant model pattern '{shown(pattern)}': "
+                f"it may grant only its own patterns {', '.join(repr(p) for p in identity.models)}"
+            )
 
 
 def new_model_owner() -> str:
@@ -252,8 +311,8 @@ def _is_owner(identity: Identity | None, owner: str) -> bool:
 def check_owner(name: str, owner: str, shared_with: Sequence[str], *, is_write: bool = False) -> None:
     """Refuse a model the calling key's tenant may not see (or, with ``is_write``, change).
 
-    A model is seen by its owner tenant, the tenants it is shared with (read and infer only),
-    admins and the ``system`` tenant; a model without an owner by every key.
+    A model is seen by its owner tenant, the tenants it is shared with (read and infer only) and
+    the ``system`` tenant (global admins included); a model without an owner by every key.
 
     Raises:
         NotFound: The tenant may not see it: the same error as for a missing model.
@@ -267,7 +326,7 @@ def check_owner(name: str, owner: str, shared_with: Sequence[str], *, is_write: 
     if is_write:
         raise PermissionDenied(
             f"model '{name}' is shared with tenant '{identity.tenant}' to read and infer only; "
-            f"only its owner tenant '{owner}' or an admin may change it"
+            f"only its owner tenant '{owner}' or a global admin may change it"
         )
 
 
@@ -399,6 +458,21 @@ class Rule:
     checked_by_handler: bool = False
     """The handler checks the model of each request itself (``check_model``), so that a refused
     request of a stream is that request's answer, not the stream's end."""
+    is_global: bool = False
+    """Only the ``system`` tenant's keys may call it (global administration: tenants, quotas,
+    the cluster); a tenant administrator gets PERMISSION_DENIED."""
+
+    def refusal(self, identity: Identity, rpc: str) -> str | None:
+        """Return why ``identity`` may not call ``rpc`` (a message naming what it lacks); None if it may."""
+        if self.scopes and identity.scopes.isdisjoint(self.scopes):
+            needed = " or ".join(f"'{scope}'" for scope in self.scopes)
+            return f"API key '{identity.key_name}' lacks scope {needed}, which {rpc} needs"
+        if self.is_global and identity.tenant != SYSTEM_TENANT:
+            return (
+                f"API key '{identity.key_name}' administers tenant '{identity.tenant}' only; {rpc} needs "
+                f"an admin key of the '{SYSTEM_TENANT}' tenant"
+            )
+        return None
 
     @property
     def is_audited(self) -> bool:
@@ -460,13 +534,17 @@ REGISTRY_RULES: dict[str, Rule] = {
         "ListAliases": Rule((READ,), "model"),
         "ShareModel": Rule((WRITE,), "name"),
         "UnshareModel": Rule((WRITE,), "name"),
-        "CreateTenant": Rule((ADMIN,)),
+        "OptimizeVersion": Rule((WRITE,), "model"),
+        # NOTE: operations name no model: the registry checks the operation's model itself (optimize.py).
+        "GetOperation": Rule((READ,)),
+        "WatchOperation": Rule((READ,)),
+        "CreateTenant": Rule((ADMIN,), is_global=True),
         "ListTenants": Rule((ADMIN,)),
         "CreateApiKey": Rule((ADMIN,)),
         "ListApiKeys": Rule((ADMIN,)),
         "RevokeApiKey": Rule((ADMIN,)),
-        "SetTenantQuota": Rule((ADMIN,)),
-        "GetClusterStatus": Rule((ADMIN,)),
+        "SetTenantQuota": Rule((ADMIN,), is_global=True),
+        "GetClusterStatus": Rule((ADMIN,), is_global=True),
     }.items()
 }
 """``maas.registry.v1.ModelRegistry``: scope and model field of each RPC."""
@@ -604,9 +682,9 @@ class AuthInterceptor(WrappingInterceptor):
         if rule is None:
             raise PermissionDenied(f"{rpc} is not open to any API key")
         call = _Call(rpc, rule, identity)
-        if rule.scopes and identity.scopes.isdisjoint(rule.scopes):
-            needed = " or ".join(f"'{scope}'" for scope in rule.scopes)
-            denied = PermissionDenied(f"API key '{identity.key_name}' lacks scope {needed}, which {rpc} needs")
+        refusal = rule.refusal(identity, rpc)
+        if refusal is not None:
+            denied = PermissionDenied(refusal)
             call.audit(None, None, denied)
             raise denied
         return call

@@ -7,6 +7,15 @@ gateway reads the input from the region before it enqueues the request, and writ
 the region when the reply comes (the reply then carries an empty raw entry for it, as Triton's
 does). Regions belong to one gateway process: a client registers on the gateway it calls.
 
+Regions also belong to the tenant of the API key that registered them (one anonymous tenant when
+the gateway checks no keys): a region is known by ``(tenant, name)``, so two tenants may use the
+same name, and another tenant's region answers exactly as a region that is not registered
+(status, unregister and inference alike: no existence oracle). A shared memory object that one
+tenant has registered is refused to another tenant as if it did not exist, so the gateway cannot
+be made to read one tenant's tensors into another's call. SystemSharedMemoryStatus lists the
+caller's tenant's regions; a ``system`` tenant key (the global administrator's) lists every
+tenant's, naming other tenants' regions ``<tenant>/<name>``.
+
 This module sees no protobuf: convert.py turns the messages into ``ShmRef`` values and back.
 """
 
@@ -16,10 +25,11 @@ import mmap
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
+from services.common import auth
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 SHM_DIR = Path("/dev/shm")
@@ -121,6 +131,19 @@ def parse_ref(kind: str, tensor: str, parameters: Mapping[str, object]) -> ShmRe
     return ShmRef(kind=kind, tensor=tensor, region=region, byte_size=byte_size, offset=offset)
 
 
+def _tenant() -> str:
+    """The calling key's tenant, whose regions the call sees ("" when the gateway checks no keys)."""
+    identity = auth.current_identity()
+    return "" if identity is None else identity.tenant
+
+
+def _no_object(name: str, key: str) -> NotFound:
+    return NotFound(
+        f"failed to register shared memory region '{name}': no shared memory object '{key}' exists on "
+        "the gateway's host (shared memory works only for clients on the same host)"
+    )
+
+
 def _object_name(key: str) -> str:
     # NOTE: shm_open(3) skips leading slashes and refuses a name with another slash in it.
     name = key.lstrip("/")
@@ -140,6 +163,9 @@ class _Region:
         self._mmap = mmap.mmap(
             fd, self._skip + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start
         )
+        info = os.fstat(fd)
+        self.object_id = (info.st_dev, info.st_ino)
+        """The shared memory object's identity (whatever name or link it was opened by)."""
         self.users = 0
         """Requests in flight that use the region: it is unmapped when the last one ends."""
         self.unregistered = False
@@ -217,11 +243,14 @@ class ShmLease:
 
 
 class SharedMemoryRegistry:
-    """This gateway process's registered system shared memory regions, by name."""
+    """This gateway process's registered system shared memory regions, by tenant and name.
+
+    Every method acts for the calling key's tenant (``auth.current_identity``).
+    """
 
     def __init__(self, directory: Path = SHM_DIR) -> None:
         self._directory = directory
-        self._regions: dict[str, _Region] = {}
+        self._regions: dict[tuple[str, str], _Region] = {}
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         """Map ``byte_size`` bytes at ``offset`` of the shared memory object ``key`` as region ``name``.
@@ -230,14 +259,16 @@ class SharedMemoryRegistry:
 
         Raises:
             InvalidArgument: No name, a malformed key, a zero size, or a range beyond the object's end.
-            AlreadyExists: A region of that name is registered.
-            NotFound: No shared memory object ``key`` exists on the gateway's host.
+            AlreadyExists: The caller's tenant has a region of that name registered.
+            NotFound: No shared memory object ``key`` exists on the gateway's host, or another
+                tenant has it registered (one message for both).
             FailedPrecondition: The gateway may not open the object.
         """
         if not name:
             raise InvalidArgument("name: give the shared memory region a name")
         object_name = _object_name(key)
-        if name in self._regions:
+        tenant = _tenant()
+        if (tenant, name) in self._regions:
             raise AlreadyExists(f"shared memory region '{name}' is already registered; unregister it first")
         if byte_size <= 0:
             raise InvalidArgument(f"failed to register shared memory region '{name}': byte_size must be > 0")
@@ -253,16 +284,16 @@ class SharedMemoryRegistry:
         except BaseException:
             os.close(fd)
             raise
-        self._regions[name] = region
+        if any(t != tenant and other.object_id == region.object_id for (t, _), other in self._regions.items()):
+            region.close()
+            raise _no_object(name, key)
+        self._regions[(tenant, name)] = region
 
     def _open(self, name: str, key: str, object_name: str) -> int:
         try:
             fd = os.open(self._directory / object_name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise NotFound(
-                f"failed to register shared memory region '{name}': no shared memory object '{key}' exists on "
-                "the gateway's host (shared memory works only for clients on the same host)"
-            ) from None
+            raise _no_object(name, key) from None
         except PermissionError:
             raise FailedPrecondition(
                 f"failed to register shared memory region '{name}': the gateway may not open shared memory "
@@ -281,26 +312,40 @@ class SharedMemoryRegistry:
         return fd
 
     def unregister(self, name: str) -> None:
-        """Forget region ``name`` (every region when ``name`` is empty); an unknown name is no error.
+        """Forget the caller's tenant's region ``name`` (all of them when ``name`` is empty).
 
-        A region that requests in flight still use is unmapped when the last of them ends.
+        An unknown name (another tenant's region included) is no error. A region that requests
+        in flight still use is unmapped when the last of them ends.
         """
-        for region_name in [name] if name else list(self._regions):
-            region = self._regions.pop(region_name, None)
+        tenant = _tenant()
+        self._forget([(tenant, name)] if name else [key for key in self._regions if key[0] == tenant])
+
+    def _forget(self, names: list[tuple[str, str]]) -> None:
+        for key in names:
+            region = self._regions.pop(key, None)
             if region is not None:
                 region.unregistered = True
                 if region.users == 0:
                     region.close()
 
     def status(self, name: str) -> list[RegionStatus]:
-        """Describe region ``name`` (every region when ``name`` is empty).
+        """Describe the caller's tenant's region ``name`` (all its regions when ``name`` is empty).
+
+        With no name, a ``system`` tenant key (and the gateway without keys) gets every tenant's
+        regions, other tenants' named ``<tenant>/<name>``.
 
         Raises:
-            NotFound: No region of that name is registered.
+            NotFound: The caller's tenant has no region of that name registered.
         """
+        tenant = _tenant()
         if not name:
-            return [region.status for region in self._regions.values()]
-        region = self._regions.get(name)
+            sees_all = not auth.is_restricted()
+            return [
+                region.status if t == tenant else replace(region.status, name=f"{t}/{region.status.name}")
+                for (t, _), region in self._regions.items()
+                if t == tenant or sees_all
+            ]
+        region = self._regions.get((tenant, name))
         if region is None:
             raise NotFound(f"no system shared memory region '{name}' is registered on this gateway")
         return [region.status]
@@ -322,7 +367,7 @@ class SharedMemoryRegistry:
         return ShmLease(use, regions)
 
     def _resolve(self, ref: ShmRef) -> _Region:
-        region = self._regions.get(ref.region)
+        region = self._regions.get((_tenant(), ref.region))
         if region is None:
             raise NotFound(
                 f"{ref.where}: shared memory region '{ref.region}' is not registered on this gateway "
@@ -341,5 +386,5 @@ class SharedMemoryRegistry:
         return region
 
     def close(self) -> None:
-        """Unmap every region (on gateway stop, once no call is in flight)."""
-        self.unregister("")
+        """Unmap every tenant's regions (on gateway stop, once no call is in flight)."""
+        self._forget(list(self._regions))

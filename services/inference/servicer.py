@@ -10,6 +10,7 @@ import grpc
 from inference import grpc_service_pb2 as pb
 from services.common.errors import Unimplemented
 from services.inference import convert
+from services.inference.access import DirectAccess
 from services.inference.runtime import parse_version
 from services.inference.worker import InferenceWorker
 
@@ -21,10 +22,14 @@ def _unimplemented(rpc: str) -> NoReturn:
 
 
 class GRPCInferenceServiceServicer:
-    """Health, metadata and inference of the models this worker has loaded."""
+    """Health, metadata and inference of the models this worker has loaded.
 
-    def __init__(self, worker: InferenceWorker) -> None:
+    A model the calling key's tenant may not see answers as on the gateway (``DirectAccess``).
+    """
+
+    def __init__(self, worker: InferenceWorker, access: DirectAccess) -> None:
         self._worker = worker
+        self._access = access
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         """Report the process is live."""
@@ -36,16 +41,19 @@ class GRPCInferenceServiceServicer:
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         """Report whether a model version is loaded here."""
+        await self._access.check(request.name)
         is_ready = self._worker.is_model_ready(request.name, parse_version(request.version))
         return pb.ModelReadyResponse(ready=is_ready)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         """Describe a loaded model's signature."""
+        await self._access.check(request.name)
         runtime = self._worker.runtime(request.name, parse_version(request.version))
         return convert.model_metadata_to_proto(runtime, self._worker.versions(request.name))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         """Run one request on the loaded model, without queue or batching."""
+        await self._access.check(request.model_name)
         result = await self._worker.infer(convert.infer_request_from_proto(request))
         return convert.infer_response_to_proto(result)
 

@@ -7,6 +7,11 @@ Redis layout (names from ``services.common.keys``):
 
 A key's secret exists in clear only in the reply that creates it. Revoking publishes an
 ``api_key_revoked`` event, on which every process forgets the keys it verified.
+
+A tenant administrator (an ``admin`` key of a tenant other than ``system``) sees and manages only
+its own tenant (``auth.administered_tenant``): its tenant in the lists, its keys; another
+tenant's key answers as an unknown one. Creating tenants and setting quotas are for the global
+administrator only (``auth.Rule.is_global``), so a tenant cannot raise its own quota.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 import structlog
 
-from services.common import events, keys
+from services.common import auth, events, keys
 from services.common.auth import (
     QUOTA_EVENT,
     READ,
@@ -135,17 +140,19 @@ class IdentityStore:
         return record
 
     async def list_tenants(self) -> list[TenantRecord]:
-        """Return every tenant, ordered by name.
+        """Return every tenant, ordered by name (a tenant administrator's own only).
 
         Raises:
             Unavailable: Redis cannot be reached.
         """
+        own = auth.administered_tenant()
         with redis_errors(_WHAT):
             raw = await self._redis.hvals(keys.TENANTS)
-        return sorted((TenantRecord.from_json(value) for value in raw), key=lambda t: t.name)
+        tenants = (TenantRecord.from_json(value) for value in raw)
+        return sorted((t for t in tenants if own is None or t.name == own), key=lambda t: t.name)
 
     async def tenant_report(self) -> list[tuple[TenantRecord, TenantUsage]]:
-        """Return every tenant, ordered by name, with its cluster-wide usage (one more round trip).
+        """Return the tenants ``list_tenants`` lists, with their cluster-wide usage (one more round trip).
 
         Raises:
             Unavailable: Redis cannot be reached.
@@ -181,6 +188,8 @@ class IdentityStore:
 
         Raises:
             InvalidArgument: A name, scope, pattern or the expiry is invalid.
+            PermissionDenied: A tenant administrator names another tenant, or grants a scope or a
+                model pattern its own key lacks.
             NotFound: No such tenant.
             FailedPrecondition: The registry has no server secret.
             Unavailable: Redis cannot be reached.
@@ -188,7 +197,9 @@ class IdentityStore:
         secret_key = self._require_secret()
         check_name(spec.tenant, "tenant name")
         check_name(spec.name, "key name")
+        auth.check_administers(spec.tenant)
         scopes, models = _checked_scopes(spec.scopes), _checked_models(spec.models)
+        auth.check_grantable(scopes, models)
         created_at_ms = now_ms()
         if spec.expires_at_ms < 0 or 0 < spec.expires_at_ms <= created_at_ms:
             raise InvalidArgument(f"expires_at_ms must be 0 (never) or in the future, got {spec.expires_at_ms}")
@@ -207,12 +218,17 @@ class IdentityStore:
     async def list_api_keys(self, tenant: str = "") -> list[ApiKeyRecord]:
         """Return the API keys of ``tenant`` (every tenant if empty), by tenant, name and id.
 
+        A tenant administrator's list is of its own tenant (empty ``tenant``: its own).
+
         Raises:
             InvalidArgument: The tenant name is invalid.
+            PermissionDenied: A tenant administrator names another tenant.
             Unavailable: Redis cannot be reached.
         """
         if tenant:
             check_name(tenant, "tenant name")
+            auth.check_administers(tenant)
+        tenant = tenant or auth.administered_tenant() or ""
         with redis_errors(_WHAT):
             raw = await self._redis.hvals(keys.API_KEYS)
         records = (ApiKeyRecord.from_json(value) for value in raw)
@@ -222,13 +238,20 @@ class IdentityStore:
         """Revoke an API key; every process forgets it on the ``api_key_revoked`` event.
 
         Raises:
-            NotFound: No key has this id.
+            NotFound: No key has this id, or (for a tenant administrator) a key of another tenant
+                has it: one message for both.
             Unavailable: Redis cannot be reached.
         """
-        record = await self._rewrite(
-            keys.API_KEYS, key_id, lambda raw: replace(ApiKeyRecord.from_json(raw), revoked=True),
-            missing=f"API key '{shown(key_id)}' not found", event="api_key_revoked",
-        )  # fmt: skip
+        missing = f"API key '{shown(key_id)}' not found"
+        own = auth.administered_tenant()
+
+        def revoked(raw: bytes | str) -> ApiKeyRecord:
+            record = ApiKeyRecord.from_json(raw)
+            if own is not None and record.tenant != own:
+                raise NotFound(missing)
+            return replace(record, revoked=True)
+
+        record = await self._rewrite(keys.API_KEYS, key_id, revoked, missing=missing, event="api_key_revoked")
         log.info("api_key_revoked", key_id=key_id, tenant=record.tenant, key=record.name)
         return record
 

@@ -234,7 +234,7 @@ async def test_lists_show_a_tenant_its_own_shared_and_ownerless_models(suite: Su
     everything = {OWNED, PUBLIC}
     assert await _names(suite, tenants.key["team-a"]) == _everywhere(everything)
     assert await _names(suite, tenants.key["team-b"]) == _everywhere({PUBLIC})
-    assert await _names(suite, tenants.key["team-c"]) == _everywhere(everything)  # an admin
+    assert await _names(suite, tenants.key["team-c"]) == _everywhere({PUBLIC})  # its tenant's admin: no more
     assert await _names(suite, suite.admin_key) == _everywhere(everything)
     await tenants.clients["team-a"].share_model(OWNED, "team-b")
     assert await _names(suite, tenants.key["team-b"]) == _everywhere(everything)
@@ -340,10 +340,12 @@ async def test_share_and_unshare_say_what_is_wrong(suite: Suite, tenants: Tenant
     with pytest.raises(FailedPrecondition, match=f"^model '{PUBLIC}' has no owner tenant"):
         await team_a.share_model(PUBLIC, "team-b")
     admin = RegistryClient(suite.registry_address, metadata=bearer(tenants.key["team-c"]))
-    try:  # an admin of another tenant may share it
-        assert (await admin.share_model(OWNED, "team-c")).shared_with == ("team-c",)
+    try:  # an admin of another tenant administers its own tenant only: the model is not there for it
+        with pytest.raises(NotFound, match=f"^model '{OWNED}' not found$"):
+            await admin.share_model(OWNED, "team-c")
     finally:
         await admin.close()
+    assert (await suite.registry.share_model(OWNED, "team-c")).shared_with == ("team-c",)  # the global admin
 
 
 async def test_workers_serve_every_tenants_models(suite: Suite, tenants: Tenants) -> None:
