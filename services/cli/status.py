@@ -45,7 +45,7 @@ def workers_table(workers: tuple[WorkerStatus, ...]) -> Table:
             worker.pool,
             worker.host,
             _device(worker.providers),
-            ", ".join(worker.models) or "-",
+            "\n".join([", ".join(worker.models) or "-", *(f"[red]not loaded {e}[/]" for e in worker.load_errors)]),
             str(worker.in_flight),
             f"{worker.heartbeat_age_ms / 1000:.1f}s ago",
         )

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgument
+from services.common.optimization import Lineage, OptimizationReport
 
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Valid model names: 1-64 of letters, digits, '.', '_', '-', starting with a letter or digit.
@@ -68,6 +69,19 @@ class TensorSpec:
         return len(self.shape) > 0 and self.shape[0] == -1
 
 
+SINGLE_FILE_ENTRY = "model.onnx"
+"""The one file a single-file (non-bundle) version presents as a bundle."""
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """One file of a version: its relative path in the bundle, size and sha256."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     """One immutable uploaded artifact of a model."""
@@ -87,6 +101,31 @@ class VersionRecord:
     """Free key/value labels (``services.registry.labels`` has their rules)."""
     pushed_by: str = ""
     """The API key that uploaded it (``tenant/key name``), or ``anonymous`` (auth off)."""
+    files: tuple[BundleFile, ...] = ()
+    """A bundle's files (``services.common.bundles``); empty: one .onnx file (``bundle_files``)."""
+    entry_point: str = ""
+    """The bundle's .onnx file that ONNX Runtime loads; empty for a single-file version."""
+    custom_ops: tuple[str, ...] = ()
+    """Custom-operator libraries its sessions register (``services.common.custom_ops``)."""
+    lineage: Lineage | None = None
+    """Where a version derived by OptimizeVersion came from (``services.common.optimization``)."""
+    report: OptimizationReport | None = None
+    """Accuracy and speed of a derived version against its source, measured when it was derived."""
+
+    @property
+    def is_bundle(self) -> bool:
+        """Whether the version is a bundle (stored as a directory of files and a manifest)."""
+        return bool(self.files)
+
+    @property
+    def bundle_files(self) -> tuple[BundleFile, ...]:
+        """The version's files; a single-file version is one file, ``model.onnx``."""
+        return self.files or (BundleFile(SINGLE_FILE_ENTRY, self.size_bytes, self.sha256),)
+
+    @property
+    def entry_file(self) -> str:
+        """Path of the .onnx file to load, inside the version's directory."""
+        return self.entry_point or SINGLE_FILE_ENTRY
 
     @property
     def is_batchable(self) -> bool:
@@ -105,6 +144,10 @@ class VersionRecord:
         data["outputs"] = tuple(_spec(t) for t in data["outputs"])
         data["class_labels"] = tuple(data.get("class_labels", ()))
         data["labels"] = dict(data.get("labels", {}))
+        data["files"] = tuple(BundleFile(**f) for f in data.get("files", ()))
+        data["custom_ops"] = tuple(data.get("custom_ops", ()))
+        data["lineage"] = Lineage.from_dict(data["lineage"]) if data.get("lineage") else None
+        data["report"] = OptimizationReport.from_dict(data["report"]) if data.get("report") else None
         return cls(**data)
 
 

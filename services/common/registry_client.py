@@ -16,10 +16,21 @@ import grpc
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
+from services.common.bundle_files import BundleWriter, is_complete, scan_directory
 from services.common.errors import InvalidArgument, map_rpc_error
 from services.common.events import Event
 from services.common.grpc_server import MAX_MESSAGE_BYTES
-from services.common.metadata import DeploymentRecord, ModelRecord, Split, TensorSpec, VersionRecord
+from services.common.metadata import (
+    SINGLE_FILE_ENTRY,
+    BundleFile,
+    DeploymentRecord,
+    ModelRecord,
+    Split,
+    TensorSpec,
+    VersionRecord,
+)
+from services.common.optimization import OperationRecord
+from services.common.optimization_proto import lineage_from_proto, operation_from_proto, version_report_from_proto
 from services.common.stats import CallWindow
 from services.common.status import ClusterStatus, QueueStatus, WorkerStatus
 from services.common.usage import TenantUsage
@@ -68,8 +79,24 @@ def _spec(msg: registry_pb2.TensorSpec) -> TensorSpec:
     return TensorSpec(name=msg.name, datatype=msg.datatype, shape=tuple(msg.shape))
 
 
+def _bundle_file(msg: registry_pb2.BundleFile) -> BundleFile:
+    return BundleFile(path=msg.path, size_bytes=msg.size_bytes, sha256=msg.sha256)
+
+
+def _bundle_file_to_pb(file: BundleFile) -> registry_pb2.BundleFile:
+    return registry_pb2.BundleFile(path=file.path, size_bytes=file.size_bytes, sha256=file.sha256)
+
+
+def _files(msg: registry_pb2.Version) -> tuple[BundleFile, ...]:
+    """A version's files; empty for a single-file version (one ``model.onnx`` with the version's sha256)."""
+    files = tuple(_bundle_file(f) for f in msg.files)
+    is_single = len(files) == 1 and files[0].path == SINGLE_FILE_ENTRY and files[0].sha256 == msg.sha256
+    return () if is_single else files
+
+
 def version_from_proto(msg: registry_pb2.Version) -> VersionRecord:
     """Convert a ``Version`` message into a domain record."""
+    files = _files(msg)
     return VersionRecord(
         model=msg.model,
         version=msg.version,
@@ -83,6 +110,11 @@ def version_from_proto(msg: registry_pb2.Version) -> VersionRecord:
         description=msg.description,
         labels=dict(msg.labels),
         pushed_by=msg.pushed_by,
+        custom_ops=tuple(msg.custom_ops),
+        files=files,
+        entry_point=msg.entry_point if files else "",
+        lineage=lineage_from_proto(msg),
+        report=version_report_from_proto(msg),
     )
 
 
@@ -139,7 +171,16 @@ def usage_from_proto(msg: registry_pb2.TenantUsage) -> TenantUsage:
 def cluster_status_from_proto(msg: registry_pb2.GetClusterStatusResponse) -> ClusterStatus:
     """Convert a ``GetClusterStatusResponse`` into a domain record."""
     workers = tuple(
-        WorkerStatus(w.worker_id, w.pool, w.host, tuple(w.providers), tuple(w.models), w.in_flight, w.heartbeat_age_ms)
+        WorkerStatus(
+            w.worker_id,
+            w.pool,
+            w.host,
+            tuple(w.providers),
+            tuple(w.models),
+            w.in_flight,
+            w.heartbeat_age_ms,
+            tuple(w.load_errors),
+        )
         for w in msg.workers
     )
     queues = tuple(
@@ -401,6 +442,43 @@ class RegistryClient:
         reply = await self._call(self._stub.RevokeApiKey, registry_pb2.RevokeApiKeyRequest(id=key_id))
         return api_key_from_proto(reply.api_key)
 
+    async def optimize_version(
+        self,
+        model: str,
+        version: int = 0,
+        transform: str = "",
+        *,
+        is_auto: bool = False,
+        device: str = "",
+        max_abs_diff: float | None = None,
+        options: Mapping[str, str] | None = None,
+        calibration_npz: bytes = b"",
+    ) -> OperationRecord:
+        """Start an optimisation (``OptimizeVersion``); return the operation, PENDING."""
+        request = registry_pb2.OptimizeVersionRequest(
+            model=model, version=version, transform=transform, auto=is_auto, device=device,
+            max_abs_diff=max_abs_diff, options=dict(options or {}), calibration_npz=calibration_npz,
+        )  # fmt: skip
+        reply = await self._call(self._stub.OptimizeVersion, request)
+        return operation_from_proto(reply.operation)
+
+    async def get_operation(self, operation_id: str) -> OperationRecord:
+        """Return an optimisation operation (NotFound: unknown, expired or not visible)."""
+        reply = await self._call(self._stub.GetOperation, registry_pb2.GetOperationRequest(id=operation_id))
+        return operation_from_proto(reply.operation)
+
+    async def watch_operation(self, operation_id: str) -> AsyncGenerator[OperationRecord, None]:
+        """Yield an operation now and at each change until it ends (no deadline: it lasts the operation)."""
+        req = registry_pb2.WatchOperationRequest(id=operation_id)
+        call = self._stub.WatchOperation(req, metadata=resolve_metadata(self._metadata_source))
+        try:
+            async for reply in call:
+                yield operation_from_proto(reply.operation)
+        except grpc.aio.AioRpcError as exc:
+            raise map_rpc_error(exc, "registry") from exc
+        finally:
+            call.cancel()
+
     async def upload_version(
         self,
         model: str,
@@ -410,6 +488,7 @@ class RegistryClient:
         class_labels: Sequence[str] = (),
         description: str = "",
         labels: Mapping[str, str] | None = None,
+        custom_ops: Sequence[str] = (),
     ) -> VersionRecord:
         """Upload ``data`` as a new version of ``model`` in chunks, with its sha256 and size.
 
@@ -421,6 +500,7 @@ class RegistryClient:
             class_labels: Labels of the classification extension, by class index (``class_count``).
             description: The version's description.
             labels: The version's labels.
+            custom_ops: Custom-operator libraries the model needs (only ``onnxruntime-extensions``).
 
         Returns:
             The stored version.
@@ -433,6 +513,7 @@ class RegistryClient:
             class_labels=list(class_labels),
             description=description,
             labels=dict(labels or {}),
+            custom_ops=list(custom_ops),
         )
 
         async def requests() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
@@ -484,6 +565,11 @@ class RegistryClient:
             async for part in parts:
                 if part.HasField("version"):
                     record = version_from_proto(part.version)
+                    if record.is_bundle:
+                        raise InvalidArgument(
+                            f"model '{model}' version {record.version} is a bundle of {len(record.files)} files: "
+                            "download it to a directory (download_bundle, `maas models pull NAME DIR/`)"
+                        )
                     continue
                 digest.update(part.chunk)
                 received += len(part.chunk)
@@ -501,6 +587,153 @@ class RegistryClient:
             if not file.closed:
                 await loop.run_in_executor(None, file.close)
             await loop.run_in_executor(None, partial(tmp.unlink, missing_ok=True))
+        return record
+
+    async def upload_bundle(
+        self,
+        model: str,
+        directory: Path,
+        *,
+        entry_point: str = "",
+        progress: ProgressCallback | None = None,
+        class_labels: Sequence[str] = (),
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        custom_ops: Sequence[str] = (),
+    ) -> VersionRecord:
+        """Upload every file under ``directory`` as one bundle version of ``model`` (format BUNDLE).
+
+        Each file is hashed first (the header announces every file's sha256), then streamed a chunk
+        at a time: memory stays at one chunk whatever the sizes.
+
+        Args:
+            model: The model, which must exist.
+            directory: The bundle's root: the .onnx file, its external data, any other files.
+            entry_point: Path of the .onnx file to load; empty: the only .onnx file at the top.
+            progress: Called as ``progress(sent_bytes, total_bytes)`` as chunks are sent.
+            class_labels: Labels of the classification extension, by class index.
+            description: The version's description.
+            labels: The version's labels.
+            custom_ops: Custom-operator libraries the model needs (only ``onnxruntime-extensions``).
+
+        Raises:
+            InvalidArgument: A file is a link or breaks the path rule, or the registry refuses the bundle.
+        """
+        found = await asyncio.to_thread(scan_directory, directory)
+        files = [file for file, _ in found]
+        header = registry_pb2.UploadVersionHeader(
+            model=model, size_bytes=sum(f.size_bytes for f in files), format=registry_pb2.ARTIFACT_FORMAT_BUNDLE,
+            entry_point=entry_point, files=[_bundle_file_to_pb(f) for f in files], class_labels=list(class_labels),
+            description=description, labels=dict(labels or {}), custom_ops=list(custom_ops),
+        )  # fmt: skip
+
+        async def requests() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
+            yield registry_pb2.UploadVersionRequest(header=header)
+            sent = 0
+            for file, path in found:
+                yield registry_pb2.UploadVersionRequest(file=_bundle_file_to_pb(file))
+                async for chunk in _chunks(path):
+                    yield registry_pb2.UploadVersionRequest(chunk=chunk)
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent, header.size_bytes)
+
+        return await self._send_upload(requests())
+
+    async def upload_tar(
+        self,
+        model: str,
+        archive: Path,
+        *,
+        entry_point: str = "",
+        progress: ProgressCallback | None = None,
+        class_labels: Sequence[str] = (),
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        custom_ops: Sequence[str] = (),
+    ) -> VersionRecord:
+        """Upload a tar archive of a bundle (format TAR); the registry extracts it safely.
+
+        Arguments as ``upload_bundle``'s, with ``archive`` the .tar file (streamed in chunks).
+
+        Raises:
+            InvalidArgument: The registry refuses the archive (the message names the member).
+        """
+        sha256, size = await asyncio.to_thread(_digest, archive)
+        header = registry_pb2.UploadVersionHeader(
+            model=model, sha256=sha256, size_bytes=size, format=registry_pb2.ARTIFACT_FORMAT_TAR,
+            entry_point=entry_point, class_labels=list(class_labels), description=description,
+            labels=dict(labels or {}), custom_ops=list(custom_ops),
+        )  # fmt: skip
+
+        async def requests() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
+            yield registry_pb2.UploadVersionRequest(header=header)
+            sent = 0
+            async for chunk in _chunks(archive):
+                yield registry_pb2.UploadVersionRequest(chunk=chunk)
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent, size)
+
+        return await self._send_upload(requests())
+
+    async def _send_upload(self, requests: AsyncIterator[registry_pb2.UploadVersionRequest]) -> VersionRecord:
+        metadata = resolve_metadata(self._metadata_source)
+        try:
+            reply = await self._stub.UploadVersion(requests, timeout=max(self.timeout_s, 300.0), metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise map_rpc_error(exc, "registry") from exc
+        return version_from_proto(reply.version)
+
+    async def download_bundle(
+        self, model: str, version: int, dest: Path, *, progress: ProgressCallback | None = None
+    ) -> VersionRecord:
+        """Download a version's files into the directory ``dest`` (a single-file version: ``model.onnx``).
+
+        Resumable: a file already in ``dest`` with the right size and sha256 is skipped (only the
+        missing files are asked for); a partial file is downloaded again from its start. Each file
+        appears at its path only whole and verified.
+
+        Args:
+            model: The model.
+            version: The version (0: the latest).
+            dest: The version's directory (created if missing).
+            progress: Called as ``progress(received_bytes, total_bytes)`` over the missing files.
+
+        Raises:
+            InvalidArgument: A downloaded file does not match its size or sha256.
+        """
+        record = await self.get_version(model, version)
+        files = record.bundle_files
+        missing = [f for f in files if not await asyncio.to_thread(is_complete, dest, f)]
+        if not missing:
+            return record
+        paths = [] if len(missing) == len(files) else [f.path for f in missing]
+        req = registry_pb2.DownloadVersionRequest(model=model, version=record.version, paths=paths)
+        writer = BundleWriter(dest, f"model '{model}' version {record.version}")
+        total = sum(f.size_bytes for f in missing)
+        received = started = 0
+        try:
+            call = self._stub.DownloadVersion(
+                req, timeout=max(self.timeout_s, 300.0), metadata=resolve_metadata(self._metadata_source)
+            )
+            async for part in call:
+                kind = part.WhichOneof("part")
+                if kind == "file":
+                    started += 1
+                    await asyncio.to_thread(writer.start, _bundle_file(part.file))
+                elif kind == "chunk":
+                    await asyncio.to_thread(writer.write, part.chunk)
+                    received += len(part.chunk)
+                    if progress is not None:
+                        progress(received, total)
+            await asyncio.to_thread(writer.finish)
+        except grpc.aio.AioRpcError as exc:
+            raise map_rpc_error(exc, "registry") from exc
+        finally:
+            await asyncio.to_thread(writer.discard)
+        if started != len(missing):
+            raise InvalidArgument(f"download of model '{model}' version {record.version} ended before its last file")
         return record
 
 

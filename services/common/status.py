@@ -30,6 +30,8 @@ class WorkerStatus:
     in_flight: int = 0
     """Queue entries read and not yet answered."""
     heartbeat_age_ms: int = 0
+    load_errors: tuple[str, ...] = ()
+    """Model versions it refused or failed to load, ``name:version: reason`` (retried each reconcile)."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ implements the same interface by staging locally and uploading the file on commi
 
 Staged files are ``<staging dir>/<uuid>.part``; the staging directory belongs to one registry
 process, which removes what a crashed predecessor left there when it starts (``start``).
+
+A bundle (several files, ``services.common.bundles``) is staged as a directory,
+``<staging dir>/<uuid>.part/``, and committed as the version's directory of files plus its
+manifest (``<version>.manifest.json``, the canonical JSON whose sha256 is the version's).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
+from services.common.bundles import check_path
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.metadata import MODEL_NAME_RE
 
@@ -62,6 +67,16 @@ class BlobUpload(Protocol):
         """Store the finished artifact as ``version`` of ``model``."""
 
 
+class BundleStage(Protocol):
+    """A bundle being uploaded: files written under ``directory``, then committed under a version."""
+
+    directory: Path
+    """The staged directory (the bundle's root)."""
+
+    async def commit(self, model: str, version: int, manifest: str) -> None:
+        """Store the staged files and ``manifest`` (``bundles.manifest_json``) as ``version`` of ``model``."""
+
+
 class BlobStore(Protocol):
     """Where artifacts live, keyed by model name and version number."""
 
@@ -82,8 +97,18 @@ class BlobStore(Protocol):
             NotFound: No such artifact.
         """
 
+    def stage_bundle(self) -> AbstractAsyncContextManager[BundleStage]:
+        """Stage a new bundle directory; leaving the context without a commit removes it."""
+
+    def read_file(self, model: str, version: int, path: str, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
+        """Yield the file ``path`` of bundle ``version`` of ``model`` in chunks of ``chunk_bytes``.
+
+        Raises:
+            NotFound: No such file.
+        """
+
     async def delete_version(self, model: str, version: int) -> None:
-        """Delete one artifact if it exists."""
+        """Delete one artifact (a bundle: its files and manifest) if it exists."""
 
     async def delete_model(self, model: str) -> None:
         """Delete every artifact of ``model``."""
@@ -200,9 +225,54 @@ async def staged_file(staging_dir: Path, target: Callable[[str, int], Path]) -> 
 def _remove_staged(staging_dir: Path) -> int:
     removed = 0
     for path in staging_dir.glob(f"*{_STAGED_SUFFIX}"):
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+class StagedBundle:
+    """A staged bundle directory; ``staged_bundle`` removes whatever is left of it on leaving."""
+
+    def __init__(self, staging_dir: Path, store: Callable[[Path, str, int, str], Awaitable[None]]) -> None:
+        self.directory = staging_dir / f"{uuid.uuid4().hex}{_STAGED_SUFFIX}"
+        self._store = store
+
+    async def commit(self, model: str, version: int, manifest: str) -> None:
+        """Store the staged files and ``manifest`` as ``version`` of ``model``."""
+        await self._store(self.directory, model, version, manifest)
+
+
+@asynccontextmanager
+async def staged_bundle(
+    staging_dir: Path, store: Callable[[Path, str, int, str], Awaitable[None]]
+) -> AsyncIterator[StagedBundle]:
+    """Create a staged bundle directory; ``store`` commits it; it is removed on leaving (a cancellation too)."""
+    staged = StagedBundle(staging_dir, store)
+    await _run(partial(staged.directory.mkdir, parents=True))
+    try:
+        yield staged
+    finally:
+        await _run(partial(shutil.rmtree, staged.directory, ignore_errors=True))
+
+
+async def read_chunks(path: Path, chunk_bytes: int, missing: str) -> AsyncGenerator[bytes, None]:
+    """Yield the file at ``path`` in chunks of ``chunk_bytes``.
+
+    Raises:
+        NotFound: No such file (``missing`` is the message).
+    """
+    try:
+        file = await _run(partial(_open_for_read, path), undo=lambda opened: opened.close())
+    except FileNotFoundError:
+        raise NotFound(missing) from None
+    try:
+        while chunk := await _run(partial(file.read, chunk_bytes)):
+            yield chunk
+    finally:
+        await _run(file.close)
 
 
 async def remove_staged_files(staging_dir: Path) -> int:
@@ -210,8 +280,20 @@ async def remove_staged_files(staging_dir: Path) -> int:
     return await _run(partial(_remove_staged, staging_dir))
 
 
+def _manifest_path(bundle_dir: Path) -> Path:
+    return bundle_dir.with_name(f"{bundle_dir.name}.manifest.json")
+
+
+def _move_bundle(staged: Path, target: Path, manifest: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, target)
+    _manifest_path(target).write_text(manifest)
+
+
 class LocalBlobStore:
     """Artifacts in a local directory: ``<root>/<model>/<version>.onnx``, staged in ``<root>/.tmp``.
+
+    A bundle is ``<root>/<model>/<version>/`` (its files) and ``<root>/<model>/<version>.manifest.json``.
 
     Model names never start with '.', so the staging directory cannot collide with a model.
     """
@@ -245,20 +327,40 @@ class LocalBlobStore:
         Raises:
             NotFound: No such artifact.
         """
-        path = self.path(model, version)
-        try:
-            file = await _run(partial(_open_for_read, path), undo=lambda opened: opened.close())
-        except FileNotFoundError:
-            raise NotFound(f"the artifact of model '{model}' version {version} is missing") from None
-        try:
-            while chunk := await _run(partial(file.read, chunk_bytes)):
+        missing = f"the artifact of model '{model}' version {version} is missing"
+        async with aclosing(read_chunks(self.path(model, version), chunk_bytes, missing)) as chunks:
+            async for chunk in chunks:
                 yield chunk
-        finally:
-            await _run(file.close)
+
+    def bundle_dir(self, model: str, version: int) -> Path:
+        """Return the directory of bundle ``version`` of ``model`` (its manifest is beside it)."""
+        return self._model_dir(model) / str(version)
+
+    def stage_bundle(self) -> AbstractAsyncContextManager[BundleStage]:
+        """Stage a bundle directory in the staging directory; commit moves it in place."""
+        return staged_bundle(self._staging_dir, self._commit_bundle)
+
+    async def _commit_bundle(self, directory: Path, model: str, version: int, manifest: str) -> None:
+        await _run(partial(_move_bundle, directory, self.bundle_dir(model, version), manifest))
+
+    async def read_file(self, model: str, version: int, path: str, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
+        """Yield the file ``path`` of bundle ``version`` of ``model`` in chunks of ``chunk_bytes``.
+
+        Raises:
+            NotFound: No such file.
+        """
+        check_path(path)
+        missing = f"file '{path}' of model '{model}' version {version} is missing"
+        async with aclosing(read_chunks(self.bundle_dir(model, version) / path, chunk_bytes, missing)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def delete_version(self, model: str, version: int) -> None:
-        """Delete one artifact if it exists."""
+        """Delete one artifact (a bundle: its directory and manifest) if it exists."""
         await _run(partial(self.path(model, version).unlink, missing_ok=True))
+        directory = self.bundle_dir(model, version)
+        await _run(partial(_manifest_path(directory).unlink, missing_ok=True))
+        await _run(partial(shutil.rmtree, directory, ignore_errors=True))
 
     async def delete_model(self, model: str) -> None:
         """Delete every artifact of ``model``."""

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Literal
+
+import grpc
 
 from maas.registry.v1 import registry_pb2
 from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
 from services.common.errors import InvalidArgument
 from services.common.events import Event
-from services.common.metadata import DeploymentRecord, ModelRecord, Split, TensorSpec, VersionRecord
+from services.common.metadata import BundleFile, DeploymentRecord, ModelRecord, Split, TensorSpec, VersionRecord
+from services.common.optimization import Lineage, OperationRecord, OptimizationReport
 from services.common.status import ClusterStatus, QueueStatus, WorkerStatus
 from services.common.usage import TenantUsage
 from services.registry.events_watch import WatchRequest
 from services.registry.identities import NewApiKey
 from services.registry.lifecycle import VersionUpdate
+from services.registry.optimize import OptimizeRequest
 from services.registry.pages import PageQuery
 from services.registry.rollout import Alias
 from services.registry.store import DeploySpec, UploadHeader
@@ -37,6 +42,7 @@ def _worker_to_pb(worker: WorkerStatus) -> registry_pb2.WorkerStatus:
         models=list(worker.models),
         in_flight=worker.in_flight,
         heartbeat_age_ms=worker.heartbeat_age_ms,
+        load_errors=list(worker.load_errors),
     )
 
 
@@ -120,13 +126,30 @@ def version_to_pb(record: VersionRecord) -> registry_pb2.Version:
         description=record.description,
         labels=record.labels,
         pushed_by=record.pushed_by,
+        custom_ops=record.custom_ops,
+        files=[bundle_file_to_pb(f) for f in record.bundle_files],
+        entry_point=record.entry_file,
+        lineage=lineage_to_pb(record.lineage),
+        report=report_to_pb(record.report),
     )
 
 
-def download_part_to_pb(part: VersionRecord | bytes) -> registry_pb2.DownloadVersionResponse:
-    """Convert one item of a download: the version first, then chunks."""
+def bundle_file_to_pb(file: BundleFile) -> registry_pb2.BundleFile:
+    """Convert one file of a bundle."""
+    return registry_pb2.BundleFile(path=file.path, size_bytes=file.size_bytes, sha256=file.sha256)
+
+
+def bundle_file(msg: registry_pb2.BundleFile) -> BundleFile:
+    """Convert one announced file of a bundle upload."""
+    return BundleFile(path=msg.path, size_bytes=msg.size_bytes, sha256=msg.sha256)
+
+
+def download_part_to_pb(part: VersionRecord | BundleFile | bytes) -> registry_pb2.DownloadVersionResponse:
+    """Convert one item of a download: the version first, then each file and its chunks."""
     if isinstance(part, VersionRecord):
         return registry_pb2.DownloadVersionResponse(version=version_to_pb(part))
+    if isinstance(part, BundleFile):
+        return registry_pb2.DownloadVersionResponse(file=bundle_file_to_pb(part))
     return registry_pb2.DownloadVersionResponse(chunk=part)
 
 
@@ -144,8 +167,21 @@ def deploy_spec(request: registry_pb2.DeployRequest) -> DeploySpec:
     )
 
 
+_FORMATS: dict[int, Literal["onnx", "bundle", "tar"]] = {
+    registry_pb2.ARTIFACT_FORMAT_UNSPECIFIED: "onnx",
+    registry_pb2.ARTIFACT_FORMAT_BUNDLE: "bundle",
+    registry_pb2.ARTIFACT_FORMAT_TAR: "tar",
+}
+
+
 def upload_header(header: registry_pb2.UploadVersionHeader) -> UploadHeader:
-    """Convert an upload's header."""
+    """Convert an upload's header.
+
+    Raises:
+        InvalidArgument: The format is not one of ``ArtifactFormat``'s values.
+    """
+    if header.format not in _FORMATS:
+        raise InvalidArgument(f"format must be one of ArtifactFormat's values (0, 1, 2), got {header.format}")
     return UploadHeader(
         model=header.model,
         sha256=header.sha256,
@@ -153,12 +189,16 @@ def upload_header(header: registry_pb2.UploadVersionHeader) -> UploadHeader:
         class_labels=tuple(header.class_labels),
         description=header.description,
         labels=dict(header.labels),
+        custom_ops=tuple(header.custom_ops),
+        format=_FORMATS.get(header.format, "onnx"),
+        entry_point=header.entry_point,
+        files=tuple(bundle_file(f) for f in header.files),
     )
 
 
 async def upload_stream(
     requests: AsyncIterator[registry_pb2.UploadVersionRequest],
-) -> tuple[UploadHeader, AsyncIterator[bytes]]:
+) -> tuple[UploadHeader, AsyncIterator[bytes | BundleFile]]:
     """Split an upload's request stream into its header and its chunks.
 
     Raises:
@@ -171,11 +211,12 @@ async def upload_stream(
     return upload_header(first.header), _chunks(requests)
 
 
-async def _chunks(requests: AsyncIterator[registry_pb2.UploadVersionRequest]) -> AsyncIterator[bytes]:
+async def _chunks(requests: AsyncIterator[registry_pb2.UploadVersionRequest]) -> AsyncIterator[bytes | BundleFile]:
     async for request in requests:
-        if request.WhichOneof("part") == "header":
+        part = request.WhichOneof("part")
+        if part == "header":
             raise InvalidArgument("only the first UploadVersion message may carry a header")
-        yield request.chunk
+        yield bundle_file(request.file) if part == "file" else request.chunk
 
 
 def page_query(request: registry_pb2.ListModelsRequest | registry_pb2.ListVersionsRequest) -> PageQuery:
@@ -257,4 +298,83 @@ def new_api_key(request: registry_pb2.CreateApiKeyRequest) -> NewApiKey:
         scopes=tuple(request.scopes),
         models=tuple(request.models),
         expires_at_ms=request.expires_at_ms,
+    )
+
+
+# Optimisation
+
+
+def lineage_to_pb(lineage: Lineage | None) -> registry_pb2.Lineage | None:
+    """Convert a derived version's lineage (None stays unset)."""
+    if lineage is None:
+        return None
+    return registry_pb2.Lineage(
+        source_version=lineage.source_version,
+        transform=lineage.transform,
+        options=dict(lineage.options),
+        tool_versions=dict(lineage.tool_versions),
+        operation_id=lineage.operation_id,
+    )
+
+
+def report_to_pb(report: OptimizationReport | None) -> registry_pb2.OptimizationReport | None:
+    """Convert an optimisation report (None stays unset)."""
+    if report is None:
+        return None
+    return registry_pb2.OptimizationReport(
+        transform=report.transform,
+        outputs=[
+            registry_pb2.OutputComparison(
+                name=o.name, max_abs_diff=o.max_abs_diff, mean_abs_diff=o.mean_abs_diff, top1_agreement=o.top1_agreement
+            )
+            for o in report.outputs
+        ],
+        source_size_bytes=report.source_size_bytes,
+        variant_size_bytes=report.variant_size_bytes,
+        latency=[
+            registry_pb2.LatencyComparison(
+                batch_size=m.batch_size, source_p50_ms=m.source_p50_ms, variant_p50_ms=m.variant_p50_ms
+            )
+            for m in report.latency
+        ],
+        device=report.device,
+        samples=report.samples,
+        warnings=report.warnings,
+        error=report.error,
+        version=report.version,
+    )
+
+
+def operation_to_pb(record: OperationRecord) -> registry_pb2.Operation:
+    """Convert an operation; its error code becomes the google.rpc.Code number."""
+    code = grpc.StatusCode[record.error_code].value[0] if record.error_code else 0
+    return registry_pb2.Operation(
+        id=record.id,
+        model=record.model,
+        source_version=record.source_version,
+        transforms=record.transforms,
+        state=registry_pb2.Operation.State.Value(record.state.value),
+        progress_message=record.progress_message,
+        progress_percent=record.progress_percent,
+        result_versions=record.result_versions,
+        reports=[report_to_pb(r) for r in record.reports],
+        error_code=code,
+        error_message=record.error_message,
+        created_at_ms=record.created_at_ms,
+        updated_at_ms=record.updated_at_ms,
+        device=record.device,
+    )
+
+
+def optimize_request(request: registry_pb2.OptimizeVersionRequest) -> OptimizeRequest:
+    """Convert an OptimizeVersion request; an unset max_abs_diff is no limit (None)."""
+    return OptimizeRequest(
+        model=request.model,
+        version=request.version,
+        transform=request.transform,
+        is_auto=request.auto,
+        device=request.device,
+        max_abs_diff=request.max_abs_diff if request.HasField("max_abs_diff") else None,
+        options=dict(request.options),
+        calibration_npz=request.calibration_npz,
     )

@@ -1,9 +1,11 @@
 """Artifacts in an S3-compatible object store (AWS S3, SeaweedFS, MinIO, Ceph RGW...).
 
-Objects are ``<prefix><model>/<version>.onnx`` in one bucket. An upload is staged in a local file
-(``staged_file``: ONNX Runtime validates it there), then sent on commit: in one PUT up to
-``part_bytes``, else as a multipart upload read part by part from the file, so memory stays at
-one part whatever the size; a failed multipart upload is aborted, leaving no parts behind.
+Objects are ``<prefix><model>/<version>.onnx`` in one bucket; a bundle is one object per file,
+``<prefix><model>/<version>/<path>``, and its manifest ``<prefix><model>/<version>.manifest.json``.
+An upload is staged in a local file (``staged_file``: ONNX Runtime validates it there), then
+sent on commit: in one PUT up to ``part_bytes``, else as a multipart upload read part by part
+from the file, so memory stays at one part whatever the size; a failed multipart upload is
+aborted, leaving no parts behind.
 
 boto3 is synchronous: every call runs in a thread (``asyncio.to_thread``), never on the event
 loop, and has connect/read timeouts. Only the registry talks to the bucket: workers download
@@ -26,9 +28,17 @@ import botocore.exceptions
 import structlog
 from botocore.config import Config
 
+from services.common.bundles import check_path
 from services.common.errors import MaasError, NotFound, Unavailable
 from services.common.metadata import MODEL_NAME_RE
-from services.registry.blobs import BlobUpload, StagedFile, remove_staged_files, staged_file
+from services.registry.blobs import (
+    BlobUpload,
+    BundleStage,
+    StagedFile,
+    remove_staged_files,
+    staged_bundle,
+    staged_file,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -236,11 +246,60 @@ class S3BlobStore:
             NotFound: No such artifact.
             Unavailable: S3 cannot be reached or refuses the request.
         """
-        get = partial(self._client.get_object, Bucket=self.config.bucket, Key=self.key(model, version))
+        missing = f"the artifact of model '{model}' version {version} is missing"
+        async for chunk in self._read_key(self.key(model, version), chunk_bytes, missing):
+            yield chunk
+
+    def _bundle_prefix(self, model: str, version: int) -> str:
+        return f"{self._model_prefix(model)}{version}/"
+
+    def _manifest_key(self, model: str, version: int) -> str:
+        return f"{self._model_prefix(model)}{version}.manifest.json"
+
+    def stage_bundle(self) -> AbstractAsyncContextManager[BundleStage]:
+        """Stage a bundle directory locally; commit sends its files and manifest, leaving removes it."""
+        return staged_bundle(self._staging_dir, self._commit_bundle)
+
+    async def _commit_bundle(self, directory: Path, model: str, version: int, manifest: str) -> None:
+        prefix = self._bundle_prefix(model, version)
+        files = await asyncio.to_thread(lambda: sorted(p for p in directory.rglob("*") if p.is_file()))
+        try:
+            for path in files:
+                await self.put_file(path, prefix + path.relative_to(directory).as_posix())
+            put = partial(
+                self._client.put_object,
+                Bucket=self.config.bucket, Key=self._manifest_key(model, version), Body=manifest.encode(),
+            )  # fmt: skip
+            await self._call("store the manifest", put)
+        except BaseException:
+            # NOTE: shielded: a cancelled upload must not leave half a bundle in the bucket.
+            await asyncio.shield(self._delete_quietly(model, version))
+            raise
+
+    async def _delete_quietly(self, model: str, version: int) -> None:
+        try:
+            await self.delete_version(model, version)
+        except MaasError as exc:
+            log.warning("s3_bundle_not_deleted", model=model, version=version, reason=exc.message)
+
+    async def read_file(self, model: str, version: int, path: str, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
+        """Yield the file ``path`` of bundle ``version`` of ``model`` in chunks of ``chunk_bytes``.
+
+        Raises:
+            NotFound: No such file.
+            Unavailable: S3 cannot be reached or refuses the request.
+        """
+        check_path(path)
+        missing = f"file '{path}' of model '{model}' version {version} is missing"
+        async for chunk in self._read_key(self._bundle_prefix(model, version) + path, chunk_bytes, missing):
+            yield chunk
+
+    async def _read_key(self, key: str, chunk_bytes: int, missing: str) -> AsyncGenerator[bytes, None]:
+        get = partial(self._client.get_object, Bucket=self.config.bucket, Key=key)
         try:
             reply = await self._call("read the artifact", get)
         except NotFound:
-            raise NotFound(f"the artifact of model '{model}' version {version} is missing") from None
+            raise NotFound(missing) from None
         body = reply["Body"]
         try:
             while chunk := await self._call("read the artifact", partial(body.read, chunk_bytes)):
@@ -249,13 +308,17 @@ class S3BlobStore:
             await asyncio.to_thread(body.close)
 
     async def delete_version(self, model: str, version: int) -> None:
-        """Delete one artifact if it exists."""
-        delete = partial(self._client.delete_object, Bucket=self.config.bucket, Key=self.key(model, version))
-        await self._call("delete the artifact", delete)
+        """Delete one artifact (a bundle: its files and manifest) if it exists."""
+        for key in (self.key(model, version), self._manifest_key(model, version)):
+            delete = partial(self._client.delete_object, Bucket=self.config.bucket, Key=key)
+            await self._call("delete the artifact", delete)
+        await self._delete_prefix(self._bundle_prefix(model, version))
 
     async def delete_model(self, model: str) -> None:
         """Delete every artifact of ``model``."""
-        prefix = self._model_prefix(model)
+        await self._delete_prefix(self._model_prefix(model))
+
+    async def _delete_prefix(self, prefix: str) -> None:
         while keys := await self._call("list the artifacts", partial(self._keys, prefix)):
             objects = {"Objects": [{"Key": key} for key in keys], "Quiet": True}
             delete = partial(self._client.delete_objects, Bucket=self.config.bucket, Delete=objects)

@@ -6,13 +6,17 @@ import grpc
 import redis.asyncio as aioredis
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common import tracing
 from services.common.auth import REGISTRY_RULES, ServerAuth, auth_secret, create_server_auth
 from services.common.grpc_server import GrpcServer, create_grpc_server, run_until_signal
 from services.common.redis_acl import read_passwords
 from services.common.redis_conn import create_redis
 from services.registry.blobs import STAGING_DIR, BlobStore, LocalBlobStore
+from services.registry.bundle_upload import BundleLimits
 from services.registry.cluster_status import ClusterStatusReader
 from services.registry.identities import IdentityStore
+from services.registry.operations import OperationStore
+from services.registry.optimize import OptimizeLimits, Optimizer
 from services.registry.s3blobs import S3BlobStore, S3Config, create_s3_client
 from services.registry.sandbox import ArtifactValidator, SandboxLimits
 from services.registry.servicer import ModelRegistryServicer
@@ -27,6 +31,7 @@ def create_server(
     store: ModelStore,
     identities: IdentityStore | None = None,
     auth: ServerAuth | None = None,
+    optimizer: Optimizer | None = None,
 ) -> GrpcServer:
     """Build the registry's gRPC server (not started), bound to ``settings.host:settings.port``.
 
@@ -38,18 +43,34 @@ def create_server(
         store: The domain logic the servicer calls.
         identities: Tenants and API keys (None: a store without a secret, refusing key creation).
         auth: The API key check of every RPC (``create_auth``); None serves without keys.
+        optimizer: Runs OptimizeVersion operations (None: ``create_optimizer``'s, which its owner
+            must close; ``serve`` passes its own and closes it).
 
     Returns:
         The server with its health servicer and the bound port.
     """
     cluster = ClusterStatusReader(store.redis, store.list_deployments)
-    servicer = ModelRegistryServicer(store, identities or IdentityStore(store.redis, None), cluster)
+    optimizer = optimizer or create_optimizer(settings, store)
+    servicer = ModelRegistryServicer(store, identities or IdentityStore(store.redis, None), cluster, optimizer)
 
     def add_servicers(server: grpc.aio.Server) -> None:
         registry_pb2_grpc.add_ModelRegistryServicer_to_server(servicer, server)
 
     interceptor = auth.interceptor if auth is not None else None
     return create_grpc_server(settings, [SERVICE_NAME], add_servicers, auth=interceptor)
+
+
+def create_optimizer(settings: RegistrySettings, store: ModelStore) -> Optimizer:
+    """Build the optimiser: operations in the store's Redis, transforms within ``settings.optimize_*``."""
+    limits = OptimizeLimits(
+        timeout_s=settings.optimize_timeout_s,
+        memory_bytes=settings.optimize_memory_bytes,
+        concurrency=settings.optimize_concurrency,
+        latency_iterations=settings.optimize_latency_iterations,
+        max_calibration_bytes=settings.optimize_max_calibration_bytes,
+    )
+    operations = OperationStore(store.redis, ttl_s=settings.operation_ttl_s, lease_s=settings.operation_lease_s)
+    return Optimizer(store, operations, limits)
 
 
 def create_identities(settings: RegistrySettings, redis: aioredis.Redis) -> IdentityStore:
@@ -98,26 +119,35 @@ def create_store(settings: RegistrySettings, redis: aioredis.Redis) -> ModelStor
         max_artifact_bytes=settings.max_artifact_bytes,
         chunk_bytes=settings.chunk_bytes,
         validator=ArtifactValidator(limits),
+        bundle_limits=BundleLimits(
+            max_files=settings.max_bundle_files,
+            max_file_bytes=settings.max_bundle_file_bytes,
+            max_total_bytes=settings.max_bundle_bytes,
+        ),
     )
 
 
 async def serve(settings: RegistrySettings) -> None:
-    """Serve the registry until SIGTERM or SIGINT, then drain and close Redis."""
-    redis = create_redis(settings.redis_url, settings.redis_timeout_s)
+    """Serve the registry until SIGTERM or SIGINT, then drain and close Redis (and flush traces)."""
+    tracer_provider = tracing.configure_tracing(settings, "registry")
+    redis = create_redis(settings.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster)
     auth = create_auth(settings, redis)
     try:
         identities = create_identities(settings, redis)
         await ensure_system_keys(settings, identities)
         store = create_store(settings, redis)
         await store.start()
-        handle = create_server(settings, store, identities, auth)
+        optimizer = create_optimizer(settings, store)
+        handle = create_server(settings, store, identities, auth, optimizer)
         if auth is not None:
             await auth.start()
         try:
             await run_until_signal(handle, settings, service="registry")
         finally:
+            await optimizer.close()
             await store.close()
     finally:
         if auth is not None:
             await auth.stop()
         await redis.aclose()
+        await tracing.shutdown_tracing(tracer_provider)

@@ -11,6 +11,7 @@ from services.registry import convert
 from services.registry.cluster_status import ClusterStatusReader
 from services.registry.events_watch import visibility
 from services.registry.identities import IdentityStore
+from services.registry.optimize import Optimizer
 from services.registry.store import ModelStore
 
 _Context = Any
@@ -20,10 +21,13 @@ _Context = Any
 class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     """Serves the registry API from a ``ModelStore`` and an ``IdentityStore``."""
 
-    def __init__(self, store: ModelStore, identities: IdentityStore, cluster: ClusterStatusReader) -> None:
+    def __init__(
+        self, store: ModelStore, identities: IdentityStore, cluster: ClusterStatusReader, optimizer: Optimizer
+    ) -> None:
         self._store = store
         self._identities = identities
         self._cluster = cluster
+        self._optimizer = optimizer
 
     async def CreateModel(
         self, request: registry_pb2.CreateModelRequest, context: _Context
@@ -105,7 +109,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.DownloadVersionRequest, context: _Context
     ) -> AsyncIterator[registry_pb2.DownloadVersionResponse]:
         """Stream a version: its record, then its artifact's chunks."""
-        async with aclosing(self._store.download_version(request.model, request.version)) as parts:
+        download = self._store.download_version(request.model, request.version, tuple(request.paths))
+        async with aclosing(download) as parts:
             async for part in parts:
                 yield convert.download_part_to_pb(part)
 
@@ -211,3 +216,25 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         """Revoke an API key."""
         record = await self._identities.revoke_api_key(request.id)
         return registry_pb2.RevokeApiKeyResponse(api_key=convert.api_key_to_pb(record))
+
+    async def OptimizeVersion(
+        self, request: registry_pb2.OptimizeVersionRequest, context: _Context
+    ) -> registry_pb2.OptimizeVersionResponse:
+        """Start deriving a version (a long-running operation, returned PENDING)."""
+        operation = await self._optimizer.start(convert.optimize_request(request))
+        return registry_pb2.OptimizeVersionResponse(operation=convert.operation_to_pb(operation))
+
+    async def GetOperation(
+        self, request: registry_pb2.GetOperationRequest, context: _Context
+    ) -> registry_pb2.GetOperationResponse:
+        """Get an optimisation operation."""
+        operation = await self._optimizer.get(request.id)
+        return registry_pb2.GetOperationResponse(operation=convert.operation_to_pb(operation))
+
+    async def WatchOperation(
+        self, request: registry_pb2.WatchOperationRequest, context: _Context
+    ) -> AsyncIterator[registry_pb2.WatchOperationResponse]:
+        """Stream an operation until it ends."""
+        async with aclosing(self._optimizer.watch(request.id)) as operations:
+            async for operation in operations:
+                yield registry_pb2.WatchOperationResponse(operation=convert.operation_to_pb(operation))

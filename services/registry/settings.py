@@ -28,6 +28,13 @@ class RegistrySettings(ServiceSettings):
     max_artifact_bytes: int = Field(default=2 * 1024 * _MIB, gt=0)
     """Largest artifact an upload may announce (2 GiB: the protobuf limit of one ONNX file); a stream
     that passes its announced size is refused at once, so no upload ever holds more."""
+    max_bundle_bytes: int = Field(default=64 * 1024 * _MIB, gt=0)
+    """Largest bundle (the total of its files; a tar upload may add its headers): files beyond
+    2 GiB stream to disk a chunk at a time, so the limit is the disk's, not the registry's memory."""
+    max_bundle_file_bytes: int = Field(default=32 * 1024 * _MIB, gt=0)
+    """Largest single file of a bundle (e.g. an external-data weights file)."""
+    max_bundle_files: int = Field(default=1000, ge=1, le=100_000)
+    """Most files a bundle may hold (the tar members that are files)."""
     chunk_bytes: int = Field(default=_MIB, gt=0, le=MAX_MESSAGE_BYTES // 2)
     """Size of one download chunk."""
     validate_timeout_s: float = Field(default=60.0, gt=0)
@@ -59,6 +66,24 @@ class RegistrySettings(ServiceSettings):
     system_keys_file: Path | None = None
     """``name=key`` lines (mode 0600) of the built-in ``system`` keys (``admin``, ``gateway``,
     ``worker``), created at start unless they exist: ``maas up`` writes it, deploy/ mounts it."""
+
+    optimize_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest run of one optimisation transform (a child process, killed after it): the operation
+    ends FAILED with DEADLINE_EXCEEDED."""
+    optimize_memory_bytes: int = Field(default=8 * 1024 * _MIB, ge=512 * _MIB)
+    """Address space of a transform's child process (``RLIMIT_AS``): the source, the variant, the
+    quantiser's copies and two ONNX Runtime sessions; about 6x the model's size on top of ~500 MiB."""
+    optimize_concurrency: int = Field(default=1, ge=1)
+    """Optimisation operations run at once by this registry; more stay PENDING until a slot frees."""
+    optimize_latency_iterations: int = Field(default=50, ge=1, le=10_000)
+    """Timed runs per model and batch size for a report's p50 latency (after 2 warm-up runs)."""
+    optimize_max_calibration_bytes: int = Field(default=64 * _MIB, gt=0, le=MAX_MESSAGE_BYTES // 2)
+    """Largest calibration .npz an OptimizeVersion request may carry."""
+    operation_ttl_s: int = Field(default=86_400, ge=60)
+    """How long an operation stays readable after it ends (and the longest any operation is kept)."""
+    operation_lease_s: float = Field(default=30.0, ge=1)
+    """A running operation's lease, renewed every third of it: a reader that finds it expired (the
+    registry running it died) marks the operation FAILED."""
 
     @model_validator(mode="after")
     def _check_s3(self) -> RegistrySettings:

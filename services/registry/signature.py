@@ -10,8 +10,12 @@ from typing import Any
 import onnxruntime as ort
 
 from services.common import dtypes
+from services.common.custom_ops import EXTENSIONS, register_custom_ops
 from services.common.errors import InvalidArgument
 from services.common.metadata import TensorSpec
+
+_UNKNOWN_OP = "is not a registered function/op"
+"""ONNX Runtime's words for an operator that no domain it knows implements."""
 
 
 @dataclass(frozen=True)
@@ -22,16 +26,21 @@ class Signature:
     outputs: tuple[TensorSpec, ...]
 
 
-def read_signature(path: Path) -> Signature:
+def read_signature(path: Path, *, custom_ops: Sequence[str] = ()) -> Signature:
     """Load the ONNX model at ``path`` on the CPU and return its signature.
 
     Blocks for as long as ONNX Runtime takes to load the model: call it in an executor.
 
+    Args:
+        path: The .onnx file.
+        custom_ops: Custom-operator libraries to register (``services.common.custom_ops``).
+
     Raises:
-        InvalidArgument: ONNX Runtime cannot load the file, or a tensor's type has no KServe v2
-            datatype.
+        InvalidArgument: ONNX Runtime cannot load the file, a tensor's type has no KServe v2
+            datatype, or a custom-operator library is not supported.
     """
     options = ort.SessionOptions()
+    register_custom_ops(options, custom_ops)
     # NOTE: only loading is checked here; optimising the graph would only cost time.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # NOTE: it runs in the validation sandbox (sandbox.py), where thread pools would only reserve
@@ -46,6 +55,8 @@ def read_signature(path: Path) -> Signature:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # NOTE: ORT's message names the staging file; that path is an internal detail.
         reason = reason.replace(str(path), "the artifact")
+        if _UNKNOWN_OP in reason:
+            reason += f" (the only custom operators MaaS loads are {EXTENSIONS}'s, declared in custom_ops)"
         raise InvalidArgument(f"artifact is not a loadable ONNX model: {reason}") from exc
     return Signature(
         inputs=_specs("input", session.get_inputs()),

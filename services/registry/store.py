@@ -19,18 +19,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from prometheus_client import Counter
 
-from services.common import auth, events, keys
+from services.common import auth, events, generation, keys
+from services.common.bundles import entry_point_of, manifest_json, manifest_sha256
 from services.common.collectors import GaugeSpec, LoopCollector, Samples, register
+from services.common.custom_ops import check_custom_ops
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -46,16 +49,20 @@ from services.common.metadata import (
     DEFAULT_POOL,
     MAX_CLASS_LABEL_BYTES,
     MAX_CLASS_LABELS,
+    PLATFORM,
+    BundleFile,
     DeploymentRecord,
     ModelRecord,
     VersionRecord,
     check_name,
     shown,
 )
+from services.common.optimization import Lineage, OptimizationReport
 from services.common.queue import MalformedEntry, QueuedRequest, Reply, now_ms
 from services.common.redis_conn import redis_errors
 from services.registry import rollout
 from services.registry.blobs import BlobStore, BlobUpload, verified_chunks
+from services.registry.bundle_upload import BundleLimits, check_announced, chunks_only, extract_tar, receive_files
 from services.registry.events_watch import EventWatch
 from services.registry.labels import check_description, check_labels
 from services.registry.lifecycle import VersionLifecycle
@@ -122,6 +129,18 @@ class UploadHeader:
     """The version's description (``services.registry.labels`` has the rules)."""
     labels: Mapping[str, str] = field(default_factory=dict)
     """The version's labels."""
+    format: Literal["onnx", "bundle", "tar"] = "onnx"
+    """One .onnx file, a stream of announced files, or a tar archive (``bundle_upload``)."""
+    entry_point: str = ""
+    """A bundle's .onnx file to load; empty: its only top-level .onnx file."""
+    files: tuple[BundleFile, ...] = ()
+    """The files a ``bundle`` upload announces (then ``size_bytes`` is their total)."""
+    custom_ops: tuple[str, ...] = ()
+    """Custom-operator libraries the model needs (``services.common.custom_ops``)."""
+    lineage: Lineage | None = None
+    """Set by the registry itself for a version OptimizeVersion derives (never by a client)."""
+    report: OptimizationReport | None = None
+    """The derived version's report (``services.registry.optimize``)."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +203,47 @@ def _check_header(header: UploadHeader, max_artifact_bytes: int) -> None:
     _check_class_labels(header.class_labels)
     check_description(header.description)
     check_labels(header.labels)
+    check_custom_ops(header.custom_ops)
+
+
+def _check_bundle_header(header: UploadHeader, limits: BundleLimits) -> None:
+    """Check a bundle upload's header (TAR: the archive's sha256 and size; BUNDLE: its files).
+
+    Raises:
+        InvalidArgument: A field breaks its rule or a bundle limit (the message names it).
+    """
+    if header.format == "tar":
+        _check_header(header, limits.max_tar_bytes)
+        if header.files:
+            raise InvalidArgument("files must be empty in a TAR upload: the tar's members are the files")
+        return
+    check_announced(header.files, header.size_bytes, limits)
+    digest = manifest_sha256(entry_point_of(header.files, header.entry_point), header.files)
+    if header.sha256 not in ("", digest):
+        raise InvalidArgument(f"sha256 of a BUNDLE upload must be empty or its manifest's sha256 {digest}")
+    _check_header(replace(header, sha256=digest), limits.max_total_bytes)
+
+
+def _wanted_files(record: VersionRecord, paths: Sequence[str]) -> tuple[BundleFile, ...]:
+    """Return the files of ``record`` a download asks for (``paths``; empty: all), in the version's order.
+
+    Raises:
+        InvalidArgument: A path is not a file of the version.
+    """
+    files = record.bundle_files
+    known = {f.path for f in files}
+    for path in paths:
+        if path not in known:
+            raise InvalidArgument(f"paths: model '{record.model}' version {record.version} has no file '{shown(path)}'")
+    return tuple(f for f in files if not paths or f.path in paths)
+
+
+async def _counted(parts: AsyncIterator[bytes | BundleFile]) -> AsyncIterator[bytes | BundleFile]:
+    """Pass a bundle upload's parts on, counting its bytes in ``maas_registry_upload_bytes``."""
+    async for part in parts:
+        if isinstance(part, bytes):
+            UPLOAD_BYTES.inc(len(part))
+        yield part
 
 
 def _check_class_labels(labels: tuple[str, ...]) -> None:
@@ -262,8 +322,10 @@ class ModelStore:
         max_artifact_bytes: int = 2 * 1024**3,
         chunk_bytes: int = 1024**2,
         validator: ArtifactValidator | None = None,
+        bundle_limits: BundleLimits | None = None,
     ) -> None:
         self._redis = redis
+        self._bundle_limits = bundle_limits or BundleLimits()
         self._blobs = blobs
         self._validator = validator or ArtifactValidator()
         self._max_artifact_bytes = max_artifact_bytes
@@ -411,9 +473,10 @@ class ModelStore:
                 pipe.delete(keys.model(name), keys.versions(name), keys.aliases(name))
                 pipe.hdel(keys.DEPLOYMENTS, name)
                 pipe.zrem(keys.MODELS, name)
-                # Statistics of every version ever allocated (a recreated model reuses the numbers).
-                pipe.delete(*(keys.stats(name, version) for version in range(allocated + 1)))
-                deployment, aliases, deleted_keys, _undeployed, is_listed, _stats = await pipe.execute()
+                deployment, aliases, deleted_keys, _undeployed, is_listed = await pipe.execute()
+            # Statistics of every version ever allocated (a recreated model reuses the numbers);
+            # NOTE: outside the MULTI: each version's keys are in their own cluster slot.
+            await self._redis.delete(*(keys.stats(name, version) for version in range(allocated + 1)))
         if not deleted_keys and not is_listed:
             raise _model_not_found(name)
         failed = 0
@@ -427,8 +490,10 @@ class ModelStore:
 
     # Versions
 
-    async def upload_version(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> VersionRecord:
+    async def upload_version(self, header: UploadHeader, chunks: AsyncIterator[bytes | BundleFile]) -> VersionRecord:
         """Store a new version from a stream of chunks, once it matches ``header`` and loads.
+
+        A ``bundle`` upload's stream starts each file with its ``BundleFile``; the others are bytes.
 
         Raises:
             InvalidArgument: The header is invalid, or the artifact does not match it, references
@@ -456,22 +521,65 @@ class ModelStore:
         await self._publish("version_uploaded", record.model, record.version)
         return record
 
-    async def _upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> VersionRecord:
+    async def _upload(self, header: UploadHeader, chunks: AsyncIterator[bytes | BundleFile]) -> VersionRecord:
+        if header.format != "onnx":
+            return await self._upload_bundle(header, chunks)
         _check_header(header, self._max_artifact_bytes)
         await self._sharing.check(header.model, is_write=True)
         await self._require_model(header.model)
         async with self._blobs.upload() as staged:
-            sha256, size_bytes = await self._receive(header, chunks, staged)
+            sha256, size_bytes = await self._receive(header, chunks_only(chunks), staged)
             _check_received(header, sha256, size_bytes)
             path = await staged.finish()
             # NOTE: ONNX Runtime loads untrusted uploads only in a child process with a time and a
             # memory limit (sandbox.py): a hostile model cannot hang or exhaust the registry.
-            signature = await self._validator.validate(path)
+            signature = await self._validator.validate(path, custom_ops=header.custom_ops)
             version = await self._next_version(header.model)
             await staged.commit(header.model, version)
         record = self._version_record(header, version, signature)
         await self._store_version(record)
         return record
+
+    async def _upload_bundle(self, header: UploadHeader, parts: AsyncIterator[bytes | BundleFile]) -> VersionRecord:
+        """Store a bundle: files staged in a directory, validated there, committed with their manifest."""
+        _check_bundle_header(header, self._bundle_limits)
+        await self._sharing.check(header.model, is_write=True)
+        await self._require_model(header.model)
+        async with self._blobs.stage_bundle() as staged:
+            files = tuple(sorted(await self._receive_bundle(header, parts, staged.directory), key=lambda f: f.path))
+            entry = entry_point_of(files, header.entry_point)
+            is_generative = any(f.path == generation.CONFIG_FILE for f in files)
+            signature = await self._validator.validate(
+                staged.directory / entry,
+                custom_ops=header.custom_ops,
+                bundle_root=staged.directory,
+                generative=is_generative,
+            )
+            version = await self._next_version(header.model)
+            await staged.commit(header.model, version, manifest_json(entry, files))
+        record = replace(
+            self._version_record(header, version, signature),
+            sha256=manifest_sha256(entry, files),
+            size_bytes=sum(f.size_bytes for f in files),
+            files=files,
+            entry_point=entry,
+            platform=generation.PLATFORM if is_generative else PLATFORM,
+        )
+        await self._store_version(record)
+        return record
+
+    async def _receive_bundle(
+        self, header: UploadHeader, parts: AsyncIterator[bytes | BundleFile], directory: Path
+    ) -> Sequence[BundleFile]:
+        """Write the bundle's files under ``directory``: streamed as announced, or extracted from a tar."""
+        if header.format == "bundle":
+            await receive_files(header.files, _counted(parts), directory)
+            return header.files
+        async with self._blobs.upload() as staged:
+            sha256, size_bytes = await self._receive(header, chunks_only(parts), staged)
+            _check_received(header, sha256, size_bytes)
+            archive = await staged.finish()
+            return await asyncio.to_thread(extract_tar, archive, directory, self._bundle_limits)
 
     async def _receive(self, header: UploadHeader, chunks: AsyncIterator[bytes], staged: BlobUpload) -> tuple[str, int]:
         """Write ``chunks`` to ``staged``; return their sha256 and total size."""
@@ -505,6 +613,9 @@ class ModelStore:
             description=header.description,
             labels=dict(header.labels),
             pushed_by=_pusher(),
+            custom_ops=check_custom_ops(header.custom_ops),
+            lineage=header.lineage,
+            report=header.report,
         )
 
     async def _require_model(self, name: str) -> None:
@@ -582,25 +693,36 @@ class ModelStore:
             raise _model_not_found(model)
         return sorted((VersionRecord.from_json(raw) for raw in raw_versions), key=lambda r: r.version)
 
-    async def download_version(self, model: str, version: int) -> AsyncGenerator[VersionRecord | bytes, None]:
-        """Yield the version's record (0: the latest), then its artifact in chunks.
+    async def download_version(
+        self, model: str, version: int, paths: Sequence[str] = ()
+    ) -> AsyncGenerator[VersionRecord | BundleFile | bytes, None]:
+        """Yield the version's record (0: the latest), then each file: its ``BundleFile``, then its chunks.
+
+        A single-file version is one file, ``model.onnx``; ``paths`` (empty: all) selects files.
 
         Raises:
-            InvalidArgument: The name or version is invalid.
+            InvalidArgument: The name or version is invalid, or a path is not a file of the version.
             NotFound: No such model, version or artifact.
             FailedPrecondition: The stored artifact does not match the version's sha256 or size
                 (raised instead of its last chunk, so a corrupted artifact is never served whole).
             Unavailable: Redis or the blob store cannot be reached.
         """
         record = await self.get_version(model, version)
+        wanted = _wanted_files(record, paths)
         yield record
-        what = f"model '{model}' version {record.version}"
-        stored = self._blobs.read(model, record.version, self._chunk_bytes)
-        checked = verified_chunks(stored, record.sha256, record.size_bytes, what)
-        async with aclosing(stored), aclosing(checked) as chunks:
-            async for chunk in chunks:
-                DOWNLOAD_BYTES.inc(len(chunk))
-                yield chunk
+        for file in wanted:
+            yield file
+            what = f"model '{model}' version {record.version}"
+            if record.is_bundle:
+                what = f"file '{file.path}' of {what}"
+                stored = self._blobs.read_file(model, record.version, file.path, self._chunk_bytes)
+            else:
+                stored = self._blobs.read(model, record.version, self._chunk_bytes)
+            checked = verified_chunks(stored, file.sha256, file.size_bytes, what)
+            async with aclosing(stored), aclosing(checked) as chunks:
+                async for chunk in chunks:
+                    DOWNLOAD_BYTES.inc(len(chunk))
+                    yield chunk
 
     # Sharing
 
@@ -745,8 +867,11 @@ class ModelStore:
     async def _fail_page(self, key: str, message: str) -> tuple[bool, int]:
         """Fail up to one page of the queue; delete the queue with the last page.
 
-        WATCH makes the replies and the deletion one transaction with the read, so a request
-        enqueued meanwhile is never deleted unanswered: the page is read again instead.
+        WATCH makes the deletion one transaction with the read, so a request enqueued meanwhile
+        is never deleted unanswered: the page is read again instead. The replies go out after
+        the transaction (NOTE: each reply stream is its own Redis Cluster slot, which a MULTI on
+        the queue cannot span); a registry that dies in between leaves those callers to their
+        deadline, as any call ends.
 
         Returns:
             Whether the queue is gone, and how many requests were answered.
@@ -757,10 +882,6 @@ class ModelStore:
             entries = cast(list[_Entry], await pipe.xrange(key, count=_FAIL_PAGE))
             requests = _waiting_requests(entries)
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-            for request in requests:
-                fields: dict[Any, Any] = Reply(id=request.id, code=code, message=message).to_fields()
-                # NOMKSTREAM: a gateway that is gone must not get its reply stream recreated.
-                pipe.xadd(request.reply_to, fields, nomkstream=True)
             is_last = len(entries) < _FAIL_PAGE
             if is_last:
                 pipe.delete(key)
@@ -770,6 +891,13 @@ class ModelStore:
                 await pipe.execute()
             except redis.exceptions.WatchError:
                 return False, 0
+        if requests:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for request in requests:
+                    fields: dict[Any, Any] = Reply(id=request.id, code=code, message=message).to_fields()
+                    # NOMKSTREAM: a gateway that is gone must not get its reply stream recreated.
+                    pipe.xadd(request.reply_to, fields, nomkstream=True)
+                await pipe.execute(raise_on_error=False)
         return is_last, len(requests)
 
     async def _publish(self, kind: str, model: str, version: int = 0) -> None:

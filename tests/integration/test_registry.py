@@ -368,9 +368,11 @@ async def test_download_round_trip(stub: Stub) -> None:
 
     assert parts[0].WhichOneof("part") == "version"
     assert parts[0].version == uploaded
-    assert all(p.WhichOneof("part") == "chunk" for p in parts[1:])
-    assert [len(p.chunk) for p in parts[1:-1]] == [DOWNLOAD_CHUNK_BYTES] * (len(parts) - 2)
-    assert b"".join(p.chunk for p in parts[1:]) == AFFINE
+    # A single-file version is a one-file bundle: its file message, then its chunks.
+    assert parts[1].file == registry_pb2.BundleFile(path="model.onnx", size_bytes=len(AFFINE), sha256=uploaded.sha256)
+    assert all(p.WhichOneof("part") == "chunk" for p in parts[2:])
+    assert [len(p.chunk) for p in parts[2:-1]] == [DOWNLOAD_CHUNK_BYTES] * (len(parts) - 3)
+    assert b"".join(p.chunk for p in parts[2:]) == AFFINE
 
 
 @pytest.mark.parametrize(

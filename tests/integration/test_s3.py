@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.metadata
 import json
 import secrets
@@ -265,3 +266,32 @@ async def test_s3_store_refuses_to_start_without_its_bucket(
 def test_s3_settings_need_a_bucket() -> None:
     with pytest.raises(ValueError, match=r"s3_bucket \(MAAS_REGISTRY_S3_BUCKET\) is required when blob_store is 's3'"):
         RegistrySettings(blob_store="s3")
+
+
+async def test_s3_bundle_is_stored_as_objects_with_a_manifest(
+    s3_server: S3Server, redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model.onnx").write_bytes(affine_model())
+    (bundle / "extra").mkdir()
+    (bundle / "extra" / "vocab.txt").write_text("a\nb\n")
+    async with s3_suite(redis_server, tmp_path, s3_server) as suite:
+        await suite.registry.create_model("b")
+        version = await suite.registry.upload_bundle("b", bundle)
+        await suite.registry.deploy("b", version.version)
+        assert suite.worker is not None
+        await suite.worker.reconcile()  # the worker downloads every file through the registry
+        assert suite.worker.served_models == ["b:1"]
+        manifest = f"{PREFIX}b/1.manifest.json"
+        assert await objects(s3_server, f"{PREFIX}b/") == {
+            f"{PREFIX}b/1/model.onnx": len(affine_model()), f"{PREFIX}b/1/extra/vocab.txt": 4,
+            manifest: (await objects(s3_server, manifest))[manifest],
+        }  # fmt: skip
+        body = await asyncio.to_thread(s3_server.client().get_object, Bucket="maas", Key=manifest)
+        assert hashlib.sha256(body["Body"].read()).hexdigest() == version.sha256
+
+        await suite.registry.undeploy("b")
+        await suite.registry.delete_version("b", version.version)
+
+        assert await objects(s3_server, f"{PREFIX}b/") == {}
