@@ -24,8 +24,10 @@ from rich.live import Live
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from services.cli import convert
+from services.cli import conversion as conversion_cli
+from services.cli import convert, optimize_view
 from services.cli import status as cluster_view
+from services.cli import tune as tune_cli
 from services.cli.examples import affine_model
 from services.cli.supervisor import Supervisor, UpOptions
 from services.client import MaasClient
@@ -33,8 +35,10 @@ from services.common.auth import TenantQuota, TenantRecord, bearer
 from services.common.errors import MaasError, PermissionDenied
 from services.common.logging import configure_logging
 from services.common.metadata import ModelRecord, Split, VersionRecord, parse_class_labels
+from services.common.optimization import OperationRecord
 from services.common.redis_acl import redact_url
 from services.common.registry_client import ProgressCallback
+from services.common.status import ClusterStatus
 from services.common.tls import CertificateFiles, TlsConfigError, channel_credentials
 from services.common.usage import TenantUsage
 
@@ -125,6 +129,14 @@ def _given(**options: Any) -> dict[str, Any]:
 Port = Annotated[int | None, typer.Option(help="gRPC port (0 picks a free one).")]
 Host = Annotated[str | None, typer.Option(help="Address to bind.")]
 RedisUrl = Annotated[str | None, typer.Option(help="Redis URL (default: MAAS_REDIS_URL).")]
+RedisClusterFlag = Annotated[
+    bool | None,
+    typer.Option(
+        "--redis-cluster/--no-redis-cluster",
+        help="Redis Cluster mode: --redis-url names any node (default: MAAS_REDIS_CLUSTER).",
+        show_default=False,
+    ),
+]
 LogJson = Annotated[bool | None, typer.Option("--log-json/--log-console", help="Log format.")]
 MetricsPort = Annotated[int | None, typer.Option(help="Prometheus metrics port (0 picks one).")]
 
@@ -153,35 +165,35 @@ def _serve(service: str, **flags: Any) -> None:
 @registry_app.command("serve")
 def registry_serve(
     port: Port = None, host: Host = None, redis_url: RedisUrl = None, log_json: LogJson = None,
-    metrics_port: MetricsPort = None,
+    metrics_port: MetricsPort = None, redis_cluster: RedisClusterFlag = None,
     data_dir: Annotated[Path | None, typer.Option(help="Blob store directory.")] = None,
 ) -> None:  # fmt: skip
     """Run the registry (models, versions, deployments)."""
-    _serve("registry", port=port, host=host, redis_url=redis_url, log_json=log_json,
+    _serve("registry", port=port, host=host, redis_url=redis_url, redis_cluster=redis_cluster, log_json=log_json,
            metrics_port=metrics_port, data_dir=data_dir)  # fmt: skip
 
 
 @gateway_app.command("serve")
 def gateway_serve(
     port: Port = None, host: Host = None, redis_url: RedisUrl = None, log_json: LogJson = None,
-    metrics_port: MetricsPort = None,
+    metrics_port: MetricsPort = None, redis_cluster: RedisClusterFlag = None,
     registry_address: Annotated[str | None, typer.Option(help="host:port of the registry.")] = None,
 ) -> None:  # fmt: skip
     """Run a gateway (the public KServe v2 gRPC endpoint)."""
-    _serve("gateway", port=port, host=host, redis_url=redis_url, log_json=log_json,
+    _serve("gateway", port=port, host=host, redis_url=redis_url, redis_cluster=redis_cluster, log_json=log_json,
            metrics_port=metrics_port, registry_address=registry_address)  # fmt: skip
 
 
 @inference_app.command("serve")
 def inference_serve(
     port: Port = None, host: Host = None, redis_url: RedisUrl = None, log_json: LogJson = None,
-    metrics_port: MetricsPort = None,
+    metrics_port: MetricsPort = None, redis_cluster: RedisClusterFlag = None,
     registry_address: Annotated[str | None, typer.Option(help="host:port of the registry.")] = None,
     pool: Annotated[str | None, typer.Option(help="Worker pool whose deployments to serve.")] = None,
     providers: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
 ) -> None:  # fmt: skip
     """Run an inference worker (pulls batches from Redis, runs ONNX Runtime)."""
-    _serve("inference", port=port, host=host, redis_url=redis_url, log_json=log_json,
+    _serve("inference", port=port, host=host, redis_url=redis_url, redis_cluster=redis_cluster, log_json=log_json,
            metrics_port=metrics_port, registry_address=registry_address, pool=pool,
            providers=providers)  # fmt: skip
 
@@ -195,6 +207,12 @@ def up(
     redis_url: Annotated[
         str | None, typer.Option(envvar="MAAS_REDIS_URL", help="Use this Redis instead of the embedded one.")
     ] = None,
+    redis_cluster: Annotated[
+        bool,
+        typer.Option(
+            envvar="MAAS_REDIS_CLUSTER", help="--redis-url names a node of a Redis Cluster (needs --redis-url)."
+        ),
+    ] = False,
     log_json: LogJson = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     access_log_sample: Annotated[
@@ -210,7 +228,8 @@ def up(
         log.warning("auth_disabled", hint="--no-auth: every caller may call, upload, deploy or delete anything")
     options = UpOptions(
         data_dir=data_dir.resolve(), workers=workers, gateway_port=gateway_port, registry_port=registry_port,
-        redis_url=redis_url, log_json=bool(log_json), log_level=log_level, access_log_sample=access_log_sample,
+        redis_url=redis_url, redis_cluster=redis_cluster, log_json=bool(log_json), log_level=log_level,
+        access_log_sample=access_log_sample,
         tls=tls, mtls=mtls, auth=not no_auth,
     )  # fmt: skip
     supervisor = Supervisor(options)
@@ -321,7 +340,10 @@ def _version_notes(version: VersionRecord) -> str:
 
 @models_app.command("push")
 def models_push(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The .onnx file.")],
+    file: Annotated[
+        Path,
+        typer.Argument(exists=True, help="The .onnx file, a bundle directory (DIR/) or a bundle's .tar archive."),
+    ],
     name: Annotated[str, typer.Option("--name", "-n", help="Model name.")],
     description: Annotated[
         str, typer.Option(help="The version's description (also the model's when this push creates it).")
@@ -335,15 +357,24 @@ def models_push(
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="Class labels for class_count: line i names class index i."),
     ] = None,
+    custom_ops: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--custom-ops", help="Custom-operator library the model needs (repeat); only onnxruntime-extensions."
+        ),
+    ] = None,
+    entry: Annotated[
+        str, typer.Option("--entry", help="Bundle: the .onnx file to load (default: the only .onnx at the top).")
+    ] = "",
 ) -> None:
-    """Upload FILE as a new version of model NAME (created if needed) and deploy it."""
+    """Upload FILE (an .onnx file, a bundle DIR/ or a .tar) as a new version of model NAME and deploy it."""
     class_labels = () if labels is None else _read_labels(labels)
     version_labels = _label_map(label, "--label")
     with _client() as client:
-        with _transfer_bar("uploading", file.name, file.stat().st_size) as progress:
+        with _transfer_bar("uploading", file.name, _size_of(file)) as progress:
             version = client.push(
                 name, file, description=description, progress=progress, class_labels=class_labels,
-                labels=version_labels,
+                labels=version_labels, custom_ops=custom_ops or (), entry_point=entry,
             )  # fmt: skip
         size, sha = version.size_bytes, version.sha256[:12]
         out.print(f"pushed model '{name}' version {version.version} ({size} bytes, sha256 {sha}){_labels(version)}")
@@ -351,6 +382,13 @@ def models_push(
             settings = _given(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, pool=pool)
             dep = client.deploy(name, version.version, **settings)
             out.print(f"deployed '{name}' version {dep.version} on pool {dep.pool}")
+
+
+def _size_of(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory (a bundle)."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 @contextmanager
@@ -366,10 +404,12 @@ def _transfer_bar(verb: str, name: str, total: int | None) -> Iterator[ProgressC
 @models_app.command("pull")
 def models_pull(
     name: Annotated[str, typer.Argument(help="Model name.")],
-    output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Where to write the .onnx file.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write the .onnx file (a bundle: its directory).")
+    ],
     version: Annotated[int, typer.Option(help="Version to download (0: the latest).")] = 0,
 ) -> None:
-    """Download a version's .onnx file (streamed to disk, sha256-checked, with a progress bar)."""
+    """Download a version's .onnx file, or a bundle's files into a directory (streamed, sha256-checked)."""
     with _client() as client, _transfer_bar("downloading", f"{name} v{version or 'latest'}", None) as progress:
         record = client.pull(name, output, version=version, progress=progress)
     out.print(f"pulled model '{name}' version {record.version} to {output} ({record.size_bytes} bytes, sha256 ok)")
@@ -406,12 +446,17 @@ def models_ls(
 
 
 @models_app.command("show")
-def models_show(name: Annotated[str, typer.Argument(help="Model name.")], as_json: JsonFlag = False) -> None:
-    """Show a model, its versions and their signatures, descriptions, labels and who pushed them."""
+def models_show(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int | None, typer.Option(help="Only this version (with its lineage and report).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a model, its versions and their signatures, labels, who pushed them, lineage and reports."""
     with _client() as client:
         model = client.get_model(name)
+        versions = client.list_versions(name) if version is None else [client.get_version(name, version)]
         if as_json:
-            _print_json(asdict(model) | {"versions": [asdict(v) for v in client.list_versions(name)]})
+            _print_json(asdict(model) | {"versions": [asdict(v) for v in versions]})
             return
         out.print(f"[bold]{model.name}[/] {model.description}  deployment: {_describe(model)}")
         out.print(f"  aliases: {_aliases(model)}")
@@ -419,11 +464,74 @@ def models_show(name: Annotated[str, typer.Argument(help="Model name.")], as_jso
         if model.deployment is not None and model.deployment.previous_traffic:
             previous = _split_text(model.deployment.previous_traffic)
             out.print(f"  rollback to: {previous}")
-        for v in client.list_versions(name):
+        for v in versions:
             sig = ", ".join(f"{t.name}:{t.datatype}{list(t.shape)}" for t in v.inputs)
             outs = ", ".join(f"{t.name}:{t.datatype}{list(t.shape)}" for t in v.outputs)
             out.print(f"  v{v.version}  {v.size_bytes} bytes  sha256 {v.sha256[:12]}  ({sig}) -> ({outs}){_labels(v)}")
             out.print(f"      {_version_notes(v)}", markup=False, highlight=False)
+            if v.lineage is not None:
+                out.print(f"      {optimize_view.lineage_text(v.lineage)}", markup=False, highlight=False)
+            if v.report is not None:
+                out.print(optimize_view.reports_table([v.report], title=f"v{v.version} report"))
+
+
+@models_app.command("optimize")
+def models_optimize(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Option(help="Source version (0: the latest).")] = 0,
+    transform: Annotated[str, typer.Option(help="graph, int8-dynamic, int8-static or fp16.")] = "",
+    max_abs_diff: Annotated[float | None, typer.Option(help="Largest output difference allowed.")] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help=".npz: one array per input (rows).")
+    ] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Try the transforms for --device, keep the fastest.")] = False,
+    device: Annotated[str, typer.Option(help="cpu or gpu: what the variant is for.")] = "cpu",
+    option: Annotated[list[str] | None, typer.Option("--option", help="Transform option K=V (repeat).")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the operation id and return.")] = False,
+) -> None:
+    """Derive a faster or smaller variant of a version as a new version (a registry operation)."""
+    with _client() as client:
+        operation = client.optimize(
+            name, version, transform, auto=auto, device=device, max_abs_diff=max_abs_diff,
+            options=_label_map(option, "--option"), calibration=calibration,
+        )  # fmt: skip
+        out.print(f"operation {operation.id} started", markup=False, highlight=False)
+        if not no_wait:
+            _follow_operation(client, operation.id)
+
+
+@models_app.command("operation")
+def models_operation(
+    operation_id: Annotated[str, typer.Argument(help="The operation id (from `maas models optimize`).")],
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it until it ends.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show an optimisation operation: state, progress, report table, new version or error."""
+    with _client() as client:
+        if wait:
+            _follow_operation(client, operation_id)
+            return
+        operation = client.get_operation(operation_id)
+        if as_json:
+            _print_json(asdict(operation))
+            return
+        out.print(optimize_view.operation_text(operation), markup=False, highlight=False)
+        if operation.reports:
+            out.print(optimize_view.reports_table(operation.reports))
+
+
+def _follow_operation(client: MaasClient, operation_id: str) -> None:
+    """Print an operation's progress until it ends, then its report table; exit 1 if it FAILED."""
+
+    def progress(operation: OperationRecord) -> None:
+        out.print(f"  {operation.progress_percent:3d}% {operation.progress_message}", markup=False, highlight=False)
+
+    operation = client.wait_operation(operation_id, progress)
+    out.print(optimize_view.operation_text(operation), markup=False, highlight=False)
+    if operation.reports:
+        out.print(optimize_view.reports_table(operation.reports))
+    if operation.error_code:
+        raise typer.Exit(1)
 
 
 def _ownership(model: ModelRecord) -> str:
@@ -595,10 +703,11 @@ def status(as_json: JsonFlag = False) -> None:
             ready = client.model_ready(model.name, timeout_s=5)
             states.append({"model": model.name, "deployment": _jsonable(model.deployment), "ready": ready})
             table.add_row(model.name, _describe(model), "[green]yes[/]" if ready else "[red]no[/]")
-        try:
-            report, cluster = client.tenant_report(), client.cluster_status()
-        except PermissionDenied:
-            report, cluster = None, None
+        report: list[tuple[TenantRecord, TenantUsage]] | None = None
+        cluster: ClusterStatus | None = None
+        with contextlib.suppress(PermissionDenied):  # a tenant admin sees its tenant's usage, not the cluster
+            report = client.tenant_report()
+            cluster = client.cluster_status()
     if as_json:
         tenants = None if report is None else [asdict(tenant) | {"usage": asdict(used)} for tenant, used in report]
         _print_json({"models": states, "tenants": tenants} | (cluster_view.to_json(cluster) if cluster else {}))
@@ -607,7 +716,7 @@ def status(as_json: JsonFlag = False) -> None:
     if cluster is not None:
         cluster_view.print_view(out, cluster)
     if report is None:
-        out.print("tenants: usage needs a key with the admin scope")
+        out.print("tenants: usage needs a key with the admin scope (workers and queues: a 'system' admin key)")
     elif report:
         out.print(_tenant_table(report, with_description=False))
 
@@ -651,7 +760,11 @@ def redis_acl_rules(
         Path, typer.Option(help="user=password lines; created with new random passwords (mode 0600) if missing.")
     ] = Path("redis-passwords.env"),
 ) -> None:
-    """Print the Redis users of the gateway, worker, registry and monitor roles (passwords hashed)."""
+    """Print the Redis users of the gateway, worker, registry and monitor roles (passwords hashed).
+
+    Single Redis (or Sentinel) only: on a Redis Cluster (--redis-cluster) the roles lack the
+    CLUSTER and COMMAND commands the cluster client needs; use the cluster's own users there.
+    """
     from services.common import redis_acl
 
     if output_format not in ("file", "commands"):
@@ -673,8 +786,16 @@ def redis_acl_rules(
 
 
 # `maas keys` and `maas tenants`: identities (admin scope; services/registry/identities.py).
-keys_app = typer.Typer(help="API keys (admin scope).", no_args_is_help=True)
-tenants_app = typer.Typer(help="Tenants (admin scope).", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="API keys (admin scope). A tenant's admin key manages its own tenant's keys only; "
+    "the 'system' tenant's admin key (`maas up`'s) manages every tenant's.",
+    no_args_is_help=True,
+)
+tenants_app = typer.Typer(
+    help="Tenants (admin scope). `create` and `set-quota` need the 'system' tenant's admin key; "
+    "a tenant's admin key lists only its own tenant.",
+    no_args_is_help=True,
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(tenants_app, name="tenants")
 
@@ -705,7 +826,10 @@ def keys_create(
     ] = None,
     expires_in: Annotated[str | None, typer.Option(help="Lifetime, e.g. 12h or 30d (default: never).")] = None,
 ) -> None:
-    """Create an API key and print it (shown only this once)."""
+    """Create an API key and print it (shown only this once).
+
+    A tenant's admin key creates keys of its own tenant only, with no scope or model pattern it lacks.
+    """
     expires_at_ms = _expires_at_ms(expires_in)
     with _client() as client:
         record, key = client.create_api_key(tenant, name, scope, models=models or (), expires_at_ms=expires_at_ms)
@@ -722,7 +846,7 @@ def keys_create(
 def keys_ls(
     tenant: Annotated[str, typer.Option(help="Only this tenant's keys.")] = "", as_json: JsonFlag = False
 ) -> None:
-    """List API keys (never their secrets)."""
+    """List API keys (never their secrets); a tenant's admin key lists its own tenant's."""
     with _client() as client:
         records = client.list_api_keys(tenant)
     if as_json:
@@ -740,7 +864,10 @@ def keys_ls(
 def keys_revoke(
     key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id (see `maas keys ls`).")],
 ) -> None:
-    """Revoke an API key: every gateway and registry refuses it within about a second."""
+    """Revoke an API key: every gateway and registry refuses it within about a second.
+
+    A tenant's admin key revokes its own tenant's keys only (another tenant's id is 'not found').
+    """
     with _client() as client:
         record = client.revoke_api_key(key_id)
     out.print(f"revoked key '{record.name}' (id {record.id}) of tenant '{record.tenant}'")
@@ -751,7 +878,7 @@ def tenants_create(
     name: Annotated[str, typer.Argument(help="Tenant name.")],
     description: Annotated[str, typer.Option(help="Free text.")] = "",
 ) -> None:
-    """Create a tenant."""
+    """Create a tenant (the 'system' tenant's admin key only)."""
     with _client() as client:
         tenant = client.create_tenant(name, description)
     out.print(f"created tenant '{tenant.name}'")
@@ -759,7 +886,7 @@ def tenants_create(
 
 @tenants_app.command("ls")
 def tenants_ls() -> None:
-    """List the tenants with their quotas and usage."""
+    """List the tenants with their quotas and usage (a tenant's admin key: its own tenant)."""
     with _client() as client:
         report = client.tenant_report()
     out.print(_tenant_table(report, with_description=True))
@@ -791,7 +918,10 @@ def tenants_set_quota(
     burst: Annotated[int | None, typer.Option(help="Calls admitted at once (default: rps rounded up).")] = None,
     max_in_flight: Annotated[int, typer.Option(help="Calls in flight at once, all gateways (0: no cap).")] = 0,
 ) -> None:
-    """Set a tenant's quota at every gateway (admin scope); calls over it get RESOURCE_EXHAUSTED."""
+    """Set a tenant's quota at every gateway; calls over it get RESOURCE_EXHAUSTED.
+
+    Needs the 'system' tenant's admin key: a tenant's admin key cannot raise its own quota.
+    """
     with _client() as client:
         burst = burst if burst is not None else math.ceil(rps)
         tenant = client.set_tenant_quota(name, rps=rps, burst=burst, max_in_flight=max_in_flight)
@@ -857,6 +987,11 @@ def events(
 
 def _when_ms(at_ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at_ms / 1000)) + f".{at_ms % 1000:03d} UTC"
+
+
+# `maas models convert` and `maas tune` (issue 9): services/cli/conversion.py, services/cli/tune.py.
+conversion_cli.register(models_app, _client, out, err)
+tune_cli.register(app, _client, out, err)
 
 
 def main() -> None:

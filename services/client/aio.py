@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
 import grpc
+import numpy as np
 import numpy.typing as npt
 
 from inference import grpc_service_pb2_grpc
-from services.client import convert
+from services.client import conversion, convert, tuning
 from services.client.results import InferResult, ModelMetadata
 from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
 from services.common.errors import AlreadyExists
 from services.common.events import Event
 from services.common.metadata import DeploymentRecord, ModelRecord, VersionRecord
+from services.common.optimization import OperationRecord
 from services.common.registry_client import (
     MetadataSource,
     ProgressCallback,
@@ -29,6 +32,9 @@ from services.common.registry_client import (
 )
 from services.common.status import ClusterStatus
 from services.common.usage import TenantUsage
+
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+"""A pushed file with one of these names is a bundle's tar archive (``upload_tar``)."""
 
 
 class DeploySettings(TypedDict, total=False):
@@ -169,6 +175,8 @@ class AsyncMaasClient:
         progress: ProgressCallback | None = None,
         class_labels: Sequence[str] = (),
         labels: Mapping[str, str] | None = None,
+        custom_ops: Sequence[str] = (),
+        entry_point: str = "",
     ) -> VersionRecord:
         """Upload an ONNX model as a new version of ``name``, creating the model if it does not exist.
 
@@ -176,12 +184,17 @@ class AsyncMaasClient:
 
         Args:
             name: The model's name.
-            artifact: The .onnx bytes, or the path of a file (streamed, never read whole into memory).
+            artifact: The .onnx bytes, or the path of a file (streamed, never read whole into memory);
+                a directory is pushed as a bundle (every file in it), a ``.tar`` (``.tar.gz``,
+                ``.tgz``) file as a bundle that the registry extracts.
             description: The version's description, and the model's when this call creates it.
             progress: Called as ``progress(sent_bytes, total_bytes)`` as chunks are sent (on the
                 event loop; on the client's loop thread for ``MaasClient``).
             class_labels: Labels of the classification extension, by class index (``class_count``).
             labels: The version's labels (keys follow the name rule; values up to 256 characters).
+            custom_ops: Custom-operator libraries the model needs: ``["onnxruntime-extensions"]`` for
+                a model with its operators (tokenizers, string ops); nothing else is accepted.
+            entry_point: A bundle's .onnx file to load; empty: its only .onnx file at the top level.
 
         Returns:
             The new version (its number is ``.version``; ``pushed_by`` names the API key).
@@ -194,9 +207,86 @@ class AsyncMaasClient:
         with contextlib.suppress(AlreadyExists):
             await self._registry.create_model(name, description or "")
         data = artifact if isinstance(artifact, bytes) else Path(artifact)
+        is_dir = isinstance(data, Path) and await asyncio.to_thread(data.is_dir)
+        if isinstance(data, Path) and (is_dir or data.name.endswith(_TAR_SUFFIXES)):
+            upload = self._registry.upload_bundle if is_dir else self._registry.upload_tar
+            return await upload(
+                name, data, entry_point=entry_point, progress=progress, class_labels=class_labels,
+                description=description or "", labels=labels, custom_ops=custom_ops,
+            )  # fmt: skip
         return await self._registry.upload_version(
-            name, data, progress=progress, class_labels=class_labels, description=description or "", labels=labels
+            name, data, progress=progress, class_labels=class_labels, description=description or "", labels=labels,
+            custom_ops=custom_ops,
+        )  # fmt: skip
+
+    async def convert_and_push(
+        self,
+        name: str,
+        estimator: Any,
+        *,
+        sample: npt.ArrayLike | None = None,
+        n_features: int | None = None,
+        tolerance: float = conversion.DEFAULT_TOLERANCE,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> tuple[VersionRecord, conversion.Conversion]:
+        """Convert a fitted scikit-learn estimator to ONNX here, check it on sample rows, then ``push`` it.
+
+        Needs ``pip install 'maas[convert]'``. A classifier's ``classes_`` become the version's class labels.
+
+        Args:
+            name: The model.
+            estimator: A fitted estimator or pipeline (an object; ``conversion.load_estimator`` reads files).
+            sample: Rows [n, features] to type the input and check the outputs on; None: random rows.
+            n_features: The input width when there is no sample and the estimator does not tell it.
+            tolerance: Allowed |onnx - estimator| per value: ``tolerance + tolerance * |estimator|``.
+            description: The version's description.
+            labels: The version's labels.
+            progress: As for ``push``.
+
+        Returns:
+            The new version and the conversion (its checks).
+
+        Raises:
+            FailedPrecondition: An output differs over the tolerance (nothing is pushed), or the extra is missing.
+            InvalidArgument: skl2onnx cannot convert the estimator, or the sample cannot be used.
+        """
+        rows = None if sample is None else np.asarray(sample)
+        converted = await asyncio.to_thread(
+            conversion.convert_estimator, estimator, rows, n_features=n_features, tolerance=tolerance
         )
+        version = await self.push(
+            name, converted.model, description=description, progress=progress,
+            class_labels=converted.class_labels, labels=labels,
+        )  # fmt: skip
+        return version, converted
+
+    async def tune(
+        self,
+        model: str,
+        grid: Sequence[tuning.TuneSetting],
+        *,
+        p99_budget_ms: float,
+        inputs: Mapping[str, npt.NDArray[Any]] | None = None,
+        options: tuning.TuneOptions | None = None,
+        apply: bool = False,
+        is_stopped: tuning.StopCheck = lambda: False,
+        on_result: Callable[[tuning.TuneResult], None] = lambda result: None,
+    ) -> tuning.TuneReport:
+        """Measure a deployed model under load at each setting and recommend one (``services.client.tuning``).
+
+        The original deployment is put back at the end, even after an error, unless ``apply``
+        deploys the recommendation. Build ``grid`` with ``tuning.settings_grid``.
+
+        Raises:
+            FailedPrecondition: The model is not deployed.
+            InvalidArgument: An option or setting is out of range.
+        """
+        return await tuning.tune(
+            self, model, grid, p99_budget_ms=p99_budget_ms, inputs=inputs, options=options, apply=apply,
+            is_stopped=is_stopped, on_result=on_result,
+        )  # fmt: skip
 
     async def deploy(
         self,
@@ -340,16 +430,22 @@ class AsyncMaasClient:
     ) -> VersionRecord:
         """Download a version's .onnx file (0: the latest) to ``dest``, streamed and sha256-checked.
 
+        A bundle version is written into the directory ``dest``, each file checked; files already
+        there with the right sha256 are not downloaded again.
+
         Args:
             name: The model.
-            dest: Where to write it; it appears only whole and verified.
+            dest: Where to write it (a bundle: its directory); it appears only whole and verified.
             version: The version; 0 is the latest.
             progress: Called as ``progress(received_bytes, total_bytes)`` as chunks arrive.
 
         Returns:
             The version downloaded.
         """
-        return await self._registry.download_version(name, version, Path(dest), progress=progress)
+        record = await self._registry.get_version(name, version)
+        if record.is_bundle:
+            return await self._registry.download_bundle(name, record.version, Path(dest), progress=progress)
+        return await self._registry.download_version(name, record.version, Path(dest), progress=progress)
 
     async def delete_model(self, name: str, *, force: bool | None = None) -> None:
         """Delete a model with all its versions and its deployment.
@@ -456,3 +552,69 @@ class AsyncMaasClient:
     async def revoke_api_key(self, key_id: str) -> ApiKeyRecord:
         """Revoke an API key by id (``admin`` scope); every server refuses it within about a second."""
         return await self._registry.revoke_api_key(key_id)
+
+    async def optimize(
+        self,
+        name: str,
+        version: int = 0,
+        transform: str = "",
+        *,
+        auto: bool = False,
+        device: str = "",
+        max_abs_diff: float | None = None,
+        options: Mapping[str, str] | None = None,
+        calibration: bytes | str | os.PathLike[str] | None = None,
+    ) -> OperationRecord:
+        """Start deriving a faster or smaller variant of a version; return the operation (PENDING).
+
+        Wait for it with ``wait_operation``; the variant becomes a new version with its lineage
+        and report (``get_version``).
+
+        Args:
+            name: The model.
+            version: The source version (0: the latest).
+            transform: ``graph``, ``int8-dynamic``, ``int8-static`` or ``fp16`` (empty with ``auto``).
+            auto: Try every transform that suits ``device`` and keep the fastest within ``max_abs_diff``.
+            device: ``cpu`` (default) or ``gpu``.
+            max_abs_diff: Largest absolute difference allowed on any output element (None: no limit).
+            options: Transform options, e.g. ``{"per_channel": "true"}``.
+            calibration: A .npz (bytes or a path) with one array per input: comparison and calibration rows.
+
+        Raises:
+            InvalidArgument: A bad transform, option, device or tolerance (named in the message).
+            NotFound: No such model or version.
+        """
+        npz = b""
+        if isinstance(calibration, bytes):
+            npz = calibration
+        elif calibration is not None:
+            npz = await asyncio.to_thread(Path(calibration).read_bytes)
+        return await self._registry.optimize_version(
+            name, version, transform, is_auto=auto, device=device, max_abs_diff=max_abs_diff, options=options,
+            calibration_npz=npz,
+        )  # fmt: skip
+
+    async def get_operation(self, operation_id: str) -> OperationRecord:
+        """Return an optimisation operation (NotFound: unknown, expired, or of a model the key may not see)."""
+        return await self._registry.get_operation(operation_id)
+
+    def watch_operation(self, operation_id: str) -> AsyncGenerator[OperationRecord, None]:
+        """Iterate over an operation now and at each change, until it ends."""
+        return self._registry.watch_operation(operation_id)
+
+    async def wait_operation(
+        self, operation_id: str, progress: Callable[[OperationRecord], None] | None = None
+    ) -> OperationRecord:
+        """Wait for an operation to end and return it (SUCCEEDED or FAILED: check ``state``).
+
+        Args:
+            operation_id: The operation.
+            progress: Called with the operation at each change.
+        """
+        async with contextlib.aclosing(self._registry.watch_operation(operation_id)) as updates:
+            async for operation in updates:
+                if progress is not None:
+                    progress(operation)
+                if operation.is_done:
+                    return operation
+        return await self._registry.get_operation(operation_id)
