@@ -42,6 +42,8 @@ class UpOptions:
     gateway_port: int = 8001
     registry_port: int = 8002
     redis_url: str | None = None
+    redis_cluster: bool = False
+    """``redis_url`` names a node of an external Redis Cluster (the embedded Redis is one instance)."""
     redis_port: int = 0
     log_json: bool = False
     log_level: str = "info"
@@ -179,7 +181,8 @@ class Supervisor:
 
     def _common_env(self) -> dict[str, str]:
         opts = self.options
-        return {"MAAS_REDIS_URL": self.redis_url, "PYTHONUNBUFFERED": "1"} | {
+        cluster = "1" if opts.redis_cluster else "0"
+        return {"MAAS_REDIS_URL": self.redis_url, "MAAS_REDIS_CLUSTER": cluster, "PYTHONUNBUFFERED": "1"} | {
             f"MAAS_{svc}_{key}": value
             for svc in ("REGISTRY", "GATEWAY", "INFERENCE")
             for key, value in (
@@ -234,6 +237,10 @@ class Supervisor:
             The endpoints, also written to ``<data_dir>/run/endpoints.json``.
         """
         opts = self.options
+        if opts.redis_cluster and not opts.redis_url:
+            raise RuntimeError(
+                "--redis-cluster needs --redis-url (a node of the cluster): the embedded Redis is one instance"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if opts.tls or opts.mtls:
             self.certs = make_certificates(opts.data_dir / "tls", hosts=[opts.host])

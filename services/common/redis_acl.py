@@ -6,15 +6,19 @@ channels (MaaS uses none). The same rules render as ``ACL SETUSER`` arguments (f
 Redis) and as ``users.acl`` lines (``aclfile``); passwords appear only as SHA-256 (``#<hex>``).
 
 - ``gateway``: the enqueue script (EVAL: XLEN + XADD on a queue, and the tenant quota: TIME,
-  HMGET/HSET/PEXPIRE on its token bucket, ZREMRANGEBYSCORE/ZCARD/ZADD on its in-flight set),
+  HMGET/HSET/PEXPIRE on its token bucket, ZREMRANGEBYSCORE/ZCARD/ZADD on its in-flight set;
+  on a Redis Cluster the give-back script's EXISTS + HINCRBYFLOAT),
   in-flight releases (ZREM), tenant records (HGET) and usage (HINCRBY), its own reply stream,
+  generations' cancel flags (SET),
   statistics (HINCRBY, the max script, HGETALL), heartbeats (SCAN + GET) and registry events.
 - ``worker``: its queues (consumer group, XREADGROUP, claims, XACK + XDEL in a MULTI with the
-  reply XADDs and statistics HINCRBYs), dead-letter XADDs, its heartbeat and registry events.
+  reply XADDs and statistics HINCRBYs), dead-letter XADDs, its heartbeat and registry events;
+  generations' cancel flags (EXISTS).
 - ``registry``: models, versions and deployments (its scripts run with EVALSHA), events
   (WatchEvents: XREAD, XRANGE, XREVRANGE), version deletion (WATCH, HKEYS, MULTI), and
   on undeploy or delete: failing a queue (WATCH, XRANGE, reply XADDs, DEL) and deleting stats;
-  the cluster status (heartbeats: SCAN + GET; queues: XLEN, XPENDING, XRANGE; stats windows).
+  the cluster status (heartbeats: SCAN + GET; queues: XLEN, XPENDING, XRANGE; stats windows);
+  optimisation operations (HSET + PEXPIRE in a MULTI, HGET, WATCH to fail an abandoned one).
 - ``monitor``: read-only (KEDA's XLEN/XPENDING/XINFO, benchmarks' heartbeat reads).
 
 NOTE: Redis 6.2 (the embedded one) has no ACL selectors, so a role's commands apply to all of
@@ -67,28 +71,29 @@ ROLES: dict[str, Role] = {
             "gateway",
             (*_CONNECTION, "eval", "xlen", "xadd", "xdel", "xtrim", "xread", "expire", "exists", "del",
              "hincrby", "hget", "hset", "hgetall", "scan", "get", "time", "hmget", "pexpire",
-             "zremrangebyscore", "zcard", "zadd", "zrem"),
+             "zremrangebyscore", "zcard", "zadd", "zrem", "hincrbyfloat", "set"),
             (f"{keys.QUEUE_PREFIX}*", f"{keys.REPLIES_PREFIX}*", f"{keys.STATS_PREFIX}*",
              f"{keys.WORKER_PREFIX}*", keys.EVENTS, keys.API_KEYS, keys.TENANTS, f"{keys.QUOTA_PREFIX}*",
-             f"{keys.USAGE_PREFIX}*"),
+             f"{keys.USAGE_PREFIX}*", f"{keys.GENERATION_CANCEL_PREFIX}*"),
         ),
         Role(
             "worker",
             (*_CONNECTION, "xgroup|create", "xgroup|delconsumer", "xreadgroup", "xack", "xdel", "xclaim",
              "xautoclaim", "xpending", "xlen", "xrange", "xadd", "multi", "exec", "discard", "hincrby",
-             "set", "del", "xread", "xrevrange", "hget"),
+             "set", "del", "xread", "xrevrange", "hget", "exists"),
             (f"{keys.QUEUE_PREFIX}*", f"{keys.DEAD_LETTER_PREFIX}*", f"{keys.REPLIES_PREFIX}*",
-             f"{keys.STATS_PREFIX}*", f"{keys.WORKER_PREFIX}*", keys.EVENTS, keys.API_KEYS, f"{keys.USAGE_PREFIX}*"),
+             f"{keys.STATS_PREFIX}*", f"{keys.WORKER_PREFIX}*", keys.EVENTS, keys.API_KEYS, f"{keys.USAGE_PREFIX}*",
+             f"{keys.GENERATION_CANCEL_PREFIX}*"),
         ),
         Role(
             "registry",
             (*_CONNECTION, "evalsha", "script|load", "exists", "hset", "hget", "hgetall", "hincrby", "hvals",
              "hdel", "zadd", "zrange", "zrem", "del", "xadd", "xrange", "xdel", "multi", "exec", "discard",
              "watch", "unwatch", "hsetnx", "hexists", "xread", "xrevrange", "hkeys", "scan", "get", "xlen",
-             "xpending"),
+             "xpending", "pexpire"),
             (keys.MODELS, f"{keys.MODEL_PREFIX}*", keys.DEPLOYMENTS, keys.EVENTS, f"{keys.QUEUE_PREFIX}*",
              f"{keys.REPLIES_PREFIX}*", f"{keys.STATS_PREFIX}*", keys.TENANTS, keys.API_KEYS, f"{keys.USAGE_PREFIX}*",
-             f"{keys.WORKER_PREFIX}*"),
+             f"{keys.WORKER_PREFIX}*", f"{keys.OPERATION_PREFIX}*"),
         ),
         Role(
             "monitor",

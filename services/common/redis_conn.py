@@ -15,6 +15,15 @@ restarts under load):
 So: one retry on a fresh connection after a connection error (at-least-once, see DESIGN.md),
 a socket is closed as soon as the server closes its end, a dead connection is never handed
 out, and connections idle for longer than ``max_idle_s`` are closed.
+
+Redis behind Sentinels (a ``redis+sentinel://`` URL, docs/redis.md): redis-py's
+``Sentinel.master_for`` pool, which asks the Sentinels for the master on every new connection.
+
+Redis Cluster (``cluster=True``, docs/redis.md): the client is redis-py's ``RedisCluster``
+(slot routing, MOVED/ASK, topology refresh are its own), returned typed as ``Redis`` because
+every command MaaS uses has the same signature on both. ``send_commands`` then groups its
+commands by the node that owns each command's slot (a MULTI block goes whole to its first
+keyed command's slot) and makes one raw exchange per node, concurrently.
 """
 
 from __future__ import annotations
@@ -24,16 +33,20 @@ import contextvars
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from prometheus_client import Counter
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.connection import HiredisRespSerializer
+from redis.crc import key_slot
 
 from services.common.errors import Unavailable
 
@@ -58,7 +71,9 @@ _HIREDIS_PACKER = HiredisRespSerializer()
 """Retries of a command after a connection error, each on a freshly opened connection."""
 
 
-def create_redis(url: str, timeout_s: float, *, max_idle_s: float = MAX_IDLE_S) -> aioredis.Redis:
+def create_redis(
+    url: str, timeout_s: float, *, max_idle_s: float = MAX_IDLE_S, cluster: bool = False
+) -> aioredis.Redis:
     """Return an asyncio Redis client (bytes replies) with bounded connect and command times.
 
     A command that fails with a connection error (the server closed or reset the connection,
@@ -68,10 +83,17 @@ def create_redis(url: str, timeout_s: float, *, max_idle_s: float = MAX_IDLE_S) 
     refuses connections).
 
     Args:
-        url: A ``redis://`` URL.
+        url: A ``redis://`` or ``rediss://`` URL, or
+            ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master name>[/db]``:
+            the master that those Sentinels name (found again after a failover).
         timeout_s: Connect and command timeout; blocking reads must block for less.
         max_idle_s: Close pooled connections unused for this long.
+        cluster: ``url`` names any node of a Redis Cluster: return a ``RedisCluster``.
     """
+    if cluster:
+        return _create_cluster(url, timeout_s)
+    if url.startswith(SENTINEL_SCHEME):
+        return _create_sentinel_client(url, timeout_s)
     pool = _Pool.from_url(
         url,
         socket_timeout=timeout_s,
@@ -82,6 +104,60 @@ def create_redis(url: str, timeout_s: float, *, max_idle_s: float = MAX_IDLE_S) 
         max_idle_s=max_idle_s,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+"""URL scheme of a Redis behind Sentinels (redis-py has no URL form for it; ``create_redis``)."""
+
+
+def _create_sentinel_client(url: str, timeout_s: float) -> aioredis.Redis:
+    parts = urlsplit(url)
+    path = [part for part in parts.path.split("/") if part]
+    if not path or not parts.netloc:
+        raise ValueError(f"expected {SENTINEL_SCHEME}host:port[,host:port...]/<master name>[/db], got {url!r}")
+    hosts = parts.netloc.rpartition("@")[2]
+    sentinels = [(host, int(port or 26379)) for host, _, port in (item.partition(":") for item in hosts.split(","))]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels,
+        sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=15,
+        retry=Retry(NoBackoff(), _RETRIES, supported_errors=(redis.exceptions.ConnectionError,)),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        db=int(path[1]) if len(path) > 1 else 0,
+    )
+    return cast(aioredis.Redis, sentinel.master_for(path[0], connection_pool_class=_SentinelPool))
+
+
+class _SentinelPool(SentinelConnectionPool):
+    """The master's pool; closing it also closes the connections to the Sentinels."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """Disconnect from the master and from the Sentinels."""
+        await super().disconnect(inuse_connections)
+        for client in self.sentinel_manager.sentinels:
+            await client.aclose()
+
+
+def _create_cluster(url: str, timeout_s: float) -> aioredis.Redis:
+    client = RedisCluster.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=15,
+        max_connections=256,
+        retry=Retry(NoBackoff(), _RETRIES, supported_errors=(redis.exceptions.ConnectionError,)),
+    )
+    # NOTE: not a Redis subclass, but every command MaaS sends has the same signature on both
+    # (the services are typed against Redis; is_cluster tells the few places that differ).
+    return cast(aioredis.Redis, client)
+
+
+def is_cluster(client: aioredis.Redis) -> bool:
+    """Whether ``client`` talks to a Redis Cluster (``create_redis(..., cluster=True)``)."""
+    return isinstance(client, RedisCluster)
 
 
 def _closed_by_server(connection: AbstractConnection) -> bool:
@@ -229,6 +305,8 @@ async def send_commands(client: aioredis.Redis, commands: Sequence[Sequence[Any]
         redis.exceptions.ConnectionError: Redis could not be reached, twice.
         redis.exceptions.TimeoutError: A reply took longer than the client's socket timeout.
     """
+    if isinstance(client, RedisCluster):
+        return await _send_by_node(client, commands)
     pool = client.connection_pool
     connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
 
@@ -256,3 +334,105 @@ async def _read_reply(connection: AbstractConnection) -> Any:
         return await connection.read_response()
     except redis.exceptions.ResponseError as exc:
         return exc
+
+
+_Unit = list[int]
+"""Indexes into ``send_commands``' commands that must go to one node together (a MULTI block)."""
+
+_REDIRECTS = 2
+"""Times a unit is re-sent after a MOVED reply (a failover moved its slot to another node)."""
+
+
+def _command_key(command: Sequence[Any]) -> Any:
+    """The key that routes ``command`` (its first key), or None for a command without one."""
+    name = str(command[0]).upper() if command else ""
+    if name in ("EVAL", "EVALSHA"):
+        return command[3] if int(command[2]) > 0 else None
+    if name in ("XREAD", "XREADGROUP"):
+        words = [str(word).upper() for word in command]
+        return command[words.index("STREAMS") + 1]
+    if name in ("MULTI", "EXEC", "DISCARD", "TIME", "PING") or len(command) < 2:
+        return None
+    return command[1]
+
+
+def command_slot(command: Sequence[Any]) -> int | None:
+    """The cluster hash slot ``command`` goes to (its first key's), None for a command without a key."""
+    key = _command_key(command)
+    return None if key is None else key_slot(key if isinstance(key, bytes) else str(key).encode())
+
+
+def _units(commands: Sequence[Sequence[Any]]) -> list[tuple[_Unit, Any]]:
+    """Split ``commands`` into units (one command, or MULTI ... EXEC) with the key that routes each."""
+    units: list[tuple[_Unit, Any]] = []
+    block: _Unit | None = None
+    for index, command in enumerate(commands):
+        name = str(command[0]).upper()
+        if name == "MULTI":
+            block = []
+        if block is None:
+            units.append(([index], _command_key(command)))
+            continue
+        block.append(index)
+        if name in ("EXEC", "DISCARD"):
+            key = next((k for k in (_command_key(commands[i]) for i in block) if k is not None), None)
+            units.append((block, key))
+            block = None
+    if block is not None:
+        units.append((block, None))
+    return units
+
+
+async def _send_by_node(client: RedisCluster, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """``send_commands`` on a cluster: one exchange per node, re-sending units that were MOVED."""
+    await client.initialize()
+    replies: list[Any] = [None] * len(commands)
+    todo = _units(commands)
+    for attempt in range(_REDIRECTS + 1):
+        by_node: dict[ClusterNode, list[tuple[_Unit, Any]]] = {}
+        for unit, key in todo:
+            by_node.setdefault(_node_of(client, key), []).append((unit, key))
+        exchanged = await asyncio.gather(
+            *(_exchange_on(node, [commands[i] for unit, _ in units for i in unit]) for node, units in by_node.items())
+        )
+        todo = []
+        for units, node_replies in zip(by_node.values(), exchanged, strict=True):
+            flat = iter(node_replies)
+            for unit, key in units:
+                unit_replies = [next(flat) for _ in unit]
+                moved = next((r for r in unit_replies if isinstance(r, redis.exceptions.MovedError)), None)
+                if moved is not None and attempt < _REDIRECTS:
+                    # NOTE: a MOVED command did not run (nor did its MULTI block): safe to re-send.
+                    await client.nodes_manager.move_slot(moved)
+                    todo.append((unit, key))
+                    continue
+                for index, reply in zip(unit, unit_replies, strict=True):
+                    replies[index] = reply
+        if not todo:
+            break
+    return replies
+
+
+def _node_of(client: RedisCluster, key: Any) -> ClusterNode:
+    if key is None:
+        return client.get_default_node()
+    return client.nodes_manager.get_node_from_slot(client.keyslot(key))
+
+
+async def _exchange_on(node: ClusterNode, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """One write of ``commands`` to ``node`` and their replies (errors in place), as ``send_commands``."""
+    for attempt in range(_RETRIES + 1):
+        connection = node.acquire_connection()
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            return [await _read_reply(connection) for _command in commands]
+        except redis.exceptions.ConnectionError:
+            await connection.disconnect(nowait=True)
+            if attempt == _RETRIES:
+                raise
+        except BaseException:
+            await connection.disconnect(nowait=True)  # a reply half read leaves it unusable
+            raise
+        finally:
+            node.release(connection)
+    raise AssertionError("unreachable")

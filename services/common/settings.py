@@ -18,7 +18,11 @@ class ServiceSettings(BaseSettings):
     port: int = 0
     """gRPC port; 0 picks a free one (reported in the log and the ready file)."""
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="maas_redis_url")
-    """Redis URL, shared by all services (env ``MAAS_REDIS_URL``)."""
+    """Redis URL, shared by all services (env ``MAAS_REDIS_URL``); with ``redis_cluster``, any node's;
+    ``redis+sentinel://host:port[,host:port...]/<master name>`` for a Redis behind Sentinel (docs/redis.md)."""
+    redis_cluster: bool = Field(default=False, validation_alias="maas_redis_cluster")
+    """Redis Cluster mode (env ``MAAS_REDIS_CLUSTER=1``): ``redis_url`` names any node of the
+    cluster; keys are hash-tagged so every script and transaction stays in one slot (docs/redis.md)."""
     redis_timeout_s: float = 5.0
     """Timeout of one Redis command (blocking reads add their block time)."""
     log_json: bool = True

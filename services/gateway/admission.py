@@ -7,6 +7,23 @@ of a Redis command (packing, a pooled connection, a parse, a task switch) is sha
 tenant's quota (``services.gateway.quotas``) is checked and taken in the same script, per entry;
 entries of different tenants go to separate scripts of the same round trip. Commands that need
 no answer (in-flight releases, usage counts: ``send_soon``) ride along, before the scripts.
+
+On a Redis Cluster one script cannot span the queue's slot (``{model:version}``) and the
+tenant's (``{tenant}``), so a limited tenant's calls take two round trips, in this order:
+
+1. The same script with the tenant's two keys alone takes each call's token and in-flight slot
+   (or refuses it: RESOURCE_EXHAUSTED at once), atomically per tenant across every gateway.
+2. The script with the queue alone admits the granted calls while the queue has room.
+3. Calls the queue refused give their token and slot back (``quotas.give_back_commands``, sent
+   with the next round trip).
+
+So a tenant never gets more than its quota: the quota is taken before the call is queued. The
+price is conservative: between steps 1 and 3 a refused call holds its token and slot for a round
+trip, so a concurrent call of the same tenant may be refused although it would have fit; a
+gateway that dies in between loses that token (the bucket refills) and the slot expires at the
+call's deadline, as for any call of a dead gateway. The queue limit stays one atomic check per
+queue. Tagging the tenant's counters per queue instead would have made the quota per model
+version, not per tenant. On a single Redis nothing changes: one script, one round trip.
 """
 
 from __future__ import annotations
@@ -24,9 +41,9 @@ from services.common import keys
 from services.common.auth import TenantQuota
 from services.common.errors import MaasError, Unavailable
 from services.common.queue import ENQUEUE_MANY_LUA, QueuedRequest
-from services.common.redis_conn import count_redis_error, redis_errors, send_commands
+from services.common.redis_conn import count_redis_error, is_cluster, redis_errors, send_commands
 from services.common.tasks import finish_tasks
-from services.gateway.quotas import Commands, refusal, release_command
+from services.gateway.quotas import Commands, give_back_commands, refusal, release_command
 
 log = structlog.get_logger(__name__)
 
@@ -48,11 +65,15 @@ _Group = tuple[str, int, str, str, TenantQuota]
 """Entries that share one script: queue, max length, reply stream, tenant and its quota."""
 
 
-def _script(group: _Group, items: list[_Pending]) -> tuple[Any, ...]:
-    queue, max_length, reply_to, tenant, quota = group
-    quota_keys = (keys.quota_bucket(tenant), keys.quota_in_flight(tenant)) if quota.is_limited else ()
+def _quota_keys(group: _Group) -> tuple[str, ...]:
+    tenant, quota = group[3], group[4]
+    return (keys.quota_bucket(tenant), keys.quota_in_flight(tenant)) if quota.is_limited else ()
+
+
+def _script(group: _Group, items: list[_Pending], script_keys: tuple[str, ...]) -> tuple[Any, ...]:
+    _queue, max_length, reply_to, tenant, quota = group
     return (
-        "EVAL", ENQUEUE_MANY_LUA, 1 + len(quota_keys), queue, *quota_keys, max_length, reply_to, tenant,
+        "EVAL", ENQUEUE_MANY_LUA, len(script_keys), *script_keys, max_length, reply_to, tenant,
         quota.rps, quota.burst, quota.max_in_flight, *(v for i in items for v in i.entry.enqueue_args()),
     )  # fmt: skip
 
@@ -141,29 +162,75 @@ class Admission:
             quota = item.quota if item.quota is not None and item.entry.tenant else _NO_QUOTA
             groups[(item.queue, item.max_length, item.entry.reply_to, item.entry.tenant, quota)].append(item)
         later, self._later = self._later, []
-        commands = [*later, *(_script(group, items) for group, items in groups.items())]
+        is_split = is_cluster(self._redis)
+        if is_split:  # the quota first, in the tenant's slot (see the module's notes)
+            granted = await self._take_quotas(groups, later, batch)
+            if granted is None:
+                return
+            groups, later = granted, []
+        scripts = [_script(g, items, (g[0],) if is_split else (g[0], *_quota_keys(g))) for g, items in groups.items()]
+        results = await self._send([*later, *scripts], len(later), batch)
+        if results is None:
+            return
+        for (group, items), result in zip(groups.items(), results, strict=True):
+            self._resolve(group, items, result, gives_back=is_split)
+
+    async def _send(self, commands: Commands, later: int, batch: list[_Pending]) -> list[Any] | None:
+        """Send ``commands`` (the first ``later`` need no answer); return the others' replies, None if failed."""
         try:
             with redis_errors("request queue"):
                 results = await send_commands(self._redis, commands)
         except MaasError as exc:
             # NOTE: lost releases and counts: the in-flight members expire at their deadlines.
-            log.warning("admission_commands_lost", commands=len(later), error=exc.message)
+            log.warning("admission_commands_lost", commands=later, error=exc.message)
             self._fail(batch, exc)
-            return
-        for result in results[: len(later)]:
+            return None
+        for result in results[:later]:
             if isinstance(result, redis.exceptions.RedisError):
                 count_redis_error(result)
                 log.warning("admission_command_rejected", error=str(result))
-        for (group, items), result in zip(groups.items(), results[len(later) :], strict=True):
-            self._resolve(group, items, result)
+        return results[later:]
 
-    def _resolve(self, group: _Group, items: list[_Pending], result: object) -> None:
+    async def _take_quotas(
+        self, groups: dict[_Group, list[_Pending]], later: Commands, batch: list[_Pending]
+    ) -> dict[_Group, list[_Pending]] | None:
+        """Take the limited groups' quota (cluster step 1); return the groups of the calls to enqueue."""
+        limited = [(group, items) for group, items in groups.items() if group[4].is_limited]
+        scripts = [_script(group, items, _quota_keys(group)) for group, items in limited]
+        results = await self._send([*later, *scripts], len(later), batch)
+        if results is None:
+            return None
+        granted = {group: items for group, items in groups.items() if not group[4].is_limited}
+        for (group, items), result in zip(limited, results, strict=True):
+            if isinstance(result, redis.exceptions.RedisError):
+                self._resolve(group, items, result)
+                continue
+            assert isinstance(result, list) and len(result) == len(items), result
+            refused = [(item, reply) for item, reply in zip(items, result, strict=True) if isinstance(reply, list)]
+            kept = [item for item, reply in zip(items, result, strict=True) if not isinstance(reply, list)]
+            self._resolve(group, [item for item, _reply in refused], [reply for _item, reply in refused])
+            gone = [item for item in kept if item.future.done()]  # the caller left: not worth a queue slot
+            self._give_back(group, gone)
+            if len(gone) < len(kept):
+                granted[group] = [item for item in kept if not item.future.done()]
+        return granted
+
+    def _give_back(self, group: _Group, items: list[_Pending]) -> None:
+        if items:
+            self.send_soon(give_back_commands(group[3], group[4], group[2], [item.entry.id for item in items]))
+
+    def _resolve(self, group: _Group, items: list[_Pending], result: object, *, gives_back: bool = False) -> None:
+        """Settle ``items`` with their script replies; ``gives_back``: return the quota of those refused."""
         if isinstance(result, redis.exceptions.RedisError):
             count_redis_error(result)
             log.error("enqueue_rejected", error=str(result))
             self._fail(items, MaasError("request queue: redis refused the request"))
+            if gives_back and group[4].is_limited:
+                self._give_back(group, items)
             return
         assert isinstance(result, list) and len(result) == len(items), result
+        if gives_back and group[4].is_limited:
+            self._give_back(group, [item for item, reply in zip(items, result, strict=True) if reply in (0, None)])
         for item, reply in zip(items, result, strict=True):
             if item.future.done():
                 if item.future.cancelled() and not isinstance(reply, list) and reply and group[4].max_in_flight:

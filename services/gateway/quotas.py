@@ -14,6 +14,10 @@ gateway replica and cost no extra round trip:
   deadline (the script drops expired members before counting), so a crash holds a slot for at
   most ``default_timeout_s``; a counter with a TTL would instead leak or free slots wholesale.
 
+On a Redis Cluster the tenant's keys (``{tenant}``) and the queue (``{model:version}``) are in
+different slots, which one script cannot span; admission (``services.gateway.admission``) then
+takes the quota first and gives back what the queue refused (``give_back_commands``).
+
 Calls without a tenant (auth off) and tenants without limits skip both. Quotas are read from
 the tenant records (``keys.TENANTS``, written by the registry's ``SetTenantQuota``) and cached;
 the registry's ``tenant_quota_set`` event clears the cache on every gateway.
@@ -87,6 +91,26 @@ def refusal(tenant: str, quota: TenantQuota, reply: Sequence[int]) -> ResourceEx
 def release_command(tenant: str, reply_to: str, call_id: str) -> tuple[str, ...]:
     """The command that frees one call's in-flight slot (the member the admission script added)."""
     return ("ZREM", keys.quota_in_flight(tenant), f"{reply_to}:{call_id}")
+
+
+GIVE_BACK_LUA = """
+-- KEYS[1]: a tenant's token bucket; ARGV[1]: tokens to return (calls the queue refused after
+-- the quota was taken, on a Redis Cluster). A bucket that expired meanwhile was full: nothing to
+-- return. The admission script caps the tokens at the burst when it next reads them.
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', ARGV[1]) end
+return 1
+"""
+"""Return tokens to a tenant's bucket (cluster admission: calls the queue refused)."""
+
+
+def give_back_commands(tenant: str, quota: TenantQuota, reply_to: str, call_ids: Sequence[str]) -> Commands:
+    """The commands that return the quota taken for ``call_ids`` (their tokens and in-flight slots)."""
+    commands: Commands = [release_command(tenant, reply_to, call_id) for call_id in call_ids]
+    if quota.max_in_flight <= 0:
+        commands = []
+    if quota.rps > 0 and call_ids:
+        commands.append(("EVAL", GIVE_BACK_LUA, 1, keys.quota_bucket(tenant), len(call_ids)))
+    return commands
 
 
 class Quotas:

@@ -75,7 +75,7 @@ def create_gateway(settings: GatewaySettings, redis: aioredis.Redis, registry: R
     router = Router(
         redis, catalog, replies, admission, default_timeout_s=settings.default_timeout_s,
         max_request_tensor_bytes=settings.max_request_tensor_bytes, max_message_bytes=settings.max_message_bytes,
-        stats=stats, quotas=quotas,
+        stats=stats, quotas=quotas, max_new_tokens=settings.max_new_tokens,
     )  # fmt: skip
     streams = Streams(settings.max_stream_in_flight)
     return Gateway(catalog, replies, admission, router, streams, stats=stats, quotas=quotas)
@@ -111,7 +111,7 @@ async def _wait_for_redis(client: aioredis.Redis) -> None:
 async def serve(settings: GatewaySettings) -> None:
     """Run the gateway until SIGTERM/SIGINT, then drain (see DESIGN.md, drain order)."""
     tracer_provider = tracing.configure_tracing(settings, "gateway")
-    redis = create_redis(settings.redis_url, settings.redis_timeout_s)
+    redis = create_redis(settings.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster)
     credentials = registry_channel_credentials(settings)
     registry = RegistryClient(
         settings.registry_address, timeout_s=settings.registry_timeout_s, credentials=credentials,

@@ -11,6 +11,7 @@ from services.common.grpc_server import GrpcServer, create_grpc_server, run_unti
 from services.common.redis_conn import create_redis
 from services.common.registry_client import RegistryClient
 from services.common.tls import registry_channel_credentials
+from services.inference.access import DirectAccess, ModelLookup
 from services.inference.servicer import GRPCInferenceServiceServicer
 from services.inference.settings import InferenceSettings
 from services.inference.worker import InferenceWorker
@@ -18,15 +19,21 @@ from services.inference.worker import InferenceWorker
 SERVICE_NAME: str = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
-def create_server(settings: InferenceSettings, worker: InferenceWorker, auth: ServerAuth | None = None) -> GrpcServer:
+def create_server(
+    settings: InferenceSettings,
+    worker: InferenceWorker,
+    auth: ServerAuth | None = None,
+    models: ModelLookup | None = None,
+) -> GrpcServer:
     """Build the worker's gRPC server (not started) and bind ``settings.host:settings.port``.
 
-    Its direct inference service checks API keys as the gateway does when ``auth`` is given.
+    Its direct inference service checks API keys as the gateway does when ``auth`` is given, and
+    the models' owners in ``models`` (the registry; without it a tenant's key may use no model).
 
     Returns:
         The server handle; ``handle.port`` is the bound port.
     """
-    servicer = GRPCInferenceServiceServicer(worker)
+    servicer = GRPCInferenceServiceServicer(worker, DirectAccess(models))
 
     def add_servicers(server: grpc.aio.Server) -> None:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -41,14 +48,14 @@ async def serve(settings: InferenceSettings) -> None:
     """
     stop = stop_signal_event()
     tracer_provider = tracing.configure_tracing(settings, "inference")
-    redis = create_redis(settings.redis_url, settings.redis_timeout_s)
+    redis = create_redis(settings.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster)
     registry = RegistryClient(
         settings.registry_address, credentials=registry_channel_credentials(settings),
         metadata=bearer(settings.registry_api_key),
     )  # fmt: skip
     worker = InferenceWorker(settings, redis, registry)
     auth = create_server_auth(settings, redis, INFERENCE_RULES, service="inference")
-    handle = create_server(settings, worker, auth)
+    handle = create_server(settings, worker, auth, registry)
     worker.grpc_port = handle.port
     try:
         await worker.start()

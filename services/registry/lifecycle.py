@@ -256,11 +256,12 @@ class VersionLifecycle:
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             pipe.hdel(versions_key, str(version))
             pipe.hset(model_key, "latest_version", _newest(number for number in numbers if number != version))
-            pipe.delete(keys.stats(model, version))
             try:
                 await pipe.execute()
             except redis.exceptions.WatchError:
                 return False
+        # NOTE: outside the MULTI: the version's statistics are in its own Redis Cluster slot.
+        await self._redis.delete(keys.stats(model, version))
         return True
 
 

@@ -96,14 +96,16 @@ class Suite:
         mtls: bool = False,
         auth: dict[str, object] | None = None,
         registry: dict[str, object] | None = None,
+        cluster: bool = False,
     ) -> None:
         self.redis_url = redis_url
+        self.cluster = cluster  # redis_url names a node of a Redis Cluster
         self.registry_overrides = registry or {}
         self.timeout_s = timeout_s
         self.data_dir = data_dir
         self.pool = pool
         self.gateway_overrides = gateway or {}
-        self.redis = create_redis(redis_url, timeout_s=2)
+        self.redis = create_redis(redis_url, timeout_s=2, cluster=cluster)
         # Per-role Redis users (redis_acl.ROLES): a service whose role is here connects as it.
         self.role_urls = role_urls or {}
         self._role_clients = {role: create_redis(url, timeout_s=2) for role, url in self.role_urls.items()}
@@ -121,7 +123,8 @@ class Suite:
 
     async def start(self, *, with_worker: bool = True) -> Suite:
         reg_settings = RegistrySettings(
-            port=0, redis_url=self._url("registry"), data_dir=self.data_dir / "blobs", **self._server_tls("registry"),
+            port=0, redis_url=self._url("registry"), redis_cluster=self.cluster, data_dir=self.data_dir / "blobs",
+            **self._server_tls("registry"),
             **self._auth("registry"), **self.registry_overrides,
         )  # fmt: skip
         store = self.store = registry_server.create_store(reg_settings, self._client("registry"))
@@ -143,7 +146,8 @@ class Suite:
 
     async def start_worker(self, **overrides: object) -> InferenceWorker:
         settings = InferenceSettings(
-            port=0, redis_url=self._url("worker"), registry_address=self.registry_address, pool=self.pool,
+            port=0, redis_url=self._url("worker"), redis_cluster=self.cluster, registry_address=self.registry_address,
+            pool=self.pool,
             cache_dir=self.data_dir / "cache", providers="cpu", reconcile_interval_s=5, shutdown_grace_s=5,
             **self._server_tls("inference"), **self._registry_tls("inference"), **self._auth("worker"), **overrides,
         )  # fmt: skip
@@ -158,7 +162,7 @@ class Suite:
 
     async def _start_gateway(self) -> None:
         settings = GatewaySettings(
-            port=0, redis_url=self._url("gateway"), registry_address=self.registry_address,
+            port=0, redis_url=self._url("gateway"), redis_cluster=self.cluster, registry_address=self.registry_address,
             default_timeout_s=self.timeout_s, redis_timeout_s=2, block_ms=200, **self._server_tls("gateway"),
             **self._registry_tls("gateway"), **self._auth("gateway"), **self.gateway_overrides,
         )  # fmt: skip

@@ -7,6 +7,7 @@ import importlib
 import secrets
 from collections.abc import Iterator, Sequence
 
+import grpc
 import numpy as np
 import pytest
 import structlog
@@ -17,6 +18,7 @@ from opentelemetry.trace import SpanKind
 from structlog.testing import capture_logs
 
 from inference import grpc_service_pb2 as pb
+from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common import tracing
 from services.common.queue import QueuedRequest
 from services.gateway.settings import GatewaySettings
@@ -199,3 +201,16 @@ def test_traceparent_round_trips_through_the_queue_entry() -> None:
               for key, value in entry.to_fields().items()}  # fmt: skip
     assert QueuedRequest.from_fields(fields) == entry
     assert "traceparent" not in QueuedRequest(id="1", reply_to="r", deadline_ms=1, payload=b"p").to_fields()
+
+
+async def test_a_registry_call_is_a_server_span(suite: Suite, spans: InMemorySpanExporter) -> None:
+    traceparent, trace_id, parent_id = _traceparent()
+    await suite.registry.create_model("traced")
+    [created] = [span for span in spans.get_finished_spans() if span.name.endswith("ModelRegistry/CreateModel")]
+    assert created.name == "maas.registry.v1.ModelRegistry/CreateModel"
+    assert created.kind is SpanKind.SERVER
+    async with grpc.aio.insecure_channel(suite.registry_address) as channel:
+        stub = registry_pb2_grpc.ModelRegistryStub(channel)
+        await stub.GetModel(registry_pb2.GetModelRequest(name="traced"), metadata=(("traceparent", traceparent),))
+    [got] = [span for span in spans.get_finished_spans() if span.name.endswith("ModelRegistry/GetModel")]
+    assert _hex_trace(got) == trace_id and _parent_id(got) == int(parent_id, 16)  # the caller's trace goes on
