@@ -23,22 +23,26 @@ ENQUEUE_MANY_LUA = """
 -- tenant's bucket was empty; {2, calls in flight} at the tenant's cap. The queue length, the
 -- bucket and the in-flight count are checked before each XADD, atomically with it (trimming
 -- with MAXLEN would drop unread requests); a refused entry takes nothing.
+-- With 2 KEYS, the bucket and the in-flight set alone (Redis Cluster: the tenant's slot is not
+-- the queue's), the quota is taken and nothing is queued: an admitted entry's reply is 1.
+local queue = #KEYS ~= 2 and KEYS[1]
+local bucket, flight = KEYS[#KEYS - 1], KEYS[#KEYS]
 local limit = tonumber(ARGV[1])
-local length = redis.call('XLEN', KEYS[1])
+local length = queue and redis.call('XLEN', queue) or 0
 local rate, burst, cap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local now, tokens, in_flight
-if #KEYS == 3 then
+if #KEYS >= 2 then
   redis.replicate_commands()  -- Redis 6.2: TIME before writes needs effects replication
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   if rate > 0 then
-    local saved = redis.call('HMGET', KEYS[2], 'tokens', 'at_ms')
+    local saved = redis.call('HMGET', bucket, 'tokens', 'at_ms')
     local at = tonumber(saved[2]) or now
     tokens = math.min(burst, (tonumber(saved[1]) or burst) + math.max(0, now - at) * rate / 1000)
   end
   if cap > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-    in_flight = redis.call('ZCARD', KEYS[3])
+    redis.call('ZREMRANGEBYSCORE', flight, '-inf', now)
+    in_flight = redis.call('ZCARD', flight)
   end
 end
 local ids = {}
@@ -49,6 +53,8 @@ for first = 7, #ARGV, 5 do
     ids[#ids + 1] = {1, math.ceil((1 - tokens) * 1000 / rate)}
   elseif in_flight and in_flight >= cap then
     ids[#ids + 1] = {2, in_flight}
+  elseif not queue then
+    ids[#ids + 1] = 1
   else
     local fields = {'id', ARGV[first], 'reply', ARGV[2], 'deadline_ms', ARGV[first + 1], 'rid', ARGV[first + 2],
       'req', ARGV[first + 3]}
@@ -60,23 +66,26 @@ for first = 7, #ARGV, 5 do
       fields[#fields + 1] = 'traceparent'
       fields[#fields + 1] = ARGV[first + 4]
     end
-    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(fields))
+    ids[#ids + 1] = redis.call('XADD', queue, '*', unpack(fields))
     length = length + 1
+  end
+  if ids[#ids] ~= 0 and type(ids[#ids]) ~= 'table' then
     if tokens then tokens = tokens - 1 end
     if in_flight then
-      redis.call('ZADD', KEYS[3], ARGV[first + 1], ARGV[2] .. ':' .. ARGV[first])
+      redis.call('ZADD', flight, ARGV[first + 1], ARGV[2] .. ':' .. ARGV[first])
       in_flight = in_flight + 1
     end
   end
 end
 if tokens then
-  redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'at_ms', now)
-  redis.call('PEXPIRE', KEYS[2], math.ceil(burst * 1000 / rate) + 1000)
+  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'at_ms', now)
+  redis.call('PEXPIRE', bucket, math.ceil(burst * 1000 / rate) + 1000)
 end
 return ids
 """
 """Admission script: enqueue several entries to one queue, each unless the queue is full or the
-tenant's quota (token bucket, in-flight cap) says no."""
+tenant's quota (token bucket, in-flight cap) says no (or, with the quota's keys alone, take the
+quota of each: ``services.gateway.admission`` on a Redis Cluster)."""
 
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -189,11 +198,31 @@ class Reply:
     """gRPC status code value; 0 (OK) means ``payload`` holds the response."""
     message: str = ""
     payload: bytes = b""
-    """Serialized ``inference.ModelInferResponse`` when ``code`` is 0."""
+    """Serialized ``inference.ModelInferResponse`` when ``code`` is 0 (a partial reply: on the final one only)."""
+    seq: int = -1
+    """A generation's partial reply (``services.common.generation``): the index of its token; -1: a whole reply."""
+    attempt: int = 0
+    """A partial reply's delivery of the queue entry that produced it (1: the first)."""
+    piece: bytes = b""
+    """A partial reply's text (UTF-8): its token's piece of the generated text."""
+    is_final: bool = False
+    """Whether this partial reply is the generation's last."""
+    finish_reason: str = ""
+    """A final partial reply's reason (``services.common.generation.FINISH_*``)."""
 
     def to_fields(self) -> dict[str, bytes | str | int]:
-        """Return the stream entry's fields."""
-        return {"id": self.id, "code": self.code, "msg": self.message, "resp": self.payload}
+        """Return the stream entry's fields (a partial reply's only when it is one)."""
+        fields: dict[str, bytes | str | int] = {
+            "id": self.id,
+            "code": self.code,
+            "msg": self.message,
+            "resp": self.payload,
+        }
+        if self.seq >= 0:
+            fields.update(
+                seq=self.seq, att=self.attempt, piece=self.piece, fin=int(self.is_final), why=self.finish_reason
+            )
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Reply:
@@ -207,4 +236,9 @@ class Reply:
             code=_int(fields, b"code"),
             message=fields.get(b"msg", b"").decode(errors="replace"),
             payload=fields.get(b"resp", b""),
+            seq=_int(fields, b"seq") if b"seq" in fields else -1,
+            attempt=_int(fields, b"att") if b"att" in fields else 0,
+            piece=fields.get(b"piece", b""),
+            is_final=fields.get(b"fin") == b"1",
+            finish_reason=fields.get(b"why", b"").decode(errors="replace"),
         )

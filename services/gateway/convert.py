@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 
 from inference import grpc_service_pb2 as pb
 from inference import model_config_pb2 as mc
-from services.common import dtypes
+from services.common import dtypes, generation
 from services.common.errors import InvalidArgument
 from services.common.metadata import DeploymentRecord, ModelRecord, TensorSpec, VersionRecord
 from services.common.stats import Duration, VersionStats
 from services.gateway import shm
+from services.gateway.generation import GenerationPiece
 from services.gateway.overrides import DeployOverrides, parse_load_config
 from services.gateway.router import CLASSIFICATION, InferCall, InputView
 
@@ -75,7 +77,29 @@ def infer_call(request: pb.ModelInferRequest) -> InferCall:
         parameters=tuple(request.parameters),
         output_parameters=tuple((output.name, name) for output in request.outputs for name in output.parameters),
         class_counts=_class_counts(request.outputs),
+        typed_parameters=tuple(
+            (name, parameter.WhichOneof("parameter_choice"), value)
+            for (name, parameter), value in zip(
+                request.parameters.items(), _parameter_values(request.parameters).values(), strict=True
+            )
+        ),
     )
+
+
+def generation_response(request: pb.ModelInferRequest, piece: GenerationPiece) -> pb.ModelInferResponse:
+    """One response of a generation: a piece of its ``text`` (BYTES [1]); the last one marked final.
+
+    As Triton's decoupled models: ``triton_final_response`` (bool) on every response, true on the
+    last, which also carries the ``finish_reason`` (string) parameter.
+    """
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(piece.version), id=request.id)
+    if piece.has_output:
+        response.outputs.add(name=generation.TEXT, datatype="BYTES", shape=[1])
+        response.raw_output_contents.append(struct.pack("<I", len(piece.text)) + piece.text)
+    response.parameters[generation.FINAL].bool_param = piece.is_final
+    if piece.is_final:
+        response.parameters["finish_reason"].string_param = piece.finish_reason
+    return response
 
 
 def load_overrides(request: pb.RepositoryModelLoadRequest) -> DeployOverrides:

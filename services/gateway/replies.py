@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 
+import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
@@ -43,6 +44,8 @@ class ReplyReader:
         self._ttl_s = ttl_s
         self._block_ms = block_ms
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._streams: dict[str, asyncio.Queue[Reply]] = {}
+        """Calls answered by several replies (generations: ``expect_many``)."""
         self._last_id = "0-0"
         self._tasks: list[asyncio.Task[None]] = []
         self._idle: asyncio.Event | None = None
@@ -50,7 +53,7 @@ class ReplyReader:
     @property
     def in_flight(self) -> int:
         """Number of calls waiting for a reply."""
-        return len(self._waiting)
+        return len(self._waiting) + len(self._streams)
 
     async def start(self) -> None:
         """Create the stream and start the reader and keep-alive tasks."""
@@ -82,10 +85,19 @@ class ReplyReader:
             self._idle.clear()
         return future
 
+    def expect_many(self, call_id: str) -> asyncio.Queue[Reply]:
+        """Register a call answered by several replies (a generation's tokens), in order; ``forget`` it at its end."""
+        replies: asyncio.Queue[Reply] = asyncio.Queue()
+        self._streams[call_id] = replies
+        if self._idle is not None:
+            self._idle.clear()
+        return replies
+
     def forget(self, call_id: str) -> None:
         """Stop waiting for a call (answered, timed out or cancelled)."""
         self._waiting.pop(call_id, None)
-        if not self._waiting and self._idle is not None:
+        self._streams.pop(call_id, None)
+        if not self._waiting and not self._streams and self._idle is not None:
             self._idle.set()
 
     async def _create_stream(self) -> None:
@@ -136,6 +148,9 @@ class ReplyReader:
         for future in waiting:
             if not future.done():
                 future.set_exception(Unavailable(_LOST_MESSAGE))
+        for call_id, replies in self._streams.items():
+            replies.put_nowait(Reply(id=call_id, code=grpc.StatusCode.UNAVAILABLE.value[0], message=_LOST_MESSAGE))
+        self._streams.clear()
         if self._idle is not None:
             self._idle.set()
         await self._create_stream()
@@ -177,6 +192,10 @@ class ReplyReader:
             reply = Reply.from_fields(fields)
         except MalformedEntry as exc:
             log.warning("reply_malformed", error=str(exc))
+            return
+        replies = self._streams.get(reply.id)
+        if replies is not None:
+            replies.put_nowait(reply)
             return
         future = self._waiting.pop(reply.id, None)
         if future is None or future.done():

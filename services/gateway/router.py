@@ -7,8 +7,8 @@ import itertools
 import math
 import secrets
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common import auth, dtypes, tracing
+from services.common import auth, dtypes, generation, tracing
 from services.common.auth import TenantQuota
 from services.common.errors import (
     DeadlineExceeded,
@@ -32,6 +32,7 @@ from services.common.queue import QueuedRequest, now_ms
 from services.common.stats import CallStats, VersionStats
 from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog, Target, parse_version
+from services.gateway.generation import GenerationPiece, TokenOrder, cancel
 from services.gateway.overrides import DeployOverrides
 from services.gateway.quotas import Quotas, RateLimited
 from services.gateway.replies import ReplyReader
@@ -85,6 +86,8 @@ class InferCall:
     """(output name, parameter name) of every requested output's ``parameters``."""
     class_counts: tuple[tuple[str, str | None, int], ...] = ()
     """(output name, value kind, int64 value) of each requested output's ``classification`` parameter."""
+    typed_parameters: tuple[generation.TypedParameter, ...] = ()
+    """The request's parameters with their kinds and values (a generative model's generation parameters)."""
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
@@ -148,10 +151,11 @@ def _unsupported(where: str, name: str) -> InvalidArgument:
     return InvalidArgument(f"{where}parameter '{name}' is not supported: {why}")
 
 
-def _check_parameters(call: InferCall) -> None:
+def _check_parameters(call: InferCall, version: VersionRecord) -> None:
     # NOTE: an ignored parameter is a silent wrong answer (a sequence run as stateless calls, a
     # classification returned as the raw tensor): refuse every one MaaS does not implement.
-    for name in call.parameters:
+    # A generative model's request parameters are its generation's (checked by parse_parameters).
+    for name in () if generation.is_generative(version.platform) else call.parameters:
         raise _unsupported("", name)
     for view in call.inputs:
         for name in view.parameters:
@@ -213,7 +217,7 @@ def validate(call: InferCall, version: VersionRecord, max_batch_size: int = 0) -
     Raises:
         InvalidArgument: The first problem found, naming the tensor and what was expected.
     """
-    _check_parameters(call)
+    _check_parameters(call, version)
     if call.raw_count and call.raw_count != len(call.inputs):
         raise InvalidArgument(
             f"raw_input_contents has {call.raw_count} entries, expected one per input ({len(call.inputs)})"
@@ -251,8 +255,10 @@ class Router:
         max_message_bytes: int,
         stats: CallStats,
         quotas: Quotas,
+        max_new_tokens: int = 1024,
     ) -> None:
         self._redis = redis
+        self._max_new_tokens = max_new_tokens
         self._catalog = catalog
         self._replies = replies
         self._admission = admission
@@ -348,6 +354,8 @@ class Router:
             target = await self._catalog.resolve(call.model, call.version)
             started = time.perf_counter_ns()
             validate(call, target.version, target.deployment.max_batch_size)
+            if generation.is_generative(target.version.platform):
+                return await self._whole_text(call, target, time_remaining_s, tenant)
             return await self._send(call, target, time_remaining_s, tenant)
         except Exception as exc:
             code = getattr(exc, "grpc_code", grpc.StatusCode.INTERNAL).name
@@ -373,9 +381,8 @@ class Router:
                 "(max_request_tensor_bytes); split the request"
             )
 
-    async def _send(self, call: InferCall, target: Target, time_remaining_s: float | None, tenant: str) -> bytes:
-        timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
-        entry = QueuedRequest(
+    def _entry(self, call: InferCall, timeout_s: float, tenant: str) -> QueuedRequest:
+        return QueuedRequest(
             id=f"{self._call_prefix}{next(self._call_ids)}",
             reply_to=self._replies.stream,
             deadline_ms=now_ms() + int(timeout_s * 1000),
@@ -384,6 +391,88 @@ class Router:
             tenant=tenant,
             traceparent=tracing.traceparent(),
         )
+
+    async def is_generative(self, name: str, version: str) -> bool:
+        """Whether calls to the model go to a generative version (answered token by token).
+
+        Raises:
+            NotFound, FailedPrecondition: The model or version does not exist, or is not deployed.
+        """
+        target = await self._catalog.resolve(name, version)
+        return generation.is_generative(target.version.platform)
+
+    async def generate(self, call: InferCall, time_remaining_s: float | None) -> AsyncIterator[GenerationPiece]:
+        """Run a generative model's call; yield its text piece by piece, the last one final.
+
+        Raises:
+            NotFound, FailedPrecondition, InvalidArgument: From resolution and validation.
+            ResourceExhausted: The model's queue is full, or the tenant is over its quota.
+            DeadlineExceeded: The generation did not end by the deadline.
+            Unavailable: Redis cannot be reached, or the worker died during an unseeded sampling.
+        """
+        identity = auth.current_identity()
+        tenant = identity.tenant if identity is not None else ""
+        target = await self._catalog.resolve(call.model, call.version)
+        started, code = time.perf_counter_ns(), "OK"
+        try:
+            validate(call, target.version, target.deployment.max_batch_size)
+            params = generation.parse_parameters(call.typed_parameters, self._max_new_tokens)
+            order = TokenOrder(is_deterministic=params.is_deterministic)
+            async for piece in self._pieces(call, target, time_remaining_s, tenant, order):
+                piece = replace(piece, version=target.version.version)
+                if piece.is_final and params.empty_final:
+                    if piece.text:
+                        yield replace(piece, is_final=False, finish_reason="", payload=b"")
+                    piece = replace(piece, text=b"", has_output=False)
+                yield piece
+        except Exception as exc:
+            code = getattr(exc, "grpc_code", grpc.StatusCode.INTERNAL).name
+            raise
+        finally:
+            self._record(target, code, time.perf_counter_ns() - started)
+            if tenant:
+                self._quotas.record(tenant, code)
+
+    async def _whole_text(self, call: InferCall, target: Target, time_remaining_s: float | None, tenant: str) -> bytes:
+        generation.parse_parameters(call.typed_parameters, self._max_new_tokens)
+        # NOTE: nothing reaches the client before the end, so a redelivered sampling may start over.
+        async for piece in self._pieces(call, target, time_remaining_s, tenant, TokenOrder(is_deterministic=True)):
+            if piece.is_final:
+                return piece.payload
+        raise AssertionError("a generation ends with its final piece")  # _pieces returns only after it
+
+    async def _pieces(
+        self, call: InferCall, target: Target, time_remaining_s: float | None, tenant: str, order: TokenOrder
+    ) -> AsyncIterator[GenerationPiece]:
+        timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
+        entry = self._entry(call, timeout_s, tenant)
+        quota = await self._quotas.quota(tenant) if tenant else None
+        replies = self._replies.expect_many(entry.id)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        is_holding_slot = is_done = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._admit(target, entry, quota)
+            is_holding_slot = quota is not None and quota.max_in_flight > 0
+            while not is_done:
+                # NOTE: a timeout per read, not around the loop: the loop yields to the caller.
+                reply = await asyncio.wait_for(replies.get(), deadline - asyncio.get_running_loop().time())
+                piece = order.accept(reply)
+                if piece is not None:
+                    is_done = piece.is_final
+                    yield piece
+        except TimeoutError:
+            raise await self._deadline_error(target, timeout_s) from None
+        finally:
+            self._replies.forget(entry.id)
+            if is_holding_slot:
+                self._quotas.release(tenant, entry.reply_to, entry.id)
+            if not is_done:  # cancelled, disconnected, past the deadline or failed: stop the worker
+                await cancel(self._redis, entry.id)
+
+    async def _send(self, call: InferCall, target: Target, time_remaining_s: float | None, tenant: str) -> bytes:
+        timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
+        entry = self._entry(call, timeout_s, tenant)
         model, version = target.model.name, target.version.version
         tracing.annotate(model=model, version=version, tenant=tenant)
         quota = await self._quotas.quota(tenant) if tenant else None

@@ -109,10 +109,15 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         # report INTERNAL ("Internal error from Core") instead of the server's status.
         await context.send_initial_metadata(())
 
-        async def infer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-            return await self._infer(request, context.time_remaining())
+        async def answers(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
+            auth.check_model(request.model_name)
+            if not await self._router.is_generative(request.model_name, request.model_version):
+                yield await self._infer(request, context.time_remaining())
+                return
+            async for piece in self._router.generate(convert.infer_call(request), context.time_remaining()):
+                yield convert.generation_response(request, piece)
 
-        async for request, response, error in self._streams.serve(request_iterator, infer):
+        async for request, response, error in self._streams.serve(request_iterator, answers):
             yield convert.stream_response(request, response, error)
 
     async def SystemSharedMemoryStatus(

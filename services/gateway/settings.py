@@ -55,6 +55,8 @@ class GatewaySettings(ServiceSettings):
     max_stream_in_flight: int = Field(default=64, ge=1)
     """Most requests of one ModelStreamInfer stream in flight at once; the gateway reads the
     stream's next request only when one of them is answered (backpressure)."""
+    max_new_tokens: int = Field(default=1024, ge=1)
+    """Largest ``max_new_tokens`` a call to a generative model may ask for (its default: 128, or this if lower)."""
     drain_delay_s: float = 2.0
     """After SIGTERM, keep serving this long while load balancers remove the endpoint."""
 

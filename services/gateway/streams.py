@@ -6,6 +6,9 @@ answered, so a fast sender is slowed by HTTP/2 flow control instead of filling t
 Answers go out in completion order (requests to one model mostly complete in order; across
 models they need not): clients match them by the request's ``id``.
 
+A generative model's request is answered by several responses (Triton's decoupled models): its
+handler yields them as they come, and the request's slot frees with the last one.
+
 A request's error is its answer (the stream stays open). The stream ends:
 - OK, when the client half-closes and every request read has been answered;
 - with the error, when a message on it is not a ModelInferRequest (after the requests before
@@ -20,7 +23,7 @@ A request's error is its answer (the stream stays open). The stream ends:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeAlias, TypeVar
 
 import grpc
@@ -50,6 +53,16 @@ class _Drain:
     """Put on every open stream's queue when the gateway drains."""
 
 
+class _Partial(Generic[Req, Resp]):
+    """A response to a request that more responses follow (a generation's tokens)."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: Req, response: Resp) -> None:
+        self.request = request
+        self.response = response
+
+
 _DRAIN = _Drain()
 
 
@@ -57,12 +70,14 @@ class _Stream(Generic[Req, Resp]):
     """One open stream: a reader task that starts requests, and the queue of their answers."""
 
     def __init__(
-        self, requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Resp]], max_in_flight: int
+        self, requests: AsyncIterator[Req], handle: Callable[[Req], AsyncIterator[Resp]], max_in_flight: int
     ) -> None:
         self._requests = requests
         self._handle = handle
         self._slots = asyncio.Semaphore(max_in_flight)
-        self.queue: asyncio.Queue[_End | _Drain | tuple[Req, Resp | None, Error | None]] = asyncio.Queue()
+        self.queue: asyncio.Queue[_End | _Drain | _Partial[Req, Resp] | tuple[Req, Resp | None, Error | None]] = (
+            asyncio.Queue()
+        )
         self.running: set[asyncio.Task[None]] = set()
         self.pending = 0
         """Requests started whose answer has not been taken off the queue."""
@@ -82,9 +97,16 @@ class _Stream(Generic[Req, Resp]):
             self.queue.put_nowait(_End(None))
 
     async def _run(self, request: Req) -> None:
+        last: Resp | None = None
         try:
-            outcome: tuple[Req, Resp | None, Error | None] = (request, await self._handle(request), None)
+            async for response in self._handle(request):
+                if last is not None:
+                    self.queue.put_nowait(_Partial(request, last))
+                last = response
+            outcome: tuple[Req, Resp | None, Error | None] = (request, last, None)
         except Exception as exc:  # every failure is this request's answer, not the stream's end
+            if last is not None:
+                self.queue.put_nowait(_Partial(request, last))
             outcome = (request, None, status_of(exc))
         self.queue.put_nowait(outcome)
 
@@ -110,9 +132,12 @@ class Streams:
             stream.queue.put_nowait(_DRAIN)
 
     async def serve(
-        self, requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Resp]]
+        self, requests: AsyncIterator[Req], handle: Callable[[Req], AsyncIterator[Resp]]
     ) -> AsyncIterator[tuple[Req, Resp | None, Error | None]]:
-        """Yield ``(request, response, error)`` for each request of the stream, as each completes.
+        """Yield ``(request, response, error)`` for each response of the stream's requests, as each comes.
+
+        ``handle`` yields a request's responses (one, or a generation's several); the last one,
+        or the error that ended them, is the request's answer.
 
         Raises:
             MaasError: A message on the stream is not a request (after the answers before it).
@@ -129,6 +154,8 @@ class Streams:
                 item = await stream.queue.get()
                 if isinstance(item, _End):
                     reading, failure = False, item.error or failure
+                elif isinstance(item, _Partial):
+                    yield item.request, item.response, None
                 elif isinstance(item, _Drain):
                     if reading and not reader.done():
                         reader.cancel()

@@ -12,6 +12,10 @@ Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
   waits for it), then one ``XACK`` and one ``XDEL`` of every entry, so XLEN is the backlog, a dead
   gateway's reply stream is never recreated, and a worker killed mid-write leaves either every
   entry answered and acked or every entry pending (to be reclaimed and run again).
+  On a Redis Cluster each reply stream is its own slot, which a MULTI cannot span: the replies
+  (and the tenants' usage counts) go first, then the MULTI of the queue's slot (XACK, XDEL,
+  statistics, dead letter). A worker killed in between leaves entries answered but pending:
+  they run again and their second reply is dropped by the gateway (at most one reply).
 - Every ``reclaim_interval_s`` entries idle longer than ``reclaim_idle_ms`` are claimed with
   XAUTOCLAIM and run one by one; those delivered more than ``max_deliveries`` times go to the
   dead-letter stream with an INTERNAL reply.
@@ -35,7 +39,7 @@ from services.common import keys, stats, tracing, usage
 from services.common.errors import InvalidArgument, MaasError
 from services.common.metadata import DeploymentRecord
 from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, now_ms, stream_entries
-from services.common.redis_conn import count_redis_error, send_commands
+from services.common.redis_conn import command_slot, count_redis_error, is_cluster, send_commands
 from services.common.tasks import finish_tasks
 from services.inference import batcher, convert
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime
@@ -178,20 +182,23 @@ class QueueConsumer:
     def __init__(
         self,
         redis: aioredis.Redis,
-        runtime: ModelRuntime,
+        runtime: ModelRuntime | None,
         deployment: DeploymentRecord,
         settings: InferenceSettings,
         *,
         progress: asyncio.Event | None = None,
     ) -> None:
-        """Create a consumer; ``progress`` is set whenever entries were answered (run_until_empty)."""
+        """Create a consumer; ``progress`` is set whenever entries were answered (run_until_empty).
+
+        ``runtime`` is None only for a subclass that runs entries otherwise (``services.inference.generation``).
+        """
         self.deployment = deployment
         """The deployment served; the worker replaces it when batching options change."""
         self.queue = keys.queue(deployment.model, deployment.version)
         self.dead_letter = keys.dead_letter(deployment.model, deployment.version)
         self._stats_key = keys.stats(deployment.model, deployment.version)
         self._redis = redis
-        self._runtime = runtime
+        self._session_runtime = runtime
         self._settings = settings
         self._labels = {"model": deployment.model, "version": str(deployment.version)}
         self._counters: dict[grpc.StatusCode, Any] = {}
@@ -214,11 +221,24 @@ class QueueConsumer:
         """Entries read and not yet answered (the heartbeat's ``in_flight``)."""
         return len(self._in_flight)
 
+    @property
+    def _runtime(self) -> ModelRuntime:
+        assert self._session_runtime is not None, "a consumer without a runtime must override _process"
+        return self._session_runtime
+
+    def _concurrent_batches(self) -> int:
+        """Batches whose runs go on at once (a generation consumer: generations)."""
+        return self._settings.max_concurrent_batches
+
+    def _read_size(self) -> int:
+        """Most entries one read takes (a generation consumer: one)."""
+        return max(1, self.deployment.max_batch_size)
+
     def start(self) -> None:
         """Start the read and reclaim loops (the group is created by the loops, retried)."""
         self._stop = asyncio.Event()
-        self._slots = asyncio.Semaphore(self._settings.max_concurrent_batches)
-        self._sending = asyncio.Semaphore(2 * self._settings.max_concurrent_batches)
+        self._slots = asyncio.Semaphore(self._concurrent_batches())
+        self._sending = asyncio.Semaphore(2 * self._concurrent_batches())
         self._loops = [
             asyncio.create_task(supervise("read", self._read_loop, self._stop, queue=self.queue)),
             asyncio.create_task(supervise("reclaim", self._reclaim_loop, self._stop, queue=self.queue)),
@@ -313,7 +333,7 @@ class QueueConsumer:
             await self._handle_claimed([(entry_id, fields) for entry_id, fields in history if fields])
 
     async def _read_batch(self) -> list[Entry]:
-        size = max(1, self.deployment.max_batch_size)
+        size = self._read_size()
         entries = await self._read(size, self._settings.block_ms)
         wait_ms = self.deployment.max_wait_ms
         if not entries or len(entries) >= size or wait_ms <= 0:
@@ -464,21 +484,32 @@ class QueueConsumer:
         if not answers:
             return
         ids = [answer.entry_id for answer in answers]
-        commands: list[tuple[Any, ...]] = [("MULTI",), *first]
-        for answer in answers:
-            if answer.reply is not None and answer.reply_to is not None:
-                commands.append(("XADD", answer.reply_to, "NOMKSTREAM", "*", *_flat(answer.reply.to_fields())))
-        commands += [("XACK", self.queue, keys.QUEUE_GROUP, *ids), ("XDEL", self.queue, *ids), ("EXEC",)]
-        replies = await send_commands(self._redis, commands)
-        results = replies[-1]
+        replies = [
+            ("XADD", answer.reply_to, "NOMKSTREAM", "*", *_flat(answer.reply.to_fields()))
+            for answer in answers
+            if answer.reply is not None and answer.reply_to is not None
+        ]
+        ack = [("XACK", self.queue, keys.QUEUE_GROUP, *ids), ("XDEL", self.queue, *ids)]
+        if is_cluster(self._redis):  # replies first, then the queue slot's MULTI (see the module's notes)
+            slot = command_slot(ack[0])
+            self._log_rejected(
+                await send_commands(self._redis, [*replies, *(c for c in first if command_slot(c) != slot)])
+            )
+            commands = [("MULTI",), *(c for c in first if command_slot(c) == slot), *ack, ("EXEC",)]
+        else:
+            commands = [("MULTI",), *first, *replies, *ack, ("EXEC",)]
+        results = (await send_commands(self._redis, commands))[-1]
         if isinstance(results, redis.exceptions.ResponseError):
             raise results  # EXECABORT: nothing was applied, the entries stay pending
+        self._log_rejected(results)
+        for answer in answers:
+            self._answered(answer.code)
+
+    def _log_rejected(self, results: Sequence[Any]) -> None:
         for result in results:
             if isinstance(result, redis.exceptions.ResponseError):
                 # e.g. WRONGTYPE: a reply key that is not a stream; that caller gets its deadline.
                 log.warning("reply_rejected", queue=self.queue, error=str(result))
-        for answer in answers:
-            self._answered(answer.code)
 
     def _answered(self, code: grpc.StatusCode) -> None:
         counter = self._counters.get(code)

@@ -57,7 +57,13 @@ def infer_request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
         model=message.model_name,
         version=message.model_version,
         class_counts=_class_counts(message.outputs),
+        parameters=tuple(_typed_parameter(name, value) for name, value in message.parameters.items()),
     )
+
+
+def _typed_parameter(name: str, parameter: pb.InferParameter) -> tuple[str, str | None, object]:
+    kind = parameter.WhichOneof("parameter_choice")
+    return name, kind, getattr(parameter, kind) if kind else None
 
 
 def _class_counts(outputs: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor]) -> dict[str, int]:

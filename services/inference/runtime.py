@@ -21,6 +21,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
+from services.common.custom_ops import register_custom_ops
 from services.common.dtypes import datatype, from_numpy, from_ort
 from services.common.errors import FailedPrecondition, InvalidArgument, MaasError
 from services.common.metadata import TensorSpec
@@ -62,6 +63,8 @@ class InferRequest:
     """Version as the client sent it ("" for the default)."""
     class_counts: Mapping[str, int] = field(default_factory=dict)
     """Requested outputs to return as their top classes (``class_count``), by output name."""
+    parameters: tuple[tuple[str, str | None, object], ...] = ()
+    """The request's parameters: (name, kind such as ``int64_param``, value); generative models read them."""
 
 
 @dataclass(frozen=True)
@@ -191,8 +194,12 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(name=arg.name, datatype=from_ort(arg.type).name, shape=dims)
 
 
-def _create_session(path: Path, providers: list[str], intra_op_threads: int, spinning: bool) -> ort.InferenceSession:
+def _create_session(
+    path: Path, providers: list[str], intra_op_threads: int, spinning: bool, custom_ops: Sequence[str] = ()
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    # NOTE: only for versions that declare a library (checked at upload): others get a plain session.
+    register_custom_ops(options, custom_ops)
     if intra_op_threads > 0:
         options.intra_op_num_threads = intra_op_threads
     if not spinning:
@@ -231,8 +238,11 @@ class ModelRuntime:
         inline_run_max_s: float = 0.0,
         spinning: bool = False,
         class_labels: tuple[str, ...] = (),
+        custom_ops: Sequence[str] = (),
     ) -> ModelRuntime:
         """Create a session for the ONNX file at ``path`` in a thread (never on the event loop).
+
+        ``custom_ops`` are the custom-operator libraries the version declares (registered in its session).
 
         Raises:
             InvalidArgument: The model uses a type KServe v2 cannot carry.
@@ -240,7 +250,7 @@ class ModelRuntime:
         """
         wanted = select_providers(providers, ort.get_available_providers(), has_gpu=has_gpu_driver())
         try:
-            session = await asyncio.to_thread(_create_session, path, wanted, intra_op_threads, spinning)
+            session = await asyncio.to_thread(_create_session, path, wanted, intra_op_threads, spinning, custom_ops)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise MaasError(f"model '{model}' version {version} failed to load: {_first_line(exc)}") from exc
         if providers == "cuda" and _CUDA not in session.get_providers():

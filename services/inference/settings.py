@@ -43,7 +43,11 @@ class InferenceSettings(ServiceSettings):
     worker_id: str = Field(default_factory=default_worker_id)
     """Consumer name in every queue's group and heartbeat key; unique per process."""
     cache_dir: Path = Path(".maas/inference-cache")
-    """Directory of downloaded model artifacts (``<model>/<version>-<sha256[:12]>.onnx``)."""
+    """Directory of downloaded model artifacts (``<model>/<version>-<sha256[:12]>.onnx``; a bundle:
+    the directory ``<model>/<version>-<sha256[:12]>/`` with its files)."""
+    max_model_bytes: int = Field(default=0, ge=0)
+    """Memory budget of one model version: a version whose files (a bundle's total) are larger is
+    not loaded, with the reason in ``maas status``; 0: no budget."""
     providers: ProviderSetting = "auto"
     """ONNX Runtime providers: auto (CUDA only if a GPU driver is present), cpu or cuda."""
     intra_op_threads: int = 0
@@ -57,6 +61,9 @@ class InferenceSettings(ServiceSettings):
     A batch's replies are written while the next batch is read and run. On a CPU one run
     already uses every core (``intra_op_threads``), and a later read takes a fuller batch.
     """
+    max_generations: int = Field(default=4, ge=1)
+    """Generations (generative versions, ONNX Runtime GenAI) running at once on this worker; each
+    has a thread of its own, and more requests wait in their queue."""
     ort_spinning: bool = False
     """Let ONNX Runtime's threads spin-wait for work between runs: a little lower latency on
     cores the worker has to itself, CPU burnt that Redis, the gateway or neighbours need otherwise."""

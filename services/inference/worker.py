@@ -21,13 +21,14 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from services.common import events, keys
-from services.common.errors import MaasError, NotFound
+from services.common import events, generation, keys
+from services.common.errors import FailedPrecondition, MaasError, NotFound
 from services.common.metadata import DeploymentRecord, VersionRecord
 from services.common.queue import now_ms
 from services.common.tasks import finish_tasks
 from services.inference import queue_metrics
 from services.inference.consumer import QueueConsumer, sleep_unless, supervise
+from services.inference.generation import GenerationConsumer, GenerationModel, GenerationPool
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime, parse_version
 from services.inference.settings import InferenceSettings
 
@@ -58,12 +59,16 @@ class ModelSource(Protocol):
         """Write the version's artifact to ``dest`` atomically, sha256 verified."""
         ...
 
+    async def download_bundle(self, model: str, version: int, dest: Path) -> VersionRecord:
+        """Write a bundle version's files into the directory ``dest``, each sha256 verified (complete ones skipped)."""
+        ...
+
 
 @dataclass
 class _Served:
     """A loaded model version and the consumer of its queue."""
 
-    runtime: ModelRuntime
+    runtime: ModelRuntime | GenerationModel
     consumer: QueueConsumer
 
 
@@ -73,7 +78,23 @@ def _desired(deployments: Iterable[DeploymentRecord]) -> dict[tuple[str, int], D
 
 
 def _cache_path(cache_dir: Path, record: VersionRecord) -> Path:
+    """Where a version's .onnx file is cached: a single file, or the entry point in the bundle's directory."""
+    if record.is_bundle:
+        return cache_dir / record.model / f"{record.version}-{record.sha256[:12]}" / record.entry_file
     return cache_dir / record.model / f"{record.version}-{record.sha256[:12]}.onnx"
+
+
+def _check_budget(record: VersionRecord, max_model_bytes: int) -> None:
+    """Refuse a version larger than the worker's memory budget (0: none).
+
+    Raises:
+        FailedPrecondition: It is larger (the message names both sizes and the setting).
+    """
+    if max_model_bytes and record.size_bytes > max_model_bytes:
+        raise FailedPrecondition(
+            f"refused: {record.size_bytes} bytes of model files exceed this worker's memory budget of "
+            f"{max_model_bytes} bytes (max_model_bytes)"
+        )
 
 
 class InferenceWorker:
@@ -90,12 +111,15 @@ class InferenceWorker:
         self._is_ready = False
         self._is_drained = False
         self._executor: ThreadPoolExecutor | None = None
+        self._generations: GenerationPool | None = None
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         self._progress: asyncio.Event | None = None
         self._events_id = "$"
         self._retiring: dict[tuple[str, int], float] = {}
+        self._load_errors: dict[tuple[str, int], str] = {}
+        """Why each desired version that is not served failed to load (heartbeat: ``maas status``)."""
         """Served versions no longer deployed, unloaded once idle and past their time (``_retire_at``)."""
 
     @property
@@ -112,6 +136,7 @@ class InferenceWorker:
         """Load the deployed models (first reconcile), then start the background loops."""
         # One thread more than a queue may use: another model's run never waits behind its runs.
         self._executor = ThreadPoolExecutor(self.settings.max_concurrent_batches + 1, thread_name_prefix="ort-run")
+        self._generations = GenerationPool(self.settings.max_generations)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -148,6 +173,7 @@ class InferenceWorker:
             self._retiring = {key: self._retire_at(key, desired) for key in self._served if key not in desired}
             for key in list(self._retiring):
                 await self._retire(key)
+            self._load_errors = {key: reason for key, reason in self._load_errors.items() if key in desired}
             for key, deployment in desired.items():
                 await self._apply(key, deployment)
             self._is_ready = True
@@ -170,25 +196,39 @@ class InferenceWorker:
         try:
             runtime = await self._load(deployment)
         except Exception as exc:  # a bad model must not stop the others; retried next reconcile
-            log.error(
-                "model_load_failed",
-                model=deployment.model,
-                version=deployment.version,
-                reason=exc.message if isinstance(exc, MaasError) else repr(exc),
-            )
+            reason = exc.message if isinstance(exc, MaasError) else repr(exc)
+            self._load_errors[key] = reason
+            # A version over the memory budget is this worker's choice, not a failure: a warning.
+            level = log.warning if isinstance(exc, FailedPrecondition) else log.error
+            event = "model_refused" if isinstance(exc, FailedPrecondition) else "model_load_failed"
+            level(event, model=deployment.model, version=deployment.version, reason=reason)
             return
-        assert self._progress is not None
-        consumer = QueueConsumer(self._redis, runtime, deployment, self.settings, progress=self._progress)
+        self._load_errors.pop(key, None)
+        assert self._progress is not None and self._generations is not None
+        consumer: QueueConsumer
+        if isinstance(runtime, GenerationModel):
+            consumer = GenerationConsumer(
+                self._redis, runtime, deployment, self.settings, self._generations, progress=self._progress
+            )
+        else:
+            consumer = QueueConsumer(self._redis, runtime, deployment, self.settings, progress=self._progress)
         consumer.start()
         self._served[key] = _Served(runtime, consumer)
 
-    async def _load(self, deployment: DeploymentRecord) -> ModelRuntime:
+    async def _load(self, deployment: DeploymentRecord) -> ModelRuntime | GenerationModel:
         assert self._executor is not None
         started = time.perf_counter()
         record = await self._source.get_version(deployment.model, deployment.version)
+        _check_budget(record, self.settings.max_model_bytes)
         path = _cache_path(self.settings.cache_dir, record)
-        if not await asyncio.to_thread(path.exists):
+        if record.is_bundle:  # resumable: the files already complete in the cache are skipped
+            await self._source.download_bundle(deployment.model, deployment.version, path.parent)
+        elif not await asyncio.to_thread(path.exists):
             await self._source.download_version(deployment.model, deployment.version, path)
+        if generation.is_generative(record.platform):
+            model = await GenerationModel.load(path.parent, model=deployment.model, version=deployment.version)
+            log.info("model_loaded", model=deployment.model, version=deployment.version, platform=record.platform)
+            return model
         runtime = await ModelRuntime.load(
             path,
             model=deployment.model,
@@ -199,6 +239,7 @@ class InferenceWorker:
             inline_run_max_s=self.settings.inline_run_max_us / 1e6,
             spinning=self.settings.ort_spinning,
             class_labels=record.class_labels,
+            custom_ops=record.custom_ops,
         )
         load_s = time.perf_counter() - started
         queue_metrics.MODEL_LOAD_SECONDS.labels(model=deployment.model, version=str(deployment.version)).observe(load_s)
@@ -297,6 +338,7 @@ class InferenceWorker:
             "models": self.served_models,
             "providers": sorted({p for served in self._served.values() for p in served.runtime.providers}),
             "in_flight": sum(served.consumer.in_flight for served in self._served.values()),
+            "load_errors": [f"{model}:{version}: {reason}" for (model, version), reason in self._load_errors.items()],
             "ts_ms": now_ms(),
         }
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
@@ -330,6 +372,8 @@ class InferenceWorker:
         self._served.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._generations is not None:
+            self._generations.shutdown()
         log.info("worker_drained", worker_id=self.settings.worker_id)
 
     async def run_until_empty(self, timeout_s: float = 30.0) -> None:
@@ -364,7 +408,12 @@ class InferenceWorker:
         chosen = version or versions[-1]
         if chosen not in versions:
             raise NotFound(f"model '{model}' version {version} is not loaded on this worker")
-        return self._served[(model, chosen)].runtime
+        runtime = self._served[(model, chosen)].runtime
+        if isinstance(runtime, GenerationModel):
+            raise FailedPrecondition(
+                f"model '{model}' is generative: call it through the gateway (ModelStreamInfer streams its tokens)"
+            )
+        return runtime
 
     def versions(self, model: str) -> list[int]:
         """Loaded versions of ``model``, ascending."""

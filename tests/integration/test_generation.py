@@ -1,0 +1,239 @@
+"""Generative models (ONNX Runtime GenAI): pushed as a bundle, streamed token by token, cancelled, resumed.
+
+The model is tests/genai_model.py's tiny decoder: greedy decoding emits the byte after the
+previous one, so "hello a" -> "bcdefg...". Its slow variant (``burn``) takes a few ms a token,
+so that a cancel or a kill lands mid-generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from inference import grpc_service_pb2 as pb
+from services.client.aio import AsyncMaasClient
+from services.common.embedded_redis import EmbeddedRedis
+from tests.genai_model import build_genai_model
+from tests.integration.suite import Suite, start_service_process
+
+pytestmark = pytest.mark.integration
+
+GREEDY = "".join(chr(ord("b") + i) for i in range(30))
+"""What greedy decoding generates after a prompt ending in "a" (ASCII up to "~")."""
+
+
+@pytest.fixture
+async def suite(redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Suite]:
+    running = await Suite(redis_server.url, tmp_path, timeout_s=30).start(with_worker=False)
+    await running.start_worker(max_generations=2, reclaim_idle_ms=600, reclaim_interval_s=0.3)
+    yield running
+    await running.stop()
+
+
+async def _push(suite: Suite, tmp_path: Path, name: str, *, burn: int = 0) -> int:
+    async with AsyncMaasClient(suite.gateway_address, suite.registry_address) as client:
+        version = await client.push(name, build_genai_model(tmp_path / name, burn=burn))
+        await client.deploy(name, version.version)
+    if suite.worker is not None:
+        await suite.worker.reconcile()
+    return version.version
+
+
+def _request(model: str, prompt: str, **parameters: int | float | bool) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, id="r1")
+    request.inputs.add(name="prompt", datatype="BYTES", shape=[1])
+    data = prompt.encode()
+    request.raw_input_contents.append(struct.pack("<I", len(data)) + data)
+    for name, value in parameters.items():
+        if isinstance(value, bool):
+            request.parameters[name].bool_param = value
+        elif isinstance(value, int):
+            request.parameters[name].int64_param = value
+        else:
+            request.parameters[name].double_param = value
+    return request
+
+
+def _text(response: pb.ModelInferResponse) -> str:
+    if not response.raw_output_contents:
+        return ""
+    raw = response.raw_output_contents[0]
+    return raw[4 : 4 + struct.unpack("<I", raw[:4])[0]].decode()
+
+
+async def _stream(suite: Suite, request: pb.ModelInferRequest) -> list[pb.ModelStreamInferResponse]:
+    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+        yield request
+
+    return [response async for response in suite.inference.ModelStreamInfer(requests(), timeout=30)]
+
+
+def _gauge() -> float:
+    return REGISTRY.get_sample_value("maas_worker_generations_in_flight") or 0.0
+
+
+async def test_greedy_generation_streams_token_by_token_and_infer_returns_it_whole(
+    suite: Suite, tmp_path: Path
+) -> None:
+    await _push(suite, tmp_path, "tiny")
+    metadata = await suite.inference.ModelMetadata(pb.ModelMetadataRequest(name="tiny"))
+    assert metadata.platform == "onnxruntime_genai"
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("prompt", "BYTES", [1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("text", "BYTES", [1])]
+
+    responses = await _stream(suite, _request("tiny", "hello a", max_new_tokens=25))
+    assert [r.error_message for r in responses] == [""] * 25
+    pieces = [_text(r.infer_response) for r in responses]
+    assert pieces == list(GREEDY[:25])  # one response per token, in order
+    finals = [r.infer_response.parameters["triton_final_response"].bool_param for r in responses]
+    assert finals == [False] * 24 + [True]
+    assert responses[-1].infer_response.parameters["finish_reason"].string_param == "length"
+
+    whole = await suite.inference.ModelInfer(_request("tiny", "hello a", max_new_tokens=25), timeout=30)
+    assert _text(whole) == GREEDY[:25]
+
+
+async def test_parameters_are_checked_and_seeded_sampling_is_reproducible(suite: Suite, tmp_path: Path) -> None:
+    await _push(suite, tmp_path, "tiny")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.inference.ModelInfer(_request("tiny", "hello", beam_width=2), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameter 'beam_width' is not supported" in str(caught.value.details())
+    assert "max_new_tokens, temperature, top_k, top_p, seed, do_sample" in str(caught.value.details())
+    for bad, rule in [({"max_new_tokens": 0}, "1..1024"), ({"temperature": 0.0}, "> 0"), ({"top_p": 1.5}, "(0, 1]")]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await suite.inference.ModelInfer(_request("tiny", "hello", **bad), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert rule in str(caught.value.details())
+
+    def sampled(seed: int) -> pb.ModelInferRequest:
+        return _request("tiny", "hello", max_new_tokens=12, do_sample=True, temperature=50.0, top_k=260, seed=seed)
+
+    first = [_text(r.infer_response) for r in await _stream(suite, sampled(1))]
+    again = [_text(r.infer_response) for r in await _stream(suite, sampled(1))]
+    other = [_text(r.infer_response) for r in await _stream(suite, sampled(2))]
+    assert first == again
+    assert first != other
+
+
+async def test_a_cancelled_stream_stops_the_generation(
+    suite: Suite, tmp_path: Path, redis_client: aioredis.Redis
+) -> None:
+    await _push(suite, tmp_path, "slow", burn=256)  # a few ms a token: 1000 tokens take seconds
+    call = suite.inference.ModelStreamInfer(iter([_request("slow", "a", max_new_tokens=1000)]), timeout=30)
+    received = 0
+    async for response in call:
+        assert response.error_message == ""
+        received += 1
+        if received == 3:
+            break
+    assert _gauge() == 1
+    call.cancel()
+    async with asyncio.timeout(10):  # the whole generation would take far longer
+        while _gauge() != 0:
+            await asyncio.sleep(0.02)
+    assert suite.worker is not None
+    await suite.worker.run_until_empty(timeout_s=10)  # the entry was acked: nothing pending
+
+
+async def test_generations_at_once_are_bounded_by_the_setting(suite: Suite, tmp_path: Path) -> None:
+    await _push(suite, tmp_path, "slow", burn=256)
+    peak = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, int(_gauge()))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(*(_stream(suite, _request("slow", "a", max_new_tokens=30)) for _ in range(3)))
+    finally:
+        done.set()
+        await watcher
+    assert ["".join(_text(r.infer_response) for r in responses) for responses in results] == [GREEDY[:30]] * 3
+    assert peak == 2  # max_generations=2: the third waited in the queue
+
+
+async def _start_worker(suite: Suite, tmp_path: Path, name: str) -> asyncio.subprocess.Process:
+    ready = tmp_path / f"{name}.json"
+    process, port = await start_service_process(
+        "services.inference",
+        ready,
+        {
+            "MAAS_REDIS_URL": suite.redis_url,
+            "MAAS_INFERENCE_REGISTRY_ADDRESS": suite.registry_address,
+            "MAAS_INFERENCE_WORKER_ID": name,
+            "MAAS_INFERENCE_PROVIDERS": "cpu",
+            "MAAS_INFERENCE_CACHE_DIR": str(tmp_path / f"cache-{name}"),
+            "MAAS_INFERENCE_READY_FILE": str(ready),
+            "MAAS_INFERENCE_LOG_LEVEL": "warning",
+            "MAAS_INFERENCE_RECLAIM_IDLE_MS": "600",
+            "MAAS_INFERENCE_RECLAIM_INTERVAL_S": "0.3",
+        },
+    )
+    assert port > 0
+    return process
+
+
+@pytest.fixture
+async def bare_suite(redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Suite]:
+    running = await Suite(redis_server.url, tmp_path, timeout_s=60).start(with_worker=False)
+    yield running
+    await running.stop()
+
+
+async def _kill_mid_stream(
+    suite: Suite, tmp_path: Path, request: pb.ModelInferRequest
+) -> list[pb.ModelStreamInferResponse]:
+    """Stream ``request``; SIGKILL the worker after 5 tokens arrived, start another; return every response."""
+    first = await _start_worker(suite, tmp_path, "first")
+    second = None
+    responses: list[pb.ModelStreamInferResponse] = []
+    try:
+        async for response in suite.inference.ModelStreamInfer(iter([request]), timeout=60):
+            responses.append(response)
+            if len(responses) == 5:
+                first.send_signal(signal.SIGKILL)
+                await first.wait()
+                second = await _start_worker(suite, tmp_path, "second")
+    finally:
+        for process in (first, second):
+            if process is not None and process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                await process.wait()
+    return responses
+
+
+async def test_a_worker_killed_mid_generation_greedy_resumes_without_duplicate_or_gap(
+    bare_suite: Suite, tmp_path: Path
+) -> None:
+    await _push(bare_suite, tmp_path, "slow", burn=256)
+    responses = await _kill_mid_stream(bare_suite, tmp_path, _request("slow", " ", max_new_tokens=60))
+    assert [r.error_message for r in responses] == [""] * 60
+    text = "".join(_text(r.infer_response) for r in responses)
+    assert text == "".join(chr(ord("!") + i) for i in range(60))  # every token once, in order (ASCII)
+    assert responses[-1].infer_response.parameters["triton_final_response"].bool_param
+
+
+async def test_a_worker_killed_mid_unseeded_sampling_ends_the_call_unavailable(
+    bare_suite: Suite, tmp_path: Path
+) -> None:
+    await _push(bare_suite, tmp_path, "slow", burn=256)
+    request = _request("slow", "a", max_new_tokens=200, do_sample=True, temperature=50.0, top_k=260)
+    responses = await _kill_mid_stream(bare_suite, tmp_path, request)
+    assert all(r.error_message == "" for r in responses[:-1])
+    last = responses[-1]
+    assert last.infer_response.parameters["error_code"].string_param == "UNAVAILABLE"
+    assert "the worker generating this answer died after" in last.error_message
+    assert "unseeded sampling cannot be resumed" in last.error_message
