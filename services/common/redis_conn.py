@@ -94,16 +94,18 @@ def create_redis(
         return _create_cluster(url, timeout_s)
     if url.startswith(SENTINEL_SCHEME):
         return _create_sentinel_client(url, timeout_s)
-    pool = _Pool.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=15,
-        max_connections=256,
-        retry=Retry(NoBackoff(), _RETRIES, supported_errors=(redis.exceptions.ConnectionError,)),
-        max_idle_s=max_idle_s,
-    )
+    pool = _Pool.from_url(url, **_connection_options(timeout_s), max_connections=256, max_idle_s=max_idle_s)
     return aioredis.Redis.from_pool(pool)
+
+
+def _connection_options(timeout_s: float) -> dict[str, Any]:
+    """Timeouts, health checks and retries of every connection, whatever the mode."""
+    return {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": 15,
+        "retry": Retry(NoBackoff(), _RETRIES, supported_errors=(redis.exceptions.ConnectionError,)),
+    }
 
 
 SENTINEL_SCHEME = "redis+sentinel://"
@@ -120,10 +122,7 @@ def _create_sentinel_client(url: str, timeout_s: float) -> aioredis.Redis:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         sentinels,
         sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=15,
-        retry=Retry(NoBackoff(), _RETRIES, supported_errors=(redis.exceptions.ConnectionError,)),
+        **_connection_options(timeout_s),
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         db=int(path[1]) if len(path) > 1 else 0,
@@ -142,14 +141,7 @@ class _SentinelPool(SentinelConnectionPool):
 
 
 def _create_cluster(url: str, timeout_s: float) -> aioredis.Redis:
-    client = RedisCluster.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=15,
-        max_connections=256,
-        retry=Retry(NoBackoff(), _RETRIES, supported_errors=(redis.exceptions.ConnectionError,)),
-    )
+    client = RedisCluster.from_url(url, **_connection_options(timeout_s), max_connections=256)
     # NOTE: not a Redis subclass, but every command MaaS sends has the same signature on both
     # (the services are typed against Redis; is_cluster tells the few places that differ).
     return cast(aioredis.Redis, client)
