@@ -62,7 +62,7 @@ from services.common.optimization import (
 )
 from services.common.queue import now_ms
 from services.registry import transforms as child
-from services.registry.childproc import kill
+from services.registry.childproc import READY, kill
 from services.registry.operations import OperationStore, new_operation_id
 from services.registry.store import ModelStore, UploadHeader
 
@@ -384,7 +384,7 @@ class Optimizer:
         transform, steps = job["transform"], len(run.record.transforms)
         async with asyncio.timeout(_START_TIMEOUT_S):
             ready = await process.stdout.readline()
-        if ready.decode().strip() != child.READY:
+        if ready.decode().strip() != READY:
             raise self._died(transform, process.returncode)
         process.stdin.write(json.dumps(job).encode() + b"\n")
         try:

@@ -39,17 +39,14 @@ import structlog
 from services.common.custom_ops import undeclared_extension_op
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.metadata import TensorSpec
+from services.registry.childproc import MEMORY_EXIT, READY, answer_once
 from services.registry.childproc import kill as _kill
-from services.registry.childproc import limit_self
 from services.registry.signature import Signature
 
 log = structlog.get_logger(__name__)
 
-_READY = "ready"
 _START_TIMEOUT_S = 60.0
 """Longest wait for a child to import ONNX Runtime; not charged to the model's ``timeout_s``."""
-_MEMORY_EXIT = 3
-"""Exit status of a child that ran out of memory before it could report it."""
 _REPORT_LIMIT_BYTES = 64 * 1024 * 1024
 """Longest report line (a signature with many tensors, or a long load error)."""
 
@@ -153,7 +150,7 @@ class ArtifactValidator:
                 ready = await process.stdout.readline()
         except TimeoutError:
             raise Unavailable("the upload validation process did not start in time") from None
-        if ready.decode().strip() != _READY:
+        if ready.decode().strip() != READY:
             return None  # it died while importing: under the memory limit, or broken
         # NOTE: the names are checked (check_custom_ops) before an upload gets here: no comma, no newline.
         root = "" if bundle_root is None else str(bundle_root)  # staged paths: no newline in them
@@ -179,12 +176,12 @@ class ArtifactValidator:
     def _signature(self, result: dict[str, Any] | None, returncode: int | None) -> Signature:
         if result is not None and "error" in result:
             raise InvalidArgument(str(result["error"]))
-        if result is None or result.get("memory") or returncode == _MEMORY_EXIT:
+        if result is None or result.get("memory") or returncode == MEMORY_EXIT:
             log.info("validation_process_failed", returncode=returncode)
             raise InvalidArgument(
                 f"artifact could not be loaded within the registry's validation memory limit of "
                 f"{self.limits.memory_bytes} bytes (validate_memory_bytes)"
-                + ("" if result is not None or returncode == _MEMORY_EXIT else f"; the loader exited with {returncode}")
+                + ("" if result is not None or returncode == MEMORY_EXIT else f"; the loader exited with {returncode}")
             )
         return Signature(inputs=_specs(result["inputs"]), outputs=_specs(result["outputs"]))
 
@@ -393,27 +390,18 @@ def _validate_generative(path: Path, bundle_root: Path) -> dict[str, Any]:
 
 
 def _child_main(memory_bytes: int) -> int:
-    limit_self(memory_bytes)
-    try:
+    def prepare() -> None:
         import onnxruntime  # noqa: F401  # imported before `ready`: not charged to the model
 
-        print(_READY, flush=True)
+    def work() -> dict[str, Any]:
         path = Path(sys.stdin.readline().strip())
         custom_ops = tuple(name for name in sys.stdin.readline().strip().split(",") if name)
         root = sys.stdin.readline().strip()
         if sys.stdin.readline().strip() == "1":
-            report = _validate_generative(path, Path(root))
-        else:
-            report = _validate(path, custom_ops, Path(root) if root else None)
-    except InvalidArgument as exc:
-        report = {"error": exc.message}
-    except MemoryError:
-        report = {"memory": True}
-    try:
-        print(json.dumps(report), flush=True)
-    except MemoryError:
-        return _MEMORY_EXIT
-    return 0
+            return _validate_generative(path, Path(root))
+        return _validate(path, custom_ops, Path(root) if root else None)
+
+    return answer_once(memory_bytes, prepare, work)
 
 
 if __name__ == "__main__":

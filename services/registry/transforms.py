@@ -34,11 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import FailedPrecondition, InvalidArgument, MaasError
-from services.registry.childproc import limit_self
+from services.registry.childproc import answer_once, limit_self
 
-READY = "ready"
-MEMORY_EXIT = 3
-"""Exit status of a child that ran out of memory before it could report it."""
 RANDOM_ROWS = 32
 """Rows of random inputs when no .npz is given."""
 MAX_ROWS = 256
@@ -319,27 +316,20 @@ def tool_versions() -> dict[str, str]:
 
 
 def _child_main(memory_bytes: int) -> int:
-    global _np, _ort
-    limit_self(memory_bytes)
-    try:
+    def prepare() -> None:
+        global _np, _ort
         import numpy
         import onnxruntime
 
         _np, _ort = numpy, onnxruntime
         onnxruntime.set_default_logger_severity(3)
-        print(READY, flush=True)
+
+    def work() -> dict[str, Any]:
         job = json.loads(sys.stdin.readline())
         limit_self(memory_bytes, timeout_s=job["timeout_s"] + 5)  # backstop if the parent died
-        result: dict[str, Any] = {"report": run_job(job) | {"tool_versions": tool_versions()}}
-    except MaasError as exc:
-        result = {"error": exc.message, "code": exc.grpc_code.name}
-    except MemoryError:
-        result = {"memory": True}
-    try:
-        print(json.dumps(result), flush=True)
-    except MemoryError:
-        return MEMORY_EXIT
-    return 0
+        return {"report": run_job(job) | {"tool_versions": tool_versions()}}
+
+    return answer_once(memory_bytes, prepare, work)
 
 
 if __name__ == "__main__":
