@@ -15,8 +15,9 @@ filters lists. Health and (unless closed by a setting) reflection stay open.
 
 Administration is per tenant: a key with the ``admin`` scope administers its own tenant (its
 keys, its usage), and only an ``admin`` key of the built-in ``system`` tenant (``maas up``'s
-bootstrap key) administers the whole service: every tenant and model, tenants, quotas and the
-cluster status (rules with ``is_global``). ``administered_tenant`` and ``check_administers``
+bootstrap key) administers the whole service: every tenant and model, tenants and quotas (rules
+with ``is_global``), and sees the whole cluster status (a tenant administrator sees its tenant's
+models there). ``administered_tenant`` and ``check_administers``
 tell the identity store which tenant a caller may administer.
 """
 
@@ -180,11 +181,13 @@ class Identity:
     tenant: str
     scopes: frozenset[str]
     models: tuple[str, ...]
+    expires_at_ms: int = 0
+    """0: never."""
 
     @classmethod
     def of(cls, record: ApiKeyRecord) -> Identity:
         """Return the identity a key record grants."""
-        return cls(record.id, record.name, record.tenant, frozenset(record.scopes), record.models)
+        return cls(record.id, record.name, record.tenant, frozenset(record.scopes), record.models, record.expires_at_ms)
 
     @property
     def is_admin(self) -> bool:
@@ -267,18 +270,25 @@ def check_administers(tenant: str) -> None:
         )
 
 
-def check_grantable(scopes: Sequence[str], models: Sequence[str]) -> None:
+def check_grantable(scopes: Sequence[str], models: Sequence[str], expires_at_ms: int = 0) -> None:
     """Refuse a new key that could do more than the calling tenant administrator's own key.
 
     A tenant administrator grants only scopes it has, and, unless its key may use every model
-    (``*``), only model patterns its key has; the global administrator grants anything.
+    (``*``), only model patterns its key has; a key of its that expires makes only keys that
+    expire no later (``expires_at_ms``, 0: never); the global administrator grants anything.
 
     Raises:
-        PermissionDenied: A scope or a model pattern the calling key lacks; the message names it.
+        PermissionDenied: A scope, a model pattern or a lifetime the calling key lacks; the
+            message names it.
     """
     identity = _identity.get()
     if administered_tenant() is None or identity is None:
         return
+    if identity.expires_at_ms and not 0 < expires_at_ms <= identity.expires_at_ms:
+        raise PermissionDenied(
+            f"API key '{identity.key_name}' may not grant a key that outlives it: set expires_at_ms to at most "
+            f"{identity.expires_at_ms} (its own expiry), got {expires_at_ms or 'never'}"
+        )
     for scope in scopes:
         if scope not in identity.scopes:
             raise PermissionDenied(f"API key '{identity.key_name}' may not grant scope '{shown(scope)}': it lacks it")
@@ -459,8 +469,8 @@ class Rule:
     """The handler checks the model of each request itself (``check_model``), so that a refused
     request of a stream is that request's answer, not the stream's end."""
     is_global: bool = False
-    """Only the ``system`` tenant's keys may call it (global administration: tenants, quotas,
-    the cluster); a tenant administrator gets PERMISSION_DENIED."""
+    """Only the ``system`` tenant's keys may call it (global administration: tenants, quotas);
+    a tenant administrator gets PERMISSION_DENIED."""
 
     def refusal(self, identity: Identity, rpc: str) -> str | None:
         """Return why ``identity`` may not call ``rpc`` (a message naming what it lacks); None if it may."""
@@ -544,7 +554,7 @@ REGISTRY_RULES: dict[str, Rule] = {
         "ListApiKeys": Rule((ADMIN,)),
         "RevokeApiKey": Rule((ADMIN,)),
         "SetTenantQuota": Rule((ADMIN,), is_global=True),
-        "GetClusterStatus": Rule((ADMIN,), is_global=True),
+        "GetClusterStatus": Rule((ADMIN,)),  # a tenant admin: its tenant's models only (cluster_status.py)
     }.items()
 }
 """``maas.registry.v1.ModelRegistry``: scope and model field of each RPC."""
@@ -573,6 +583,19 @@ def _version_of(request: Any, response: Any) -> int | str | None:
             return number
     number = getattr(request, "version", None)
     return number if isinstance(number, int | str) and number else None
+
+
+def _targets_of(rpc: str, request: Any, response: Any) -> dict[str, str]:
+    """Return the tenant and the API key an administration or sharing call acted on, for the audit log."""
+    targets: dict[str, str] = {}
+    tenant = getattr(request, "name" if rpc.endswith("/CreateTenant") else "tenant", "")
+    if isinstance(tenant, str) and tenant:
+        targets["target_tenant"] = shown(tenant)
+    if rpc.endswith("ApiKey"):
+        key_id = getattr(getattr(response, "api_key", None), "id", "") or getattr(request, "id", "")
+        if isinstance(key_id, str) and key_id:
+            targets["target_key_id"] = shown(key_id)
+    return targets
 
 
 def _token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -633,6 +656,7 @@ class _Call:
         log.info(
             "audit", audit=True, rpc=self.rpc, key=self.identity.key_name, key_id=self.identity.key_id,
             tenant=self.identity.tenant, model=self.model, version=_version_of(request, response), result=code,
+            **_targets_of(self.rpc, request, response),
         )  # fmt: skip
 
 

@@ -7,6 +7,11 @@ the ``workers`` group), the oldest entry's age (its id's timestamp, XRANGE ... C
 the gateways' window hashes of the last minute (``services.common.stats``). Everything is read
 in two round trips, whatever the number of workers and versions (after the SCAN).
 
+A caller that does not see every model (a tenant administrator's key, or a key with model
+patterns) gets the queues of the deployments it may see (``ModelStore.list_deployments`` filters
+them) and every live worker, but each worker's loaded models and load errors only for those
+models: the infrastructure is shared, other tenants' model names are not.
+
 NOTE: ages are measured on this host's clock against Redis's entry ids and the heartbeats'
 timestamps: hosts must keep their clocks synchronised (NTP), as the deadlines already require.
 """
@@ -22,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from services.common import keys
+from services.common import auth, keys
 from services.common.metadata import DeploymentRecord
 from services.common.redis_conn import redis_errors
 from services.common.stats import entry_time_ns, window_keys, window_summary
@@ -46,13 +51,16 @@ class ClusterStatusReader:
         Raises:
             Unavailable: Redis cannot be reached.
         """
-        deployed = _served(await self._deployments())
+        deployments = await self._deployments()  # only those the calling key may see
+        deployed = _served(deployments)
         with redis_errors("cluster status"):
             beats = await self._heartbeats()
             now_s = time.time()
             replies = await self._queue_replies(deployed, now_s)
         now_ms = int(now_s * 1000)
         workers = tuple(sorted((_worker(beat, now_ms) for beat in beats), key=lambda w: w.worker_id))
+        if not _sees_every_model():
+            workers = tuple(_only(worker, {d.model for d in deployments}) for worker in workers)
         loaded: dict[str, int] = {}
         for worker in workers:
             for name in worker.models:
@@ -93,6 +101,21 @@ class ClusterStatusReader:
             if isinstance(reply, redis.exceptions.ResponseError) and not str(reply).startswith("NOGROUP"):
                 raise reply
         return [flat[i : i + per_version] for i in range(0, len(flat), per_version)]
+
+
+def _sees_every_model() -> bool:
+    """Whether the calling key sees every model: auth off, or a ``system`` key whose patterns include ``*``."""
+    identity = auth.current_identity()
+    return identity is None or (not auth.is_restricted() and "*" in identity.models)
+
+
+def _only(worker: WorkerStatus, models: set[str]) -> WorkerStatus:
+    """``worker`` with the loaded versions and load errors of ``models`` only (``name:version...``)."""
+    return replace(
+        worker,
+        models=tuple(m for m in worker.models if m.partition(":")[0] in models),
+        load_errors=tuple(e for e in worker.load_errors if e.partition(":")[0] in models),
+    )
 
 
 def _served(deployments: Sequence[DeploymentRecord]) -> list[DeploymentRecord]:

@@ -188,8 +188,8 @@ class IdentityStore:
 
         Raises:
             InvalidArgument: A name, scope, pattern or the expiry is invalid.
-            PermissionDenied: A tenant administrator names another tenant, or grants a scope or a
-                model pattern its own key lacks.
+            PermissionDenied: A tenant administrator names another tenant, or grants a scope, a
+                model pattern or a lifetime its own key lacks.
             NotFound: No such tenant.
             FailedPrecondition: The registry has no server secret.
             Unavailable: Redis cannot be reached.
@@ -199,10 +199,10 @@ class IdentityStore:
         check_name(spec.name, "key name")
         auth.check_administers(spec.tenant)
         scopes, models = _checked_scopes(spec.scopes), _checked_models(spec.models)
-        auth.check_grantable(scopes, models)
         created_at_ms = now_ms()
         if spec.expires_at_ms < 0 or 0 < spec.expires_at_ms <= created_at_ms:
             raise InvalidArgument(f"expires_at_ms must be 0 (never) or in the future, got {spec.expires_at_ms}")
+        auth.check_grantable(scopes, models, spec.expires_at_ms)
         await self._require_tenant(spec.tenant)
         key_id, secret, token = new_token()
         record = ApiKeyRecord(

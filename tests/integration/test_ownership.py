@@ -7,6 +7,7 @@ learn that it exists until A shares it, and then may read and infer it, not chan
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -375,3 +376,25 @@ async def test_cli_shares_and_shows_the_owner(suite: Suite, tenants: Tenants) ->
     assert code == 0 and "shared with: no other tenant" in stdout
     code, _, stderr = await run_cli(suite, "models", "show", OWNED, key=tenants.key["team-b"])
     assert code == 1 and f"NOT_FOUND: model '{OWNED}' not found" in stderr
+
+
+async def test_a_tenant_admin_sees_the_cluster_through_its_tenants_models(suite: Suite, tenants: Tenants) -> None:
+    team_c = tenants.clients["team-c"]  # an admin key of a tenant that owns nothing
+    status = await team_c.get_cluster_status()
+    assert [queue.model for queue in status.queues] == [PUBLIC]
+    [worker] = status.workers  # the shared worker, without team-a's model on it
+    assert (worker.worker_id, worker.models) == (suite.worker_settings.worker_id, (f"{PUBLIC}:1",))
+    full = await suite.registry.get_cluster_status()  # a global admin sees everything
+    assert [queue.model for queue in full.queues] == sorted([OWNED, PUBLIC])
+    assert sorted(full.workers[0].models) == sorted([f"{OWNED}:1", f"{PUBLIC}:1"])
+    with pytest.raises(PermissionDenied, match=r"lacks scope 'admin', which .*GetClusterStatus needs"):
+        await tenants.clients["team-a"].get_cluster_status()  # the owner's key without the admin scope
+    code, stdout, stderr = await run_cli(suite, "status", "--json", key=tenants.key["team-c"])
+    assert code == 0, stderr
+    assert OWNED not in stdout and [q["model"] for q in json.loads(stdout)["queues"]] == [PUBLIC]
+    await tenants.clients["team-a"].share_model(OWNED, "team-c")  # now team-c sees it there too
+    status = await team_c.get_cluster_status()
+    assert [queue.model for queue in status.queues] == sorted([OWNED, PUBLIC])
+    assert sorted(status.workers[0].models) == sorted([f"{OWNED}:1", f"{PUBLIC}:1"])
+    code, stdout, stderr = await run_cli(suite, "status", key=tenants.key["team-c"])
+    assert code == 0 and f"{OWNED}:1" in stdout and "live worker" in stdout, stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import signal
 import ssl
@@ -336,6 +337,11 @@ def test_up_tls_serves_tls_everywhere(up_tls: _UpTls, tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert "inference.GRPCInferenceService" in listed.stdout, listed.stderr
+        if key_file:  # the key's grpcurl line `maas up` prints works as printed (it once said -plaintext)
+            [hint] = [line for line in up_tls.log.read_text().splitlines() if "grpcurl: grpcurl" in line]
+            command = shlex.split(hint.split("grpcurl: ", 1)[1])
+            hinted = subprocess.run([GRPCURL, *command[1:]], capture_output=True, text=True, timeout=30)
+            assert "inference.GRPCInferenceService" in hinted.stdout, (hint, hinted.stderr)
     assert up_tls.stop() == 0
     log = up_tls.log.read_text()
     assert f"grpcurl -cacert {ca}" in log and "ssl=True, root_certificates=" in log
