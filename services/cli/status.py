@@ -9,6 +9,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -45,7 +46,7 @@ def workers_table(workers: tuple[WorkerStatus, ...]) -> Table:
             worker.pool,
             worker.host,
             _device(worker.providers),
-            "\n".join([", ".join(worker.models) or "-", *(f"[red]not loaded {e}[/]" for e in worker.load_errors)]),
+            _models_cell(worker),
             str(worker.in_flight),
             f"{worker.heartbeat_age_ms / 1000:.1f}s ago",
         )
@@ -96,6 +97,12 @@ def _finite(data: dict[str, Any]) -> dict[str, Any]:
         key: _finite(value) if isinstance(value, dict) else None if value == math.inf else value
         for key, value in data.items()
     }
+
+
+def _models_cell(worker: WorkerStatus) -> str:
+    """The loaded models, then a red line per version the worker did not load, with why (markup escaped)."""
+    refused = (f"[red]not loaded {escape(error)}[/]" for error in worker.load_errors)
+    return "\n".join([", ".join(worker.models) or "-", *refused])
 
 
 def _device(providers: tuple[str, ...]) -> str:

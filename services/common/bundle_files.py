@@ -3,23 +3,51 @@
 Both hold one chunk in memory at a time whatever a file's size. A download writes each file to
 ``<path>.part`` beside its place, checks its size and sha256, then renames it: a file at its
 final path is always whole and verified. A file already in place with the right size and sha256
-is not downloaded again (``is_complete``); a partial ``.part`` file is downloaded again from
-its start (the registry streams whole files).
+is not downloaded again (``is_complete``); a ``.part`` file left by an interrupted download is
+resumed from its length (``part_sizes``: the registry sends the rest), its prefix hashed first
+so the whole file's sha256 is still checked. A ``.part`` file is kept when a download fails in
+transit, removed when the file it makes up is corrupt.
+
+Several processes may fill one directory (workers on one machine sharing a model cache):
+``directory_lock`` makes them take turns, so a ``.part`` file is only ever written by one of
+them, and the ones that waited find the files in place.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import hashlib
 import os
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from services.common.bundles import check_files, check_path
+from services.common.bundles import PART_SUFFIX, check_files, check_path
 from services.common.errors import InvalidArgument
 from services.common.metadata import BundleFile
 
 HASH_CHUNK_BYTES = 1024 * 1024
-_PART_SUFFIX = ".part"
+
+
+@contextlib.asynccontextmanager
+async def directory_lock(directory: Path) -> AsyncIterator[None]:
+    """Hold an exclusive lock on ``directory`` (a ``<name>.lock`` file beside it) while filling it.
+
+    The lock is the kernel's (``flock``): a process that dies releases it. Waiting happens in a
+    thread, so the event loop goes on; a cancelled waiter releases the lock once it gets it.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock = directory.parent / f"{directory.name}.lock"
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # NOTE: shielded so that a cancelled caller's thread never takes the lock after the
+        # descriptor was closed (the lock would be left to a closed, reused descriptor number).
+        await asyncio.shield(asyncio.to_thread(fcntl.flock, descriptor, fcntl.LOCK_EX))
+        yield
+    finally:
+        os.close(descriptor)  # closing the descriptor releases the lock
 
 
 def file_digest(path: Path) -> tuple[str, int]:
@@ -56,6 +84,30 @@ def scan_directory(root: Path) -> list[tuple[BundleFile, Path]]:
     return found
 
 
+def _part_path(target: Path) -> Path:
+    return target.with_name(target.name + PART_SUFFIX)
+
+
+def part_sizes(root: Path, files: Sequence[BundleFile]) -> dict[str, int]:
+    """Return the length of each of ``files``' ``.part`` files under ``root`` that a download can resume (blocking).
+
+    Only a non-empty regular ``.part`` file no longer than its file counts; a longer one is
+    downloaded again from its start.
+    """
+    sizes: dict[str, int] = {}
+    for file in files:
+        part = _part_path(root / file.path)
+        try:
+            if part.is_symlink() or not part.is_file():
+                continue
+            size = part.stat().st_size
+        except OSError:
+            continue
+        if 0 < size <= file.size_bytes:
+            sizes[file.path] = size
+    return sizes
+
+
 def is_complete(root: Path, file: BundleFile) -> bool:
     """Whether ``file`` is already at its place under ``root`` with its size and sha256 (blocking)."""
     path = root / file.path
@@ -83,18 +135,35 @@ class BundleWriter:
         self._digest = hashlib.sha256()
         self._received = 0
 
-    def start(self, file: BundleFile) -> None:
+    def start(self, file: BundleFile, offset: int = 0) -> None:
         """Finish the file in progress, then open ``file``'s ``.part`` file.
 
+        Args:
+            file: The file the registry announces.
+            offset: Resume: the ``.part`` file's first ``offset`` bytes are kept (and hashed), the
+                chunks that follow are appended to them; 0 starts the file afresh.
+
         Raises:
-            InvalidArgument: The registry sent a path outside the bundle rule, or the previous file is corrupt.
+            InvalidArgument: The registry sent a path outside the bundle rule, the previous file is
+                corrupt, or the ``.part`` file to resume is shorter than ``offset``.
         """
         self.finish()
         check_path(file.path)
         target = self._root / file.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._file = target.with_name(target.name + _PART_SUFFIX).open("wb")
+        part = _part_path(target)
         self._current, self._digest, self._received = file, hashlib.sha256(), 0
+        if not offset:
+            self._file = part.open("wb")
+            return
+        self._file = part.open("r+b")
+        while self._received < offset and (chunk := self._file.read(min(HASH_CHUNK_BYTES, offset - self._received))):
+            self._digest.update(chunk)
+            self._received += len(chunk)
+        if self._received != offset:
+            self.discard()
+            raise InvalidArgument(f"download of file '{file.path}' of {self._what}: its partial file changed meanwhile")
+        self._file.truncate(offset)
 
     def write(self, chunk: bytes) -> None:
         """Append ``chunk`` to the file in progress.
@@ -126,8 +195,7 @@ class BundleWriter:
         os.replace(part, self._root / current.path)
 
     def discard(self) -> None:
-        """Close and remove the ``.part`` file in progress, if any."""
+        """Close the ``.part`` file in progress, if any, keeping it for a resumed download."""
         if self._file is not None:
             self._file.close()
-            Path(self._file.name).unlink(missing_ok=True)
             self._file = self._current = None

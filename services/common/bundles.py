@@ -29,6 +29,10 @@ PATH_RULE = (
 ONNX_SUFFIX = ".onnx"
 
 
+PART_SUFFIX = ".part"
+"""Suffix of a file being downloaded (``bundle_files``): no bundle may hold both ``p`` and ``p.part``."""
+
+
 def check_path(path: str, what: str = "file") -> None:
     """Refuse a bundle path that is not a normalised relative path following ``PATH_RULE``.
 
@@ -61,6 +65,12 @@ def check_files(files: Sequence[BundleFile], what: str = "file") -> None:
             raise InvalidArgument(f"{what} path '{file.path}' is inside another file's path")
         seen.add(file.path)
         directories |= parents
+    for path in seen:
+        if path.endswith(PART_SUFFIX) and path.removesuffix(PART_SUFFIX) in seen:
+            raise InvalidArgument(
+                f"{what} path '{path}' is where a download keeps '{path.removesuffix(PART_SUFFIX)}' until it "
+                f"is whole: rename one of them"
+            )
 
 
 def manifest_json(entry_point: str, files: Iterable[BundleFile]) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,23 @@ class GrpcServer:
         status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+
+
+REFUSAL_DRAIN_S = 2.0
+"""Longest a server reads on after refusing a client stream, so that the client reads its status."""
+
+
+async def drain_requests(requests: AsyncIterator[Any], seconds: float = REFUSAL_DRAIN_S) -> None:
+    """Read and drop what a client still sends on a refused stream, for at most ``seconds``.
+
+    grpc.aio reports a client's write that races the end of its call as INTERNAL ("Internal error
+    from Core") instead of the server's status: a refusal answered only once the client has
+    finished writing (or after ``seconds``) reaches the client as itself.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            async for _request in requests:
+                pass
 
 
 def create_grpc_server(

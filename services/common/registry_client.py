@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -16,7 +17,7 @@ import grpc
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
-from services.common.bundle_files import BundleWriter, is_complete, scan_directory
+from services.common.bundle_files import BundleWriter, directory_lock, is_complete, part_sizes, scan_directory
 from services.common.errors import InvalidArgument, map_rpc_error
 from services.common.events import Event
 from services.common.grpc_server import MAX_MESSAGE_BYTES
@@ -47,6 +48,19 @@ MetadataSource: TypeAlias = CallMetadata | Callable[[], CallMetadata]
 _GrpcMetadata: TypeAlias = tuple[tuple[str, str], ...] | None
 ProgressCallback: TypeAlias = Callable[[int, int], None]
 """Called as ``progress(sent_bytes, total_bytes)`` after each uploaded chunk."""
+TRANSFER_BASE_S = 300.0
+"""Least deadline of an upload or download, whatever its size."""
+DEFAULT_MIN_TRANSFER_BYTES_PER_S = 1024 * 1024
+"""Slowest link an upload or download is given time for (1 MiB/s: 1 s more per MiB)."""
+
+
+def transfer_timeout_s(size_bytes: int, timeout_s: float, min_bytes_per_s: float) -> float:
+    """Return the deadline of an upload or download of ``size_bytes``.
+
+    ``max(timeout_s, TRANSFER_BASE_S)`` plus the time the bytes take at ``min_bytes_per_s``, so a
+    multi-GiB bundle on a slow link is not cut off (a 10 GiB bundle at 1 MiB/s: 300 s + 10240 s).
+    """
+    return max(timeout_s, TRANSFER_BASE_S) + size_bytes / min_bytes_per_s
 
 
 def create_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
@@ -217,9 +231,14 @@ class RegistryClient:
         timeout_s: float = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: MetadataSource = (),
+        min_transfer_bytes_per_s: float = DEFAULT_MIN_TRANSFER_BYTES_PER_S,
     ) -> None:
+        if min_transfer_bytes_per_s <= 0:
+            raise ValueError(f"min_transfer_bytes_per_s must be > 0, got {min_transfer_bytes_per_s}")
         self.address = address
         self.timeout_s = timeout_s
+        self.min_transfer_bytes_per_s = min_transfer_bytes_per_s
+        """Uploads and downloads get ``transfer_timeout_s`` for their size at this throughput."""
         self._metadata_source = metadata
         self._channel = create_channel(address, credentials)
         self._stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
@@ -227,6 +246,10 @@ class RegistryClient:
     async def close(self) -> None:
         """Close the channel."""
         await self._channel.close()
+
+    def transfer_timeout_s(self, size_bytes: int) -> float:
+        """Return the deadline of an upload or download of ``size_bytes`` (see ``transfer_timeout_s``)."""
+        return transfer_timeout_s(size_bytes, self.timeout_s, self.min_transfer_bytes_per_s)
 
     async def _call(self, method: Callable[..., Awaitable[_T]], request: Any) -> _T:
         metadata = resolve_metadata(self._metadata_source)
@@ -527,7 +550,7 @@ class RegistryClient:
 
         try:
             reply = await self._stub.UploadVersion(
-                requests(), timeout=max(self.timeout_s, 300.0), metadata=resolve_metadata(self._metadata_source)
+                requests(), timeout=self.transfer_timeout_s(size), metadata=resolve_metadata(self._metadata_source)
             )
         except grpc.aio.AioRpcError as exc:
             raise map_rpc_error(exc, "registry") from exc
@@ -550,17 +573,20 @@ class RegistryClient:
         Raises:
             InvalidArgument: The downloaded bytes do not match the version's sha256 or size.
         """
+        size = (await self.get_version(model, version)).size_bytes
         req = registry_pb2.DownloadVersionRequest(model=model, version=version)
         record: VersionRecord | None = None
         digest = hashlib.sha256()
         received = 0
         loop = asyncio.get_running_loop()
-        tmp = dest.with_name(dest.name + ".part")
+        # A name of its own: workers sharing a cache (`maas up --workers N`) may download the same
+        # version at once; one shared .part file was truncated and renamed under the others.
+        tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.part")
         await loop.run_in_executor(None, partial(dest.parent.mkdir, parents=True, exist_ok=True))
         file = await loop.run_in_executor(None, tmp.open, "wb")
         try:
             parts = self._stub.DownloadVersion(
-                req, timeout=max(self.timeout_s, 300.0), metadata=resolve_metadata(self._metadata_source)
+                req, timeout=self.transfer_timeout_s(size), metadata=resolve_metadata(self._metadata_source)
             )
             async for part in parts:
                 if part.HasField("version"):
@@ -638,7 +664,7 @@ class RegistryClient:
                     if progress is not None:
                         progress(sent, header.size_bytes)
 
-        return await self._send_upload(requests())
+        return await self._send_upload(requests(), header.size_bytes)
 
     async def upload_tar(
         self,
@@ -675,12 +701,15 @@ class RegistryClient:
                 if progress is not None:
                     progress(sent, size)
 
-        return await self._send_upload(requests())
+        return await self._send_upload(requests(), size)
 
-    async def _send_upload(self, requests: AsyncIterator[registry_pb2.UploadVersionRequest]) -> VersionRecord:
+    async def _send_upload(
+        self, requests: AsyncIterator[registry_pb2.UploadVersionRequest], size_bytes: int
+    ) -> VersionRecord:
         metadata = resolve_metadata(self._metadata_source)
+        timeout_s = self.transfer_timeout_s(size_bytes)
         try:
-            reply = await self._stub.UploadVersion(requests, timeout=max(self.timeout_s, 300.0), metadata=metadata)
+            reply = await self._stub.UploadVersion(requests, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise map_rpc_error(exc, "registry") from exc
         return version_from_proto(reply.version)
@@ -690,38 +719,62 @@ class RegistryClient:
     ) -> VersionRecord:
         """Download a version's files into the directory ``dest`` (a single-file version: ``model.onnx``).
 
+        Processes sharing ``dest`` take turns (``directory_lock``): the later ones find the files.
         Resumable: a file already in ``dest`` with the right size and sha256 is skipped (only the
-        missing files are asked for); a partial file is downloaded again from its start. Each file
-        appears at its path only whole and verified.
+        missing files are asked for); a partial file (``<path>.part``, left by an interrupted
+        download) is resumed from its length, and the whole file's sha256 checked at the end. If a
+        resumed file turns out corrupt (its partial file was not a prefix of it), the files still
+        missing are downloaded once more from their start. Each file appears at its path only
+        whole and verified.
 
         Args:
             model: The model.
             version: The version (0: the latest).
             dest: The version's directory (created if missing).
-            progress: Called as ``progress(received_bytes, total_bytes)`` over the missing files.
+            progress: Called as ``progress(received_bytes, total_bytes)`` over the bytes still to come.
 
         Raises:
             InvalidArgument: A downloaded file does not match its size or sha256.
         """
         record = await self.get_version(model, version)
-        files = record.bundle_files
-        missing = [f for f in files if not await asyncio.to_thread(is_complete, dest, f)]
-        if not missing:
-            return record
-        paths = [] if len(missing) == len(files) else [f.path for f in missing]
-        req = registry_pb2.DownloadVersionRequest(model=model, version=record.version, paths=paths)
+        async with directory_lock(dest):  # another process filling dest (a shared cache) goes first
+            missing = await asyncio.to_thread(_missing_files, dest, record.bundle_files)
+            if not missing:
+                return record
+            offsets = await asyncio.to_thread(part_sizes, dest, missing)
+            try:
+                await self._download_files(record, missing, dest, offsets, progress)
+            except InvalidArgument:
+                if not offsets:
+                    raise
+                missing = await asyncio.to_thread(_missing_files, dest, missing)
+                await self._download_files(record, missing, dest, {}, progress)
+        return record
+
+    async def _download_files(
+        self,
+        record: VersionRecord,
+        missing: Sequence[BundleFile],
+        dest: Path,
+        offsets: Mapping[str, int],
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Download ``missing`` files of ``record`` into ``dest``, each from its offset (0 if none)."""
+        model = record.model
+        paths = [] if len(missing) == len(record.bundle_files) else [f.path for f in missing]
+        req = registry_pb2.DownloadVersionRequest(model=model, version=record.version, paths=paths, offsets=offsets)
         writer = BundleWriter(dest, f"model '{model}' version {record.version}")
-        total = sum(f.size_bytes for f in missing)
+        total = sum(f.size_bytes for f in missing) - sum(offsets.values())
         received = started = 0
         try:
             call = self._stub.DownloadVersion(
-                req, timeout=max(self.timeout_s, 300.0), metadata=resolve_metadata(self._metadata_source)
+                req, timeout=self.transfer_timeout_s(total), metadata=resolve_metadata(self._metadata_source)
             )
             async for part in call:
                 kind = part.WhichOneof("part")
                 if kind == "file":
                     started += 1
-                    await asyncio.to_thread(writer.start, _bundle_file(part.file))
+                    await asyncio.to_thread(writer.start, _bundle_file(part.file), offsets.get(part.file.path, 0))
                 elif kind == "chunk":
                     await asyncio.to_thread(writer.write, part.chunk)
                     received += len(part.chunk)
@@ -734,7 +787,11 @@ class RegistryClient:
             await asyncio.to_thread(writer.discard)
         if started != len(missing):
             raise InvalidArgument(f"download of model '{model}' version {record.version} ended before its last file")
-        return record
+
+
+def _missing_files(dest: Path, files: Sequence[BundleFile]) -> list[BundleFile]:
+    """The ``files`` not yet in ``dest`` whole and verified (blocking: hashes those present)."""
+    return [file for file in files if not is_complete(dest, file)]
 
 
 async def _all_pages(page: Callable[[str], Awaitable[tuple[list[_T], str]]]) -> list[_T]:

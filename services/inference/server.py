@@ -52,6 +52,7 @@ async def serve(settings: InferenceSettings) -> None:
     registry = RegistryClient(
         settings.registry_address, credentials=registry_channel_credentials(settings),
         metadata=bearer(settings.registry_api_key),
+        min_transfer_bytes_per_s=settings.registry_min_transfer_bytes_per_s,
     )  # fmt: skip
     worker = InferenceWorker(settings, redis, registry)
     auth = create_server_auth(settings, redis, INFERENCE_RULES, service="inference")

@@ -38,6 +38,9 @@ class InferenceSettings(ServiceSettings):
     """PEM client certificate presented to the registry (when it requires mutual TLS)."""
     registry_tls_key_file: Path | None = None
     """PEM private key of ``registry_tls_cert_file`` (never logged)."""
+    registry_min_transfer_bytes_per_s: float = Field(default=1024 * 1024, gt=0)
+    """Slowest registry link a model download is given time for: its deadline is 300 s plus the
+    download's size at this throughput (1 MiB/s: a 10 GiB bundle gets 300 s + 10240 s)."""
     pool: str = "default"
     """Pool of deployments this worker serves (pools group models by hardware class)."""
     worker_id: str = Field(default_factory=default_worker_id)
@@ -48,6 +51,12 @@ class InferenceSettings(ServiceSettings):
     max_model_bytes: int = Field(default=0, ge=0)
     """Memory budget of one model version: a version whose files (a bundle's total) are larger is
     not loaded, with the reason in ``maas status``; 0: no budget."""
+    prepack_bundle_weights: bool = False
+    """Let ONNX Runtime prepack the weights of bundle versions: False keeps a bundle's external-data
+    weights memory-mapped from the cache (clean file pages, shared by the workers of a host and
+    reclaimable: 200 MiB of MatMul weights add 0 MiB of private memory instead of 200 MiB), at the
+    cost of ORT's prepacked MatMul/Gemm/Conv kernels (measured here: as fast at batch 1, about 2x
+    slower at batch 16); True copies them into each worker's memory for speed."""
     providers: ProviderSetting = "auto"
     """ONNX Runtime providers: auto (CUDA only if a GPU driver is present), cpu or cuda."""
     intra_op_threads: int = 0

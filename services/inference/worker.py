@@ -240,6 +240,7 @@ class InferenceWorker:
             spinning=self.settings.ort_spinning,
             class_labels=record.class_labels,
             custom_ops=record.custom_ops,
+            prepacking=not record.is_bundle or self.settings.prepack_bundle_weights,
         )
         load_s = time.perf_counter() - started
         queue_metrics.MODEL_LOAD_SECONDS.labels(model=deployment.model, version=str(deployment.version)).observe(load_s)

@@ -90,8 +90,8 @@ class BlobStore(Protocol):
     def upload(self) -> AbstractAsyncContextManager[BlobUpload]:
         """Stage a new artifact; leaving the context without a commit discards it."""
 
-    def read(self, model: str, version: int, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
-        """Yield the artifact of ``version`` of ``model`` in chunks of ``chunk_bytes``.
+    def read(self, model: str, version: int, chunk_bytes: int, offset: int = 0) -> AsyncGenerator[bytes, None]:
+        """Yield the artifact of ``version`` of ``model`` from byte ``offset`` on, in chunks of ``chunk_bytes``.
 
         Raises:
             NotFound: No such artifact.
@@ -100,8 +100,10 @@ class BlobStore(Protocol):
     def stage_bundle(self) -> AbstractAsyncContextManager[BundleStage]:
         """Stage a new bundle directory; leaving the context without a commit removes it."""
 
-    def read_file(self, model: str, version: int, path: str, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
-        """Yield the file ``path`` of bundle ``version`` of ``model`` in chunks of ``chunk_bytes``.
+    def read_file(
+        self, model: str, version: int, path: str, chunk_bytes: int, offset: int = 0
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield the file ``path`` of bundle ``version`` of ``model`` from byte ``offset`` on, in chunks.
 
         Raises:
             NotFound: No such file.
@@ -115,34 +117,37 @@ class BlobStore(Protocol):
 
 
 async def verified_chunks(
-    chunks: AsyncIterator[bytes], sha256: str, size_bytes: int, what: str
+    chunks: AsyncIterator[bytes], sha256: str, size_bytes: int, what: str, offset: int = 0
 ) -> AsyncGenerator[bytes, None]:
     """Yield ``chunks`` of a stored artifact, holding the last one back until the whole checks out.
 
     A corrupted or replaced artifact thus never reaches a client whole: its stream ends with the
-    error instead of its last chunk, whatever the store.
+    error instead of its last chunk, whatever the store. A resumed read (``offset`` > 0) is checked
+    for its size only: the caller, who holds the first ``offset`` bytes, checks the whole sha256.
 
     Args:
-        chunks: The artifact as the store reads it.
+        chunks: The artifact as the store reads it (from ``offset`` on).
         sha256: The sha256 recorded when it was uploaded.
         size_bytes: The size recorded when it was uploaded.
         what: Names the artifact in the error ("model 'm' version 3").
+        offset: Where the read starts.
 
     Raises:
         FailedPrecondition: The artifact's size or sha256 differs from the record.
     """
     digest = hashlib.sha256()
-    received = 0
+    received = offset
     held: bytes | None = None
     async for chunk in chunks:
         received += len(chunk)
         if received > size_bytes:
             raise FailedPrecondition(f"the artifact of {what} is corrupted: it has more than its {size_bytes} bytes")
-        await _run(partial(digest.update, chunk))
+        if not offset:
+            await _run(partial(digest.update, chunk))
         if held is not None:
             yield held
         held = chunk
-    actual = digest.hexdigest()
+    actual = digest.hexdigest() if not offset else sha256
     if received != size_bytes or actual != sha256:
         raise FailedPrecondition(
             f"the artifact of {what} is corrupted: {received} bytes with sha256 {actual}, "
@@ -258,8 +263,8 @@ async def staged_bundle(
         await _run(partial(shutil.rmtree, staged.directory, ignore_errors=True))
 
 
-async def read_chunks(path: Path, chunk_bytes: int, missing: str) -> AsyncGenerator[bytes, None]:
-    """Yield the file at ``path`` in chunks of ``chunk_bytes``.
+async def read_chunks(path: Path, chunk_bytes: int, missing: str, offset: int = 0) -> AsyncGenerator[bytes, None]:
+    """Yield the file at ``path`` from byte ``offset`` on, in chunks of ``chunk_bytes``.
 
     Raises:
         NotFound: No such file (``missing`` is the message).
@@ -269,6 +274,8 @@ async def read_chunks(path: Path, chunk_bytes: int, missing: str) -> AsyncGenera
     except FileNotFoundError:
         raise NotFound(missing) from None
     try:
+        if offset:
+            await _run(partial(file.seek, offset))
         while chunk := await _run(partial(file.read, chunk_bytes)):
             yield chunk
     finally:
@@ -321,14 +328,14 @@ class LocalBlobStore:
         """Stage a new artifact in the staging directory; it is removed unless committed."""
         return staged_file(self._staging_dir, self.path)
 
-    async def read(self, model: str, version: int, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
-        """Yield the artifact of ``version`` of ``model`` in chunks of ``chunk_bytes``.
+    async def read(self, model: str, version: int, chunk_bytes: int, offset: int = 0) -> AsyncGenerator[bytes, None]:
+        """Yield the artifact of ``version`` of ``model`` from byte ``offset`` on, in chunks of ``chunk_bytes``.
 
         Raises:
             NotFound: No such artifact.
         """
         missing = f"the artifact of model '{model}' version {version} is missing"
-        async with aclosing(read_chunks(self.path(model, version), chunk_bytes, missing)) as chunks:
+        async with aclosing(read_chunks(self.path(model, version), chunk_bytes, missing, offset)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -343,15 +350,18 @@ class LocalBlobStore:
     async def _commit_bundle(self, directory: Path, model: str, version: int, manifest: str) -> None:
         await _run(partial(_move_bundle, directory, self.bundle_dir(model, version), manifest))
 
-    async def read_file(self, model: str, version: int, path: str, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
-        """Yield the file ``path`` of bundle ``version`` of ``model`` in chunks of ``chunk_bytes``.
+    async def read_file(
+        self, model: str, version: int, path: str, chunk_bytes: int, offset: int = 0
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield the file ``path`` of bundle ``version`` of ``model`` from byte ``offset`` on, in chunks.
 
         Raises:
             NotFound: No such file.
         """
         check_path(path)
         missing = f"file '{path}' of model '{model}' version {version} is missing"
-        async with aclosing(read_chunks(self.bundle_dir(model, version) / path, chunk_bytes, missing)) as chunks:
+        file_path = self.bundle_dir(model, version) / path
+        async with aclosing(read_chunks(file_path, chunk_bytes, missing, offset)) as chunks:
             async for chunk in chunks:
                 yield chunk
 

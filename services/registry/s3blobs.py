@@ -239,15 +239,15 @@ class S3BlobStore:
         except MaasError as exc:
             log.warning("s3_multipart_not_aborted", reason=exc.message)
 
-    async def read(self, model: str, version: int, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
-        """Yield the artifact of ``version`` of ``model`` in chunks of ``chunk_bytes``.
+    async def read(self, model: str, version: int, chunk_bytes: int, offset: int = 0) -> AsyncGenerator[bytes, None]:
+        """Yield the artifact of ``version`` of ``model`` from byte ``offset`` on, in chunks of ``chunk_bytes``.
 
         Raises:
             NotFound: No such artifact.
             Unavailable: S3 cannot be reached or refuses the request.
         """
         missing = f"the artifact of model '{model}' version {version} is missing"
-        async for chunk in self._read_key(self.key(model, version), chunk_bytes, missing):
+        async for chunk in self._read_key(self.key(model, version), chunk_bytes, missing, offset):
             yield chunk
 
     def _bundle_prefix(self, model: str, version: int) -> str:
@@ -282,8 +282,10 @@ class S3BlobStore:
         except MaasError as exc:
             log.warning("s3_bundle_not_deleted", model=model, version=version, reason=exc.message)
 
-    async def read_file(self, model: str, version: int, path: str, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
-        """Yield the file ``path`` of bundle ``version`` of ``model`` in chunks of ``chunk_bytes``.
+    async def read_file(
+        self, model: str, version: int, path: str, chunk_bytes: int, offset: int = 0
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield the file ``path`` of bundle ``version`` of ``model`` from byte ``offset`` on, in chunks.
 
         Raises:
             NotFound: No such file.
@@ -291,11 +293,13 @@ class S3BlobStore:
         """
         check_path(path)
         missing = f"file '{path}' of model '{model}' version {version} is missing"
-        async for chunk in self._read_key(self._bundle_prefix(model, version) + path, chunk_bytes, missing):
+        async for chunk in self._read_key(self._bundle_prefix(model, version) + path, chunk_bytes, missing, offset):
             yield chunk
 
-    async def _read_key(self, key: str, chunk_bytes: int, missing: str) -> AsyncGenerator[bytes, None]:
-        get = partial(self._client.get_object, Bucket=self.config.bucket, Key=key)
+    async def _read_key(self, key: str, chunk_bytes: int, missing: str, offset: int = 0) -> AsyncGenerator[bytes, None]:
+        # NOTE: a resumed read is a ranged GET (bytes=offset-); the caller never asks past the end.
+        ranged = {"Range": f"bytes={offset}-"} if offset else {}
+        get = partial(self._client.get_object, Bucket=self.config.bucket, Key=key, **ranged)
         try:
             reply = await self._call("read the artifact", get)
         except NotFound:

@@ -7,6 +7,8 @@ from contextlib import aclosing
 from typing import Any
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.errors import MaasError
+from services.common.grpc_server import drain_requests
 from services.registry import convert
 from services.registry.cluster_status import ClusterStatusReader
 from services.registry.events_watch import visibility
@@ -61,8 +63,12 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request_iterator: AsyncIterator[registry_pb2.UploadVersionRequest], context: _Context
     ) -> registry_pb2.UploadVersionResponse:
         """Upload a version: a header, then chunks."""
-        header, chunks = await convert.upload_stream(request_iterator)
-        version = await self._store.upload_version(header, chunks)
+        try:
+            header, chunks = await convert.upload_stream(request_iterator)
+            version = await self._store.upload_version(header, chunks)
+        except MaasError:
+            await drain_requests(request_iterator)
+            raise
         return registry_pb2.UploadVersionResponse(version=convert.version_to_pb(version))
 
     async def GetVersion(
@@ -108,8 +114,10 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def DownloadVersion(
         self, request: registry_pb2.DownloadVersionRequest, context: _Context
     ) -> AsyncIterator[registry_pb2.DownloadVersionResponse]:
-        """Stream a version: its record, then its artifact's chunks."""
-        download = self._store.download_version(request.model, request.version, tuple(request.paths))
+        """Stream a version: its record, then its artifact's chunks (from each file's offset when resuming)."""
+        download = self._store.download_version(
+            request.model, request.version, tuple(request.paths), dict(request.offsets)
+        )
         async with aclosing(download) as parts:
             async for part in parts:
                 yield convert.download_part_to_pb(part)

@@ -238,6 +238,24 @@ def _wanted_files(record: VersionRecord, paths: Sequence[str]) -> tuple[BundleFi
     return tuple(f for f in files if not paths or f.path in paths)
 
 
+def _check_offsets(record: VersionRecord, wanted: Sequence[BundleFile], offsets: Mapping[str, int]) -> None:
+    """Check a resumed download's ``offsets`` (path -> byte offset) against the files it asks for.
+
+    Raises:
+        InvalidArgument: A path is not downloaded, or its offset is below 0 or beyond the file's size.
+    """
+    sizes = {f.path: f.size_bytes for f in wanted}
+    for path, offset in offsets.items():
+        if path not in sizes:
+            raise InvalidArgument(
+                f"offsets: model '{record.model}' version {record.version} has no file '{shown(path)}' in this download"
+            )
+        if not 0 <= offset <= sizes[path]:
+            raise InvalidArgument(
+                f"offsets: offset {offset} of file '{shown(path)}' is outside 0..{sizes[path]} (the file's size)"
+            )
+
+
 async def _counted(parts: AsyncIterator[bytes | BundleFile]) -> AsyncIterator[bytes | BundleFile]:
     """Pass a bundle upload's parts on, counting its bytes in ``maas_registry_upload_bytes``."""
     async for part in parts:
@@ -694,14 +712,16 @@ class ModelStore:
         return sorted((VersionRecord.from_json(raw) for raw in raw_versions), key=lambda r: r.version)
 
     async def download_version(
-        self, model: str, version: int, paths: Sequence[str] = ()
+        self, model: str, version: int, paths: Sequence[str] = (), offsets: Mapping[str, int] | None = None
     ) -> AsyncGenerator[VersionRecord | BundleFile | bytes, None]:
         """Yield the version's record (0: the latest), then each file: its ``BundleFile``, then its chunks.
 
-        A single-file version is one file, ``model.onnx``; ``paths`` (empty: all) selects files.
+        A single-file version is one file, ``model.onnx``; ``paths`` (empty: all) selects files;
+        ``offsets`` (path -> byte offset) resumes files: their chunks start at the offset.
 
         Raises:
-            InvalidArgument: The name or version is invalid, or a path is not a file of the version.
+            InvalidArgument: The name or version is invalid, a path is not a file of the version, or
+                an offset is not within its file (the message names the path).
             NotFound: No such model, version or artifact.
             FailedPrecondition: The stored artifact does not match the version's sha256 or size
                 (raised instead of its last chunk, so a corrupted artifact is never served whole).
@@ -709,16 +729,20 @@ class ModelStore:
         """
         record = await self.get_version(model, version)
         wanted = _wanted_files(record, paths)
+        _check_offsets(record, wanted, offsets or {})
         yield record
         for file in wanted:
             yield file
+            offset = (offsets or {}).get(file.path, 0)
+            if offset == file.size_bytes:  # the caller holds it all: nothing to read (S3 refuses an empty range)
+                continue
             what = f"model '{model}' version {record.version}"
             if record.is_bundle:
                 what = f"file '{file.path}' of {what}"
-                stored = self._blobs.read_file(model, record.version, file.path, self._chunk_bytes)
+                stored = self._blobs.read_file(model, record.version, file.path, self._chunk_bytes, offset)
             else:
-                stored = self._blobs.read(model, record.version, self._chunk_bytes)
-            checked = verified_chunks(stored, file.sha256, file.size_bytes, what)
+                stored = self._blobs.read(model, record.version, self._chunk_bytes, offset)
+            checked = verified_chunks(stored, file.sha256, file.size_bytes, what, offset)
             async with aclosing(stored), aclosing(checked) as chunks:
                 async for chunk in chunks:
                     DOWNLOAD_BYTES.inc(len(chunk))

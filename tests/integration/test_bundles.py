@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnx
 import pytest
 import redis.asyncio as aioredis
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import REGISTRY as METRICS
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.client.aio import AsyncMaasClient
 from services.common.embedded_redis import EmbeddedRedis
 from services.common.errors import InvalidArgument
+from services.inference.worker import _cache_path
 from tests.integration.suite import Suite, run_cli
 from tests.models import affine_model
 
@@ -225,6 +229,22 @@ async def test_bundle_paths_and_entry_points_are_checked(suite: Suite, bundle: P
     assert version.entry_point == "second.onnx"
     with pytest.raises(InvalidArgument, match=r"entry_point 'weights\.bin' is not an \.onnx file"):
         await suite.registry.upload_bundle("m", bundle, entry_point="weights.bin")
+    (bundle / "weights.bin.part").write_bytes(b"x")
+    with pytest.raises(InvalidArgument, match=r"'weights\.bin\.part' is where a download keeps 'weights\.bin'"):
+        await suite.registry.upload_bundle("m", bundle, entry_point="second.onnx")
+
+
+async def test_a_refused_upload_answers_its_status_even_while_the_client_is_still_sending(
+    suite: Suite, tmp_path: Path
+) -> None:
+    # The refusal (two .onnx files, no entry point) comes right after the header while the
+    # client streams 16 MiB: each push must get that INVALID_ARGUMENT, not a racing write's INTERNAL.
+    bundle = save_bundle(tmp_path / "large", weights_bytes=16 * _MIB)
+    (bundle / "second.onnx").write_bytes(affine_model())
+    await suite.registry.create_model("m")
+    for _attempt in range(8):
+        with pytest.raises(InvalidArgument, match=r"exactly one \.onnx file"):
+            await suite.registry.upload_bundle("m", bundle)
 
 
 async def test_upload_memory_stays_bounded(suite: Suite, tmp_path: Path) -> None:
@@ -252,14 +272,20 @@ async def test_a_bundle_over_the_worker_budget_is_refused_in_status(
         await worker.reconcile()
         await worker.beat()
         status = await running.registry.get_cluster_status()
+        text_code, text, _ = await run_cli(running, "status")
+        json_code, as_json, _ = await run_cli(running, "status", "--json")
     finally:
         await running.stop()
     assert worker.served_models == []
-    (errors,) = [w.load_errors for w in status.workers]
-    assert errors == (
+    refusal = (
         f"big:1: refused: {version.size_bytes} bytes of model files exceed this worker's memory budget of "
-        f"{_MIB} bytes (max_model_bytes)",
+        f"{_MIB} bytes (max_model_bytes)"
     )
+    (errors,) = [w.load_errors for w in status.workers]
+    assert errors == (refusal,)
+    assert (text_code, json_code) == (0, 0)
+    assert f"not loaded {refusal}" in " ".join(text.split())  # the table wraps the cell over lines
+    assert [w["load_errors"] for w in json.loads(as_json)["workers"]] == [[refusal]]
 
 
 async def test_cli_pushes_a_directory_and_pulls_it_into_one(suite: Suite, bundle: Path, tmp_path: Path) -> None:
@@ -270,3 +296,129 @@ async def test_cli_pushes_a_directory_and_pulls_it_into_one(suite: Suite, bundle
     assert code == 0, err
     assert (tmp_path / "pulled" / "weights.bin").read_bytes() == (bundle / "weights.bin").read_bytes()
     assert (tmp_path / "pulled" / "config" / "labels.txt").read_text() == "a\nb\n"
+
+
+def sent_bytes() -> float:
+    """File bytes the registry has sent by downloads so far (``maas_registry_download_bytes``)."""
+    return METRICS.get_sample_value("maas_registry_download_bytes_total") or 0.0
+
+
+def write_part(path: Path, data: bytes) -> None:
+    """Leave ``data`` as ``path``'s partial file, as an interrupted download does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_name(path.name + ".part").write_bytes(data)
+
+
+PARTS = {
+    # the partial file -> the weights' bytes the registry sends again
+    "half": (lambda w: w[: len(w) // 2], lambda w: len(w) - len(w) // 2),
+    "whole, not yet renamed": (lambda w: w, lambda w: 0),
+    "not a prefix": (lambda w: bytes(len(w) // 2), lambda w: len(w) - len(w) // 2 + len(w)),
+}
+
+
+@pytest.mark.parametrize("case", PARTS)
+async def test_a_pull_resumes_a_cut_part_file_from_its_length(
+    suite: Suite, bundle: Path, tmp_path: Path, case: str
+) -> None:
+    part_of, resent = PARTS[case]
+    weights = (bundle / "weights.bin").read_bytes()
+    pulled = tmp_path / "pulled"
+    async with AsyncMaasClient(suite.gateway_address, suite.registry_address) as client:
+        await client.push("big", bundle)
+        await client.pull("big", pulled)
+        (pulled / "weights.bin").unlink()
+        write_part(pulled / "weights.bin", part_of(weights))
+        before = sent_bytes()
+        await client.pull("big", pulled)
+    assert sent_bytes() - before == resent(weights)  # a prefix is resumed; a wrong one is sent again whole
+    assert (pulled / "weights.bin").read_bytes() == weights
+    assert not (pulled / "weights.bin.part").exists()
+
+
+async def test_a_worker_resumes_a_cut_download_in_its_cache(suite: Suite, bundle: Path) -> None:
+    await suite.registry.create_model("big")
+    version = await suite.registry.upload_bundle("big", bundle)
+    assert suite.worker is not None and suite.worker_settings is not None
+    cached = _cache_path(suite.worker_settings.cache_dir, version).parent
+    weights = (bundle / "weights.bin").read_bytes()
+    write_part(cached / "weights.bin", weights[: _MIB + 5])  # killed mid-download
+    before = sent_bytes()
+    await suite.registry.deploy("big", version.version)
+    await suite.worker.reconcile()
+    assert suite.worker.served_models == ["big:1"]
+    assert sent_bytes() - before == version.size_bytes - (_MIB + 5)
+    assert hashlib.sha256((cached / "weights.bin").read_bytes()).hexdigest() == hashlib.sha256(weights).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("paths", "offsets", "named"),
+    [
+        ([], {"weights.bin": WEIGHTS_BYTES + 1}, f"offset {WEIGHTS_BYTES + 1} of file 'weights.bin' is outside 0.."),
+        ([], {"weights.bin": -1}, "offset -1 of file 'weights.bin' is outside 0.."),
+        (["tokenizer.json"], {"weights.bin": 1}, "has no file 'weights.bin' in this download"),
+    ],
+)
+async def test_an_offset_outside_its_file_is_refused_naming_the_path(
+    suite: Suite, bundle: Path, paths: list[str], offsets: dict[str, int], named: str
+) -> None:
+    await suite.registry.create_model("big")
+    await suite.registry.upload_bundle("big", bundle)
+    stub = registry_pb2_grpc.ModelRegistryStub(suite.registry._channel)
+    request = registry_pb2.DownloadVersionRequest(model="big", paths=paths, offsets=offsets)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in stub.DownloadVersion(request):
+            pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in str(raised.value.details())
+
+
+def file_sizes(root: Path) -> set[tuple[str, int]]:
+    return {(p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+
+
+async def test_a_tar_gz_bundle_is_pushed_and_served(suite: Suite, bundle: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle, arcname=".")
+    expected = file_sizes(bundle)
+    async with AsyncMaasClient(suite.gateway_address, suite.registry_address) as client:
+        version = await client.push("gz", archive)
+        assert {(f.path, f.size_bytes) for f in version.files} == expected
+        await client.deploy("gz", version.version)
+        assert suite.worker is not None
+        await suite.worker.reconcile()
+        result = await client.infer("gz", {"x": np.ones((1, 4), np.float32)})
+    assert result["y"].tolist() == [[1 + expected_sum()] * 4]
+
+
+def mapped_bytes(path: Path) -> int:
+    """Resident bytes of this process's memory mappings of the file at ``path`` (Linux smaps)."""
+    resident, is_it = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+            is_it = line.endswith(" " + str(path))
+        elif is_it and line.startswith("Rss:"):
+            resident += int(line.split()[1]) * 1024
+    return resident
+
+
+async def test_a_workers_bundle_weights_stay_memory_mapped(suite: Suite, tmp_path: Path) -> None:
+    side = 1024  # a MatMul weight: what ORT would prepack into a private copy
+    root = tmp_path / "matmul"
+    root.mkdir()
+    w = numpy_helper.from_array(np.full((side, side), 0.5, np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", side])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", side])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm", [x], [y], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save_model(model, str(root / "model.onnx"), save_as_external_data=True, location="weights.bin")
+    await suite.registry.create_model("mm")
+    version = await suite.registry.upload_bundle("mm", root)
+    await suite.registry.deploy("mm", version.version)
+    assert suite.worker is not None and suite.worker_settings is not None
+    await suite.worker.reconcile()  # loads, then warms up: every page of the weights is read
+    assert suite.worker.served_models == ["mm:1"]
+    cached = _cache_path(suite.worker_settings.cache_dir, version).parent / "weights.bin"
+    assert mapped_bytes(cached) == side * side * 4  # served from the file's pages, not a prepacked copy

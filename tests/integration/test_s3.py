@@ -295,3 +295,26 @@ async def test_s3_bundle_is_stored_as_objects_with_a_manifest(
         await suite.registry.delete_version("b", version.version)
 
         assert await objects(s3_server, f"{PREFIX}b/") == {}
+
+
+async def test_s3_pull_resumes_a_cut_file_with_a_ranged_read(
+    s3_server: S3Server, redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model.onnx").write_bytes(affine_model())
+    vocab = secrets.token_bytes(3 * _MIB + 7)
+    (bundle / "vocab.bin").write_bytes(vocab)
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    (pulled / "vocab.bin.part").write_bytes(vocab[:_MIB])  # an interrupted pull
+    async with s3_suite(redis_server, tmp_path, s3_server) as suite:
+        await suite.registry.create_model("r")
+        version = await suite.registry.upload_bundle("r", bundle)
+        received: list[int] = []
+        await suite.registry.download_bundle(
+            "r", version.version, pulled, progress=lambda done, _: received.append(done)
+        )
+    assert received[-1] == len(affine_model()) + len(vocab) - _MIB  # only the rest of vocab.bin came
+    assert (pulled / "vocab.bin").read_bytes() == vocab
+    assert (pulled / "model.onnx").read_bytes() == affine_model()
