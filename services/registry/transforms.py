@@ -67,11 +67,31 @@ def _graph(job: Mapping[str, Any], source: Path, variant: Path, rows: Mapping[st
     return []
 
 
+def _one_opset_per_domain(source: Path) -> Any:
+    """Return ``source``, or its model with one opset import per domain (the highest) if it has more.
+
+    skl2onnx names the default domain twice (the models of ``maas models convert``): ONNX Runtime
+    runs such a model, but its quantiser refuses it ("Failed to find proper ai.onnx domain").
+    """
+    import onnx
+
+    model = onnx.load(str(source))
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        domain = "" if opset.domain == "ai.onnx" else opset.domain
+        versions[domain] = max(versions.get(domain, 0), opset.version)
+    if len(versions) == len(model.opset_import):
+        return source
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in versions.items())
+    return model
+
+
 def _int8_dynamic(job: Mapping[str, Any], source: Path, variant: Path, rows: Mapping[str, Any]) -> list[str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
-        source,
+        _one_opset_per_domain(source),
         variant,
         weight_type=QuantType.QInt8,
         per_channel=_flag(job, "per_channel"),
@@ -93,7 +113,7 @@ def _int8_static(job: Mapping[str, Any], source: Path, variant: Path, rows: Mapp
             return next(self._batches, None)
 
     quantize_static(
-        source,
+        _one_opset_per_domain(source),
         variant,
         _Reader(),
         quant_format=QuantFormat.QDQ,

@@ -15,13 +15,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from services.client import AsyncMaasClient, FailedPrecondition, InvalidArgument, NotFound
 from services.common import keys
+from services.common.auth import SCOPES, bearer
 from services.common.custom_ops import EXTENSIONS
 from services.common.embedded_redis import EmbeddedRedis
 from services.common.optimization import OperationRecord, OperationState
 from services.common.queue import now_ms
+from services.common.registry_client import RegistryClient
 from services.registry.operations import OperationStore, new_operation_id
 from tests.integration.suite import Suite, run_cli
-from tests.models import text_embedding_model
+from tests.models import affine_model, text_embedding_model
 
 pytestmark = pytest.mark.integration
 
@@ -221,3 +223,47 @@ async def test_the_cli_optimizes_polls_and_shows_lineage_and_report(suite: Suite
     code, out, err = await run_cli(suite, "models", "show", "mlp", "--version", "3")
     assert code == 0, err
     assert "derived from v2 by int8-dynamic" in out and "per_channel=true" in out and "v3 report" in out
+
+
+async def test_another_tenant_cannot_see_an_operation_until_the_model_is_shared(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    suite = await Suite(redis_server.url, tmp_path, registry={"optimize_latency_iterations": 3}, auth={}).start(
+        with_worker=False
+    )
+    scopes = tuple(scope for scope in SCOPES if scope != "admin")
+    clients: dict[str, RegistryClient] = {}
+    try:
+        for tenant in ("team-a", "team-b"):
+            await suite.registry.create_tenant(tenant)
+            key = (await suite.registry.create_api_key(tenant, "all", scopes))[1]
+            clients[tenant] = RegistryClient(suite.registry_address, metadata=bearer(key))
+        team_a, team_b = clients["team-a"], clients["team-b"]
+        await team_a.create_model("owned")
+        await team_a.upload_version("owned", affine_model())
+        started = await team_a.optimize_version("owned", 1, "graph")
+        for _ in range(2):  # while it runs, and once it ended
+            with pytest.raises(NotFound, match=f"operation '{started.id}' not found"):
+                await team_b.get_operation(started.id)
+            with pytest.raises(NotFound, match=f"operation '{started.id}' not found"):
+                async for _seen in team_b.watch_operation(started.id):
+                    pass
+            async for ended in team_a.watch_operation(started.id):  # noqa: B007  # the last one is kept
+                pass
+            assert ended.state == OperationState.SUCCEEDED, ended
+        await team_a.share_model("owned", "team-b")
+        assert (await team_b.get_operation(started.id)) == ended
+    finally:
+        for client in clients.values():
+            await client.close()
+        await suite.stop()
+
+
+async def test_a_model_naming_the_default_domain_twice_is_quantised(client: AsyncMaasClient) -> None:
+    model = onnx.load_from_string(mlp_model())
+    model.opset_import.append(helper.make_opsetid("", 13))  # as skl2onnx writes them (maas models convert)
+    version = await client.push("twice", model.SerializeToString())
+    for transform in ("int8-dynamic", "int8-static"):
+        started = await client.optimize("twice", version.version, transform)
+        operation = await client.wait_operation(started.id)
+        assert operation.state == OperationState.SUCCEEDED, operation.error_message

@@ -226,3 +226,46 @@ async def _start_worker(suite: Suite, tmp_path: Path, name: str) -> asyncio.subp
         },
     )
     return process
+
+
+def _ids_on_every_master(cluster: RedisCluster) -> list[str]:
+    """Worker ids whose heartbeat keys land on each master."""
+    by_node: dict[int, str] = {}
+    for index in range(1000):
+        by_node.setdefault(cluster.node_of(keys.worker(f"w{index}")), f"w{index}")
+        if len(by_node) == len(cluster.ports):
+            return sorted(by_node.values())
+    raise AssertionError("no spread found")
+
+
+async def test_cluster_status_finds_workers_and_queues_on_every_master(suite: Suite, cluster: RedisCluster) -> None:
+    names = _spread_names(cluster, 3)
+    for name in names:
+        await suite.push(name, affine_model())
+    assert suite.worker is not None
+    worker_ids = _ids_on_every_master(cluster)
+    for worker_id in worker_ids:  # the worker's own heartbeat, under ids whose keys SCAN finds only on their master
+        suite.worker.settings.worker_id = worker_id
+        await suite.worker.beat()
+    status = await suite.registry.get_cluster_status()
+    assert set(worker_ids) <= {worker.worker_id for worker in status.workers}
+    served = {f"{name}:1" for name in names}
+    assert all(served <= set(worker.models) for worker in status.workers if worker.worker_id in worker_ids)
+    mine = [(queue.model, queue.workers, queue.state) for queue in status.queues if queue.model in names]
+    assert mine == [(name, len(status.workers), "serving") for name in names]
+
+
+async def test_an_optimisation_derives_a_served_version_in_cluster_mode(suite: Suite) -> None:
+    await suite.push("m", affine_model())
+    started = await suite.registry.optimize_version("m", 1, "graph")
+    async for operation in suite.registry.watch_operation(started.id):  # noqa: B007  # the last one is kept
+        pass
+    assert operation.state.name == "SUCCEEDED", operation.error_message
+    derived = await suite.registry.get_version("m", 2)
+    assert derived.lineage is not None and derived.lineage.source_version == 1 and derived.report is not None
+    await suite.registry.deploy("m", 2)
+    assert suite.worker is not None
+    await suite.worker.reconcile()
+    reply = await suite.inference.ModelInfer(_request("m", 1.0), timeout=20)
+    assert reply.model_version == "2"
+    assert np.frombuffer(reply.raw_output_contents[0], np.float32).tolist() == [3.0] * 8  # y = 2x + 1
