@@ -4,7 +4,7 @@ Runs in its own process: tritonclient bundles its own ``inference.*`` protobuf d
 which cannot share a process with MaaS's generated ones (duplicate symbols).
 
 Usage: python tests/triton_probe.py URL [--ssl CA.pem [--cert CERT.pem --key KEY.pem]] [--api-key KEY]
-           <  [{"op": "infer", "model": ..., "inputs": {...}}, ...]
+           <  [{"op": "infer", "model": ..., "inputs": {...}}, {"op": "generate", ...}, ...]
 (``--ssl``: TLS with that root certificate, as tritonclient's ``ssl=True, root_certificates=...``.)
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import queue
 import sys
 from typing import Any
 
@@ -37,6 +38,46 @@ def _infer(client: grpcclient.InferenceServerClient, call: dict[str, Any]) -> An
     return {"response": response, "outputs": arrays}
 
 
+def _generate(client: grpcclient.InferenceServerClient, call: dict[str, Any]) -> Any:
+    """Stream one prompt to a decoupled (generative) model, as Triton's docs do; collect until the final response.
+
+    ``{"op": "generate", "model": ..., "prompt": ..., "parameters": {...}, "empty_final": bool}``
+    -> every response as ``{"text": str | None, "final": bool, "finish_reason": ...}`` or ``{"error": ...}``.
+    """
+    responses: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def callback(result: Any, error: InferenceServerException | None) -> None:
+        if error is not None:
+            responses.put({"error": error.message()})
+            return
+        response = result.get_response(as_json=True)
+        parameters = response.get("parameters", {})
+        text = result.as_numpy("text")
+        responses.put({
+            "text": None if text is None else text[0].decode(),
+            "final": parameters.get("triton_final_response", {}).get("bool_param", False),
+            "finish_reason": parameters.get("finish_reason", {}).get("string_param"),
+        })  # fmt: skip
+
+    prompt = grpcclient.InferInput("prompt", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([call["prompt"].encode()], dtype=np.object_))
+    client.start_stream(callback=callback)
+    try:
+        client.async_stream_infer(
+            call["model"], [prompt], request_id="gen-1", parameters=call.get("parameters"),
+            enable_empty_final_response=call.get("empty_final", False),
+        )  # fmt: skip
+        collected = []
+        while not collected or not (collected[-1].get("final") or "error" in collected[-1]):
+            collected.append(responses.get(timeout=60))
+    finally:
+        client.stop_stream()
+    return collected
+
+
+_INFERENCE_OPS = {"infer": _infer, "generate": _generate}
+
+
 def _run(client: grpcclient.InferenceServerClient, call: dict[str, Any]) -> Any:
     op = call["op"]
     if op == "live":
@@ -55,8 +96,8 @@ def _run(client: grpcclient.InferenceServerClient, call: dict[str, Any]) -> Any:
         return client.get_inference_statistics(call.get("model", ""), as_json=True)
     if op == "index":
         return client.get_model_repository_index(as_json=True)
-    if op == "infer":
-        return _infer(client, call)
+    if op in _INFERENCE_OPS:
+        return _INFERENCE_OPS[op](client, call)
     raise ValueError(f"unknown op {op}")
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import structlog
 import typer
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.live import Live
@@ -26,6 +26,7 @@ from rich.table import Table
 
 from services.cli import conversion as conversion_cli
 from services.cli import convert, optimize_view
+from services.cli import generate as generate_cli
 from services.cli import status as cluster_view
 from services.cli import tune as tune_cli
 from services.cli.examples import affine_model
@@ -76,6 +77,9 @@ class CliSettings(BaseSettings):
     """API key sent with every call (``--api-key``, env ``MAAS_API_KEY``); unset: ``api_key_file``."""
     api_key_file: Path = Path(".maas/auth/admin.key")
     """File holding the key when none is given (``maas up`` writes its admin key there; env ``MAAS_API_KEY_FILE``)."""
+    min_transfer_bytes_per_s: float = Field(default=1024 * 1024, gt=0)
+    """Slowest link ``maas models push``/``pull`` is given time for: their deadline is 300 s plus the
+    size at this throughput (1 MiB/s: a 10 GiB bundle gets 300 s + 10240 s)."""
 
     def key(self) -> str | None:
         """Return the API key to send: ``api_key``, else the contents of ``api_key_file`` if it exists."""
@@ -115,7 +119,10 @@ def _client() -> Iterator[MaasClient]:
         raise typer.Exit(2) from None
     try:
         metadata = bearer(settings.key())
-        with MaasClient(settings.gateway, settings.registry, credentials=credentials, metadata=metadata) as client:
+        with MaasClient(
+            settings.gateway, settings.registry, credentials=credentials, metadata=metadata,
+            min_transfer_bytes_per_s=settings.min_transfer_bytes_per_s,
+        ) as client:  # fmt: skip
             yield client
     except MaasError as exc:
         err.print(f"[red]error[/red] {exc.grpc_code.name}: {exc.message}")
@@ -243,7 +250,8 @@ def up(
             f"redis {redact_url(str(endpoints['redis_url']))}. Ctrl-C stops."
         )
         if supervisor.auth_files is not None:
-            key_hint = _auth_hint(supervisor.auth_files.admin_key, str(endpoints["gateway"]))
+            transport = "-plaintext" if supervisor.certs is None else _grpcurl_tls(supervisor.certs, is_mutual=mtls)
+            key_hint = _auth_hint(supervisor.auth_files.admin_key, str(endpoints["gateway"]), transport)
             err.print(key_hint, markup=False, highlight=False, soft_wrap=True)
         if supervisor.certs is not None:
             hint = _tls_hint(supervisor.certs, str(endpoints["gateway"]), is_mutual=mtls)
@@ -256,15 +264,18 @@ def up(
         supervisor.stop()
 
 
-def _auth_hint(key_file: Path, gateway: str) -> str:
-    """How to call a `maas up` suite with its administrator key (printed on the user's terminal only)."""
+def _auth_hint(key_file: Path, gateway: str, transport: str) -> str:
+    """How to call a `maas up` suite with its administrator key (printed on the user's terminal only).
+
+    ``transport``: grpcurl's flags for the gateway's port (``-plaintext``, or ``_grpcurl_tls``'s).
+    """
     key = key_file.read_text().strip()
     return (
         f"API keys are on. Administrator key (also in {key_file}, which the CLI reads from this directory):\n"
         f"  {key}\n"
         f"  CLI elsewhere: export MAAS_API_KEY=$(cat {key_file})\n"
         f'  tritonclient: client.infer(..., headers={{"authorization": "Bearer {key}"}})\n'
-        f'  grpcurl: grpcurl -plaintext -H "authorization: Bearer {key}" {gateway} list\n'
+        f'  grpcurl: grpcurl {transport} -H "authorization: Bearer {key}" {gateway} list\n'
         "  Create keys for others: maas keys create --tenant T --name N --scope infer --models 'fraud-*'"
     )
 
@@ -273,14 +284,19 @@ def _tls_hint(certs: CertificateFiles, gateway: str, *, is_mutual: bool) -> str:
     """How to call a `maas up --tls` suite with the CLI, tritonclient and grpcurl."""
     ca = certs.ca_cert
     client = f", certificate_chain='{certs.client_cert}', private_key='{certs.client_key}'" if is_mutual else ""
-    curl = f" -cert {certs.client_cert} -key {certs.client_key}" if is_mutual else ""
     env = f" MAAS_TLS_CERT={certs.client_cert} MAAS_TLS_KEY={certs.client_key}" if is_mutual else ""
     return (
         f"TLS{' (mutual)' if is_mutual else ''}: CA {ca}\n"
         f"  maas:         export MAAS_TLS_CA={ca}{env}\n"
         f"  tritonclient: InferenceServerClient('{gateway}', ssl=True, root_certificates='{ca}'{client})\n"
-        f"  grpcurl:      grpcurl -cacert {ca}{curl} {gateway} list"
+        f"  grpcurl:      grpcurl {_grpcurl_tls(certs, is_mutual=is_mutual)} {gateway} list"
     )
+
+
+def _grpcurl_tls(certs: CertificateFiles, *, is_mutual: bool) -> str:
+    """Return grpcurl's flags for a `maas up --tls` port: the CA, and with ``is_mutual`` the client certificate."""
+    client = f" -cert {certs.client_cert} -key {certs.client_key}" if is_mutual else ""
+    return f"-cacert {certs.ca_cert}{client}"
 
 
 def _describe(model: ModelRecord) -> str:
@@ -705,7 +721,7 @@ def status(as_json: JsonFlag = False) -> None:
             table.add_row(model.name, _describe(model), "[green]yes[/]" if ready else "[red]no[/]")
         report: list[tuple[TenantRecord, TenantUsage]] | None = None
         cluster: ClusterStatus | None = None
-        with contextlib.suppress(PermissionDenied):  # a tenant admin sees its tenant's usage, not the cluster
+        with contextlib.suppress(PermissionDenied):  # a tenant admin sees its tenant's usage and models
             report = client.tenant_report()
             cluster = client.cluster_status()
     if as_json:
@@ -716,7 +732,7 @@ def status(as_json: JsonFlag = False) -> None:
     if cluster is not None:
         cluster_view.print_view(out, cluster)
     if report is None:
-        out.print("tenants: usage needs a key with the admin scope (workers and queues: a 'system' admin key)")
+        out.print("tenants, workers and queues: need a key with the admin scope (a tenant's: its own models)")
     elif report:
         out.print(_tenant_table(report, with_description=False))
 
@@ -989,9 +1005,11 @@ def _when_ms(at_ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at_ms / 1000)) + f".{at_ms % 1000:03d} UTC"
 
 
-# `maas models convert` and `maas tune` (issue 9): services/cli/conversion.py, services/cli/tune.py.
+# `maas models convert` and `maas tune` (issue 9): services/cli/conversion.py, services/cli/tune.py;
+# `maas generate` (issue 11): services/cli/generate.py.
 conversion_cli.register(models_app, _client, out, err)
 tune_cli.register(app, _client, out, err)
+generate_cli.register(app, _client, out, err)
 
 
 def main() -> None:

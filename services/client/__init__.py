@@ -12,8 +12,8 @@ through the registry. Failures are ``services.common.errors`` classes, each with
         outputs = client.infer("affine", {"x": np.ones((1, 4), np.float32)})
 """
 
-from services.client.aio import AsyncMaasClient, ClientOptions, DeploySettings
-from services.client.results import InferResult, ModelMetadata
+from services.client.aio import AsyncMaasClient, ClientOptions, DeploySettings, GenerationOptions
+from services.client.results import InferResult, ModelMetadata, TextPiece
 from services.client.sync import MaasClient
 from services.common.errors import (
     AlreadyExists,
@@ -36,6 +36,7 @@ __all__ = [
     "DeadlineExceeded",
     "DeploySettings",
     "FailedPrecondition",
+    "GenerationOptions",
     "InferResult",
     "InvalidArgument",
     "MaasClient",
@@ -44,6 +45,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "TextPiece",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

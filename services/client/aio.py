@@ -16,13 +16,14 @@ import numpy.typing as npt
 
 from inference import grpc_service_pb2_grpc
 from services.client import conversion, convert, tuning
-from services.client.results import InferResult, ModelMetadata
+from services.client.results import InferResult, ModelMetadata, TextPiece
 from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
-from services.common.errors import AlreadyExists
+from services.common.errors import AlreadyExists, map_rpc_error
 from services.common.events import Event
 from services.common.metadata import DeploymentRecord, ModelRecord, VersionRecord
 from services.common.optimization import OperationRecord
 from services.common.registry_client import (
+    DEFAULT_MIN_TRANSFER_BYTES_PER_S,
     MetadataSource,
     ProgressCallback,
     RegistryClient,
@@ -46,6 +47,22 @@ class DeploySettings(TypedDict, total=False):
     max_queue_length: int
 
 
+class GenerationOptions(TypedDict, total=False):
+    """Generation parameters of a generative model's call; one left out takes the model's default.
+
+    The gateway checks them: ``max_new_tokens`` 1..its limit (default 128), ``temperature`` > 0,
+    ``top_k`` >= 0, ``top_p`` in (0, 1], ``seed`` an int64. ``do_sample`` samples (with
+    temperature, top-k, top-p) instead of greedy decoding; a seeded sampling is reproducible.
+    """
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    do_sample: bool
+
+
 class ClientOptions(TypedDict, total=False):
     """Keyword options of both clients; see ``AsyncMaasClient``."""
 
@@ -53,6 +70,7 @@ class ClientOptions(TypedDict, total=False):
     metadata: MetadataSource
     timeout_s: float
     registry_timeout_s: float
+    min_transfer_bytes_per_s: float
 
 
 class AsyncMaasClient:
@@ -73,7 +91,10 @@ class AsyncMaasClient:
         metadata: Sent with every call: fixed ``(key, value)`` pairs, or a hook returning them before
             each call (e.g. for a token that expires).
         timeout_s: Default deadline of an inference call, in seconds.
-        registry_timeout_s: Deadline of a registry call (uploads get at least 300 s).
+        registry_timeout_s: Deadline of a registry call. Uploads and downloads get at least 300 s
+            plus their size at ``min_transfer_bytes_per_s``.
+        min_transfer_bytes_per_s: Slowest link a push or pull is given time for (default 1 MiB/s:
+            a 10 GiB bundle gets 300 s + 10240 s).
     """
 
     def __init__(
@@ -85,14 +106,16 @@ class AsyncMaasClient:
         metadata: MetadataSource = (),
         timeout_s: float = 60.0,
         registry_timeout_s: float = 30.0,
+        min_transfer_bytes_per_s: float = DEFAULT_MIN_TRANSFER_BYTES_PER_S,
     ) -> None:
         self.timeout_s = timeout_s
         self._metadata = metadata
         self._channel = create_channel(gateway, credentials)
         self._inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._registry = RegistryClient(
-            registry, timeout_s=registry_timeout_s, credentials=credentials, metadata=metadata
-        )
+            registry, timeout_s=registry_timeout_s, credentials=credentials, metadata=metadata,
+            min_transfer_bytes_per_s=min_transfer_bytes_per_s,
+        )  # fmt: skip
 
     async def close(self) -> None:
         """Close both channels."""
@@ -147,6 +170,71 @@ class AsyncMaasClient:
         """
         request = convert.infer_request(model, inputs, version=convert.version_string(version), outputs=outputs)
         return convert.infer_result(await self._gateway_call(self._inference.ModelInfer, request, timeout_s))
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        version: int | str | None = None,
+        timeout_s: float | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> AsyncGenerator[TextPiece, None]:
+        """Run a generative model on ``prompt``; yield its answer piece by piece as it is produced.
+
+        Uses ModelStreamInfer (Triton's decoupled protocol); the last piece has ``is_final`` and
+        the ``finish_reason``. Closing the iteration early (``break``, ``aclose``) cancels the call,
+        which stops the generation on the worker.
+
+        Args:
+            model: The model's name.
+            prompt: The text to continue.
+            version: The version to run; None runs the deployed one.
+            timeout_s: Deadline of the whole generation (the client's ``timeout_s`` when None).
+            **options: Generation parameters (``GenerationOptions``).
+
+        Raises:
+            NotFound: The model or version does not exist.
+            InvalidArgument: An unknown parameter, or one out of its range (named in the message).
+            FailedPrecondition: The model is not deployed.
+            DeadlineExceeded: The generation did not end by the deadline.
+            Unavailable: The gateway cannot be reached, or the worker died during an unseeded sampling.
+        """
+        request = convert.generation_request(
+            model, prompt, version=convert.version_string(version), options={**options}
+        )
+        call = self._inference.ModelStreamInfer(
+            iter([request]),
+            timeout=self.timeout_s if timeout_s is None else timeout_s,
+            metadata=resolve_metadata(self._metadata),
+        )
+        decoder = convert.PieceDecoder()
+        try:
+            async for response in call:
+                yield decoder.piece(response)
+        except grpc.aio.AioRpcError as exc:
+            raise map_rpc_error(exc, "gateway") from exc
+        finally:
+            call.cancel()  # a no-op once the call is over
+
+    async def generate_text(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        version: int | str | None = None,
+        timeout_s: float | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> str:
+        """Run a generative model on ``prompt`` and return the whole answer (ModelInfer).
+
+        Arguments and errors as for ``generate``.
+        """
+        request = convert.generation_request(
+            model, prompt, version=convert.version_string(version), options={**options}
+        )
+        result = convert.infer_result(await self._gateway_call(self._inference.ModelInfer, request, timeout_s))
+        return convert.generated_text(result)
 
     async def model_metadata(
         self, model: str, *, version: int | str | None = None, timeout_s: float | None = None

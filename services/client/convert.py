@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 
 from inference import grpc_service_pb2 as pb
-from services.client.results import InferResult, ModelMetadata
-from services.common import dtypes
-from services.common.errors import InvalidArgument, MaasError
+from services.client.results import InferResult, ModelMetadata, TextPiece
+from services.common import dtypes, generation
+from services.common.errors import FailedPrecondition, InvalidArgument, MaasError, error_for_code
 from services.common.metadata import TensorSpec
 
 
@@ -80,3 +82,86 @@ def metadata_request(model: str, version: str) -> pb.ModelMetadataRequest:
 def ready_request(model: str, version: str) -> pb.ModelReadyRequest:
     """Build a ModelReadyRequest."""
     return pb.ModelReadyRequest(name=model, version=version)
+
+
+_REAL_OPTIONS = ("temperature", "top_p")
+"""Generation parameters that are real numbers: sent as ``double_param`` even when given as ints."""
+
+
+def generation_request(model: str, prompt: str, *, version: str, options: Mapping[str, object]) -> pb.ModelInferRequest:
+    """Build a generative model's request: the prompt (BYTES [1]) and the generation parameters.
+
+    Each option becomes a parameter of its kind: bool -> ``bool_param``, int -> ``int64_param``,
+    float (and ``temperature``, ``top_p``) -> ``double_param``; the gateway checks names, kinds and ranges.
+
+    Raises:
+        InvalidArgument: An option's value is of another type.
+    """
+    request = infer_request(
+        model, {generation.PROMPT: np.array([prompt.encode()], dtype=object)}, version=version, outputs=()
+    )
+    for name, value in options.items():
+        parameter = request.parameters[name]
+        if isinstance(value, bool):
+            parameter.bool_param = value
+        elif isinstance(value, int) and name not in _REAL_OPTIONS:
+            parameter.int64_param = value
+        elif isinstance(value, int | float):
+            parameter.double_param = float(value)
+        else:
+            raise InvalidArgument(f"parameter '{name}' must be a bool, int or float, got {type(value).__name__}")
+    return request
+
+
+def generated_text(result: InferResult) -> str:
+    """The whole text of a generative model's ModelInfer reply.
+
+    Raises:
+        MaasError: The reply has no ``text`` output of one element (not a generative model's).
+    """
+    text = result.get(generation.TEXT)
+    if text is None or text.size != 1:
+        raise MaasError(f"reply has no '{generation.TEXT}' output of one element: is the model generative?")
+    return bytes(text.reshape(-1)[0]).decode(errors="replace")
+
+
+class PieceDecoder:
+    """Turns one generation's ModelStreamInfer responses into ``TextPiece`` records.
+
+    Text is decoded incrementally, so a character split between two responses comes out whole.
+    """
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def piece(self, response: pb.ModelStreamInferResponse) -> TextPiece:
+        """Decode one response.
+
+        Raises:
+            MaasError: The response is the request's error (the taxonomy class of its ``error_code``).
+            FailedPrecondition: The response is not a generation's (an ordinary model answered).
+        """
+        infer = response.infer_response
+        if response.error_message:
+            code = _string_parameter(infer, "error_code")
+            status = grpc.StatusCode.__members__.get(code, grpc.StatusCode.INTERNAL)
+            raise error_for_code(status, response.error_message)
+        if generation.FINAL not in infer.parameters:
+            raise FailedPrecondition(
+                f"model '{infer.model_name}' is not a generative model: its answer has no "
+                f"'{generation.FINAL}' parameter (call it with infer)"
+            )
+        is_final = infer.parameters[generation.FINAL].bool_param
+        raw = b""
+        if infer.raw_output_contents:
+            [raw] = dtypes.decode_bytes(infer.raw_output_contents[0], 1, name=generation.TEXT)
+        return TextPiece(
+            text=self._utf8.decode(bytes(raw), final=is_final),
+            is_final=is_final,
+            finish_reason=_string_parameter(infer, "finish_reason"),
+            model_version=infer.model_version,
+        )
+
+
+def _string_parameter(response: pb.ModelInferResponse, name: str) -> str:
+    return response.parameters[name].string_param if name in response.parameters else ""

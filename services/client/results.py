@@ -32,3 +32,19 @@ class ModelMetadata:
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """One piece of a generative model's answer (``generate``): the text of a token or a few.
+
+    The last piece has ``is_final`` and says why the generation ended.
+    """
+
+    text: str
+    is_final: bool = False
+    finish_reason: str = ""
+    """On the final piece: ``length`` (max_new_tokens or the context reached), ``stop`` (the model's
+    end of sequence) or ``cancelled``."""
+    model_version: str = ""
+    """The version that generated it."""

@@ -14,7 +14,8 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
-from services.client.aio import AsyncMaasClient, ClientOptions
+from services.client.aio import AsyncMaasClient, ClientOptions, GenerationOptions
+from services.client.results import TextPiece
 from services.common.events import Event
 
 _P = ParamSpec("_P")
@@ -38,12 +39,12 @@ async def _open(gateway: str, registry: str, options: ClientOptions) -> AsyncMaa
     return AsyncMaasClient(gateway, registry, **options)
 
 
-async def _next(events: AsyncGenerator[Event, None]) -> Event:
-    return await anext(events)
+async def _next(items: AsyncGenerator[_T, None]) -> _T:
+    return await anext(items)
 
 
-async def _close(events: AsyncGenerator[Event, None]) -> None:
-    await events.aclose()
+async def _close(items: AsyncGenerator[_T, None]) -> None:
+    await items.aclose()
 
 
 class MaasClient:
@@ -54,7 +55,8 @@ class MaasClient:
     Args:
         gateway: host:port of the gateway.
         registry: host:port of the registry.
-        **options: ``credentials``, ``metadata``, ``timeout_s``, ``registry_timeout_s``, as for ``AsyncMaasClient``.
+        **options: ``credentials``, ``metadata``, ``timeout_s``, ``registry_timeout_s``,
+            ``min_transfer_bytes_per_s``, as for ``AsyncMaasClient``.
     """
 
     def __init__(
@@ -91,15 +93,34 @@ class MaasClient:
         Without ``follow`` it ends after the events recorded so far; with it, it blocks for new ones
         until the iteration is closed. Resume after an error from the last event's id.
         """
-        events = self._client.watch_events(after_id, follow=follow, model=model)
+        return self._iterate(self._client.watch_events(after_id, follow=follow, model=model))
+
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        version: int | str | None = None,
+        timeout_s: float | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> Iterator[TextPiece]:
+        """Run a generative model on ``prompt``; iterate over its answer piece by piece as it is produced.
+
+        As ``AsyncMaasClient.generate``: the last piece has ``is_final`` and the ``finish_reason``;
+        closing the iteration early cancels the call (and the generation).
+        """
+        return self._iterate(self._client.generate(model, prompt, version=version, timeout_s=timeout_s, **options))
+
+    def _iterate(self, items: AsyncGenerator[_T, None]) -> Iterator[_T]:
+        """Iterate over an async generator of the client on its loop thread; close it when done."""
         try:
             while True:
                 try:
-                    yield self._wait(_next(events))
+                    yield self._wait(_next(items))
                 except StopAsyncIteration:
                     return
         finally:
-            self._wait(_close(events))
+            self._wait(_close(items))
 
     def __enter__(self) -> MaasClient:
         return self
@@ -110,6 +131,7 @@ class MaasClient:
         self.close()
 
     infer = _blocking(AsyncMaasClient.infer)
+    generate_text = _blocking(AsyncMaasClient.generate_text)
     model_metadata = _blocking(AsyncMaasClient.model_metadata)
     model_ready = _blocking(AsyncMaasClient.model_ready)
     push = _blocking(AsyncMaasClient.push)

@@ -52,6 +52,8 @@ _KINDS = {
     "do_sample": ("bool_param",),
     EMPTY_FINAL: ("bool_param",),
 }
+_SAMPLING = ("temperature", "top_k", "top_p")
+"""The parameters of sampling (``do_sample``); setting one samples unless ``do_sample`` is false (refused)."""
 ALLOWED = tuple(_KINDS)
 """The request parameters a generative model takes."""
 
@@ -65,7 +67,7 @@ class GenerationParams:
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     do_sample: bool = False
-    """Sample (with temperature, top-k, top-p) instead of greedy decoding."""
+    """Sample (with temperature, top-k, top-p) instead of greedy decoding; set when one of those is."""
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
@@ -114,6 +116,18 @@ def _optional(values: dict[str, float], name: str, rule: str, is_ok: Callable[[f
     return value
 
 
+def _do_sample(values: dict[str, float]) -> bool:
+    """``do_sample`` as given; when not given, whether a sampling parameter is (they would do nothing greedy)."""
+    sampling = [name for name in _SAMPLING if name in values]
+    if "do_sample" not in values:
+        return bool(sampling)
+    if sampling and not values["do_sample"]:
+        raise InvalidArgument(
+            f"parameter '{sampling[0]}' needs do_sample true: greedy decoding takes no {', '.join(_SAMPLING)}"
+        )
+    return bool(values["do_sample"])
+
+
 def parse_parameters(parameters: Iterable[TypedParameter], max_new_tokens_cap: int) -> GenerationParams:
     """Check a generation request's parameters and fill in the defaults.
 
@@ -123,7 +137,8 @@ def parse_parameters(parameters: Iterable[TypedParameter], max_new_tokens_cap: i
 
     Raises:
         InvalidArgument: An unknown parameter (the message lists the allowed ones), or one of the
-            wrong kind or out of its range (the message names it and the rule).
+            wrong kind or out of its range (the message names it and the rule), or a sampling
+            parameter with ``do_sample`` false.
     """
     values: dict[str, float] = {}
     for name, kind, value in parameters:
@@ -140,7 +155,7 @@ def parse_parameters(parameters: Iterable[TypedParameter], max_new_tokens_cap: i
     seed = _optional(values, "seed", "an int64", lambda v: -(2**63) <= v < 2**63)
     return GenerationParams(
         max_new_tokens=max_new,
-        do_sample=bool(values.get("do_sample", False)),
+        do_sample=_do_sample(values),
         temperature=temperature,
         top_k=None if top_k is None else int(top_k),
         top_p=top_p,

@@ -271,7 +271,8 @@ def model_config(
 ) -> pb.ModelConfigResponse:
     """Describe a version as a Triton model configuration (batch dimension excluded when batched).
 
-    The gateway's size ``limits`` are reported as ``parameters`` (string values, in bytes).
+    The gateway's size ``limits`` are reported as ``parameters`` (string values, in bytes). A
+    generative model is ``decoupled`` (``model_transaction_policy``), as Triton's streaming models.
     """
     max_batch = deployment.max_batch_size if deployment and version.is_batchable else 0
     config = mc.ModelConfig(
@@ -290,6 +291,8 @@ def model_config(
     )
     if max_batch > 0 and deployment is not None:
         config.dynamic_batching.max_queue_delay_microseconds = deployment.max_wait_ms * 1000
+    if generation.is_generative(version.platform):  # several responses per request (a token each)
+        config.model_transaction_policy.decoupled = True
     for name, value in limits.items():
         config.parameters[name].string_value = str(value)
     return pb.ModelConfigResponse(config=config)

@@ -13,6 +13,10 @@ fails the stream).
 
 A generation stops early, between two tokens, when its call's deadline passes or the gateway
 sets the call's cancel flag (``keys.generation_cancel``: the client cancelled or disconnected).
+
+A generation that ran counts as a batch of one: in the version's statistics (ModelStatistics),
+the queue-wait, run and batch-size metrics, and the caller's tenant usage (its decode, generation
+and encode time), written in the MULTI that sends its final reply.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +38,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Gauge
 
-from services.common import generation, keys
+from services.common import generation, keys, stats, usage
 from services.common.errors import DeadlineExceeded, InvalidArgument, MaasError
 from services.common.metadata import DeploymentRecord
 from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, now_ms
@@ -161,6 +166,24 @@ def _prompt(request: InferRequest) -> str:
 
 
 @dataclass
+class _Times:
+    """Where one generation's time went (ns), as a batch's requests are measured for the statistics."""
+
+    queue_ns: int
+    decode_ns: int = 0
+    """Decoding the request and tokenizing the prompt."""
+    run_ns: int = 0
+    """Generating (the model's runs, token by token, and writing the tokens)."""
+    encode_ns: int = 0
+    tenant: str = ""
+
+    @property
+    def has_run(self) -> bool:
+        """Whether the generation ran (it has something to count)."""
+        return self.run_ns > 0
+
+
+@dataclass
 class _Call:
     """One generation under way: where its tokens go and what stops it."""
 
@@ -208,12 +231,29 @@ class GenerationConsumer(QueueConsumer):
     async def _process(self, entries: Sequence[Entry], *, ran: Callable[[], None] | None = None) -> None:
         try:
             for entry_id, fields in entries:
-                await self._send_all([await self._generate(entry_id, fields)])
+                # As a batch of one: its statistics and the tenant's compute go in the MULTI that ends it.
+                times = _Times(queue_ns=max(0, time.time_ns() - stats.entry_time_ns(entry_id)))
+                self._queue_wait.observe(times.queue_ns / 1e9)
+                answer = await self._generate(entry_id, fields, times)
+                await self._send_all([answer], first=self._accounting(answer, times))
         finally:
             if ran is not None:
                 ran()
 
-    async def _generate(self, entry_id: bytes, fields: dict[bytes, bytes]) -> _Answer:
+    def _accounting(self, answer: _Answer, times: _Times) -> list[tuple[Any, ...]]:
+        """Count a generation that ran in the version's statistics and metrics; return its HINCRBYs."""
+        if answer.code is not grpc.StatusCode.OK or not times.has_run:
+            return []
+        batch_stats, charges = stats.BatchStats(), usage.ComputeCharges(self._labels)
+        batch_stats.group_ran(
+            [(times.queue_ns, times.decode_ns, times.encode_ns, 1)], input_ns=0, output_ns=0, runs=[(1, times.run_ns)]
+        )
+        charges.charge(times.tenant, times.decode_ns + times.run_ns + times.encode_ns)
+        self._batch_size.observe(1)
+        self._run_seconds.observe(times.run_ns / 1e9)
+        return [*batch_stats.commands(self._stats_key), *charges.commands()]
+
+    async def _generate(self, entry_id: bytes, fields: dict[bytes, bytes], times: _Times) -> _Answer:
         try:
             queued = QueuedRequest.from_fields(fields)
         except MalformedEntry as exc:
@@ -221,6 +261,7 @@ class GenerationConsumer(QueueConsumer):
         try:
             if queued.deadline_ms <= now_ms():
                 raise DeadlineExceeded("deadline exceeded before the generation started")
+            started = time.perf_counter_ns()
             request = convert.decode_infer_request(queued.payload)
             params = generation.parse_parameters(request.parameters, _NO_CAP)
             tokens = self._model.encode(_prompt(request))
@@ -229,20 +270,25 @@ class GenerationConsumer(QueueConsumer):
                     f"input '{generation.PROMPT}': the prompt has {len(tokens)} tokens; the model's context "
                     f"length is {self._model.context_length}"
                 )
+            times.decode_ns = time.perf_counter_ns() - started
             attempt = (await self._delivery_counts([entry_id])).get(entry_id, 1)
             call = _Call(entry_id, queued, attempt)
             async with self._pool.slots:
                 GENERATIONS_IN_FLIGHT.inc()
+                started = time.perf_counter_ns()
                 try:
                     reason = await self._run(call, tokens, params)
                 finally:
+                    times.run_ns = time.perf_counter_ns() - started
                     GENERATIONS_IN_FLIGHT.dec()
         except MaasError as exc:
             log.info("generation_failed", request_id=queued.request_id, reason=exc.message)
             return _error_answer(entry_id, queued, exc)
-        return self._final(call, request, reason)
+        times.tenant = queued.tenant
+        return self._final(call, request, reason, times)
 
-    def _final(self, call: _Call, request: InferRequest, reason: str) -> _Answer:
+    def _final(self, call: _Call, request: InferRequest, reason: str, times: _Times) -> _Answer:
+        started = time.perf_counter_ns()
         text = "".join(call.text).encode()
         result = InferResult(self._model.model, self._model.version, request.id, {generation.TEXT: _bytes_array(text)})
         reply = Reply(
@@ -255,6 +301,7 @@ class GenerationConsumer(QueueConsumer):
             is_final=True,
             finish_reason=reason,
         )
+        times.encode_ns = time.perf_counter_ns() - started
         log.debug("generation_done", request_id=call.queued.request_id, tokens=len(call.text), reason=reason)
         return _Answer(call.entry_id, call.queued.reply_to, reply, grpc.StatusCode.OK)
 

@@ -8,6 +8,7 @@ so that a cancel or a kill lands mid-generation.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import struct
 from collections.abc import AsyncIterator
@@ -19,10 +20,14 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from inference import grpc_service_pb2 as pb
+from services.cli.examples import affine_model
+from services.client import InvalidArgument, MaasClient, NotFound, TextPiece
 from services.client.aio import AsyncMaasClient
+from services.common.auth import bearer
 from services.common.embedded_redis import EmbeddedRedis
 from tests.genai_model import build_genai_model
-from tests.integration.suite import Suite, start_service_process
+from tests.integration.suite import Suite, run_cli, start_service_process
+from tests.triton import triton_calls
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +83,12 @@ async def _stream(suite: Suite, request: pb.ModelInferRequest) -> list[pb.ModelS
 
 def _gauge() -> float:
     return REGISTRY.get_sample_value("maas_worker_generations_in_flight") or 0.0
+
+
+async def _until_no_generation() -> None:
+    async with asyncio.timeout(10):  # a whole slow generation would take far longer
+        while _gauge() != 0:
+            await asyncio.sleep(0.02)
 
 
 async def test_greedy_generation_streams_token_by_token_and_infer_returns_it_whole(
@@ -137,9 +148,7 @@ async def test_a_cancelled_stream_stops_the_generation(
             break
     assert _gauge() == 1
     call.cancel()
-    async with asyncio.timeout(10):  # the whole generation would take far longer
-        while _gauge() != 0:
-            await asyncio.sleep(0.02)
+    await _until_no_generation()
     assert suite.worker is not None
     await suite.worker.run_until_empty(timeout_s=10)  # the entry was acked: nothing pending
 
@@ -237,3 +246,132 @@ async def test_a_worker_killed_mid_unseeded_sampling_ends_the_call_unavailable(
     assert last.infer_response.parameters["error_code"].string_param == "UNAVAILABLE"
     assert "the worker generating this answer died after" in last.error_message
     assert "unseeded sampling cannot be resumed" in last.error_message
+
+
+async def test_the_client_streams_pieces_returns_the_whole_text_and_maps_errors(suite: Suite, tmp_path: Path) -> None:
+    await _push(suite, tmp_path, "tiny")
+    async with AsyncMaasClient(suite.gateway_address, suite.registry_address) as client:
+        pieces = [piece async for piece in client.generate("tiny", "hello a", max_new_tokens=6)]
+        assert pieces == [TextPiece(c, model_version="1") for c in GREEDY[:5]] + [
+            TextPiece(GREEDY[5], is_final=True, finish_reason="length", model_version="1")
+        ]
+        assert await client.generate_text("tiny", "hello a", max_new_tokens=6) == GREEDY[:6]
+        with pytest.raises(InvalidArgument, match=r"parameter 'top_p' must be in \(0, 1\], got 1.5"):
+            async for _piece in client.generate("tiny", "a", top_p=1.5):
+                pass
+        with pytest.raises(InvalidArgument, match="parameter 'temperature' needs do_sample true"):
+            await client.generate_text("tiny", "a", temperature=2, do_sample=False)
+        with pytest.raises(NotFound, match="nope"):
+            await client.generate_text("nope", "a")
+        # A sampling parameter samples without do_sample (it would do nothing greedy).
+        implied = await client.generate_text("tiny", "hello", max_new_tokens=12, temperature=50, top_k=260, seed=1)
+        sampled = [p.text async for p in client.generate("tiny", "hello", max_new_tokens=12, do_sample=True,
+                                                         temperature=50.0, top_k=260, seed=1)]  # fmt: skip
+        assert implied == "".join(sampled) != GREEDY[:12]
+
+
+async def test_the_sync_client_streams_and_closing_it_stops_the_generation(suite: Suite, tmp_path: Path) -> None:
+    await _push(suite, tmp_path, "slow", burn=256)
+
+    def calls() -> tuple[str, list[str]]:
+        with MaasClient(suite.gateway_address, suite.registry_address) as client:
+            whole = client.generate_text("slow", "a", max_new_tokens=4)
+            pieces = client.generate("slow", "a", max_new_tokens=1000)
+            first = [next(pieces).text for _ in range(3)]
+            assert _gauge() == 1
+            pieces.close()  # cancels the call
+        return whole, first
+
+    whole, first = await asyncio.to_thread(calls)
+    assert (whole, first) == ("bcde", ["b", "c", "d"])
+    await _until_no_generation()
+
+
+async def test_tritonclient_streams_a_decoupled_generation(suite: Suite, tmp_path: Path) -> None:
+    await _push(suite, tmp_path, "tiny")
+    await suite.push("affine", affine_model())
+    config, plain, streamed, empty_final, refused = await asyncio.to_thread(
+        triton_calls,
+        suite.gateway_address,
+        [
+            {"op": "config", "model": "tiny"},
+            {"op": "config", "model": "affine"},
+            {"op": "generate", "model": "tiny", "prompt": "hello a", "parameters": {"max_new_tokens": 8, "seed": 3}},
+            {"op": "generate", "model": "tiny", "prompt": "hello a", "parameters": {"max_new_tokens": 3},
+             "empty_final": True},
+            {"op": "generate", "model": "tiny", "prompt": "a", "parameters": {"beam_width": 2}},
+        ],
+    )  # fmt: skip
+    assert config["ok"]["config"]["model_transaction_policy"] == {"decoupled": True}
+    assert "model_transaction_policy" not in plain["ok"]["config"]
+    assert "".join(r["text"] for r in streamed["ok"]) == GREEDY[:8]
+    assert [r["final"] for r in streamed["ok"]] == [False] * 7 + [True]
+    assert streamed["ok"][-1]["finish_reason"] == "length"
+    assert empty_final["ok"] == [
+        {"text": "b", "final": False, "finish_reason": None},
+        {"text": "c", "final": False, "finish_reason": None},
+        {"text": "d", "final": False, "finish_reason": None},
+        {"text": None, "final": True, "finish_reason": "length"},
+    ]
+    [error] = refused["ok"]
+    assert "parameter 'beam_width' is not supported by generative models" in error["error"]
+
+
+async def test_the_cli_prints_tokens_then_the_finish_reason(suite: Suite, tmp_path: Path) -> None:
+    await _push(suite, tmp_path, "tiny")
+    code, stdout, stderr = await run_cli(suite, "generate", "tiny", "hello a", "--max-new-tokens", "5")
+    assert (code, stdout) == (0, GREEDY[:5] + "\n"), stderr
+    assert "finish_reason: length" in stderr
+    code, stdout, stderr = await run_cli(suite, "generate", "tiny", "hello a", "--max-new-tokens", "3", "--json")
+    assert code == 0, stderr
+    assert [json.loads(line) for line in stdout.splitlines()] == [
+        {"text": "b", "final": False},
+        {"text": "c", "final": False},
+        {"text": "d", "final": True, "finish_reason": "length", "model_version": "1"},
+    ]
+    code, stdout, stderr = await run_cli(
+        suite, "generate", "tiny", "hello a", "--max-new-tokens", "4", "--no-stream", "--json", "--version", "1"
+    )
+    assert (code, json.loads(stdout)) == (0, {"text": GREEDY[:4]}), stderr
+    code, stdout, stderr = await run_cli(suite, "generate", "tiny", "a", "--top-p", "2")
+    assert (code, stdout) == (1, "")
+    assert "error INVALID_ARGUMENT: parameter 'top_p' must be in (0, 1], got 2.0" in stderr
+
+
+@pytest.fixture
+async def auth_suite(redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Suite]:
+    running = await Suite(redis_server.url, tmp_path, timeout_s=30, auth={}).start()
+    yield running
+    await running.stop()
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_generation_compute_is_charged_to_the_tenant_and_counted_in_statistics(
+    auth_suite: Suite, tmp_path: Path
+) -> None:
+    await auth_suite.registry.create_model("llm")
+    version = await auth_suite.registry.upload_bundle("llm", build_genai_model(tmp_path / "llm"))
+    await auth_suite.registry.deploy("llm", version.version)
+    assert auth_suite.worker is not None
+    await auth_suite.worker.reconcile()
+    await auth_suite.registry.create_tenant("team-g")
+    _record, key = await auth_suite.registry.create_api_key("team-g", "caller", ["infer", "read"])
+    labels = {"model": "llm", "version": str(version.version)}
+    queued_before = _sample("maas_inference_queue_wait_seconds_count", **labels)
+    async with AsyncMaasClient(auth_suite.gateway_address, auth_suite.registry_address, metadata=bearer(key)) as client:
+        assert "".join([p.text async for p in client.generate("llm", "hello a", max_new_tokens=10)]) == GREEDY[:10]
+        assert await client.generate_text("llm", "hello a", max_new_tokens=10) == GREEDY[:10]
+    assert _sample("maas_inference_tenant_compute_seconds_total", tenant="team-g", **labels) > 0
+    assert _sample("maas_inference_queue_wait_seconds_count", **labels) == queued_before + 2
+    assert _sample("maas_inference_requests_total", code="OK", **labels) >= 2
+    usage = {tenant.name: used for tenant, used in await auth_suite.registry.tenant_report()}["team-g"]
+    assert usage.compute_ns > 0
+    statistics = await auth_suite.inference.ModelStatistics(
+        pb.ModelStatisticsRequest(name="llm"), metadata=bearer(auth_suite.admin_key)
+    )
+    [stats] = statistics.model_stats
+    assert (stats.inference_count, stats.execution_count) == (2, 2)
+    assert stats.inference_stats.compute_infer.ns > 0
