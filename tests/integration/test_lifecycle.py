@@ -377,6 +377,7 @@ async def test_the_client_watches_and_resumes(suite: Suite) -> None:
 # Gateways and workers follow the events stream
 
 
+@pytest.mark.serial  # a latency bound: tests running beside it would measure the machine
 async def test_gateway_and_worker_react_to_a_deploy_within_100_ms(suite: Suite) -> None:
     await suite.push("m", AFFINE)
     request = pb.ModelMetadataRequest(name="m")
