@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto' | sort)
 ARGS ?=
 
-.PHONY: up test proto lint bench clean
+.PHONY: up test proto lint bench bench-generation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test: $(VENV)/.installed-dev proto lint
 ## bench: one table: raw ONNX Runtime, a bare Python gRPC floor, a worker direct, MaaS via the queue (ARGS="--short")
 bench: $(VENV)/.installed-dev proto
 	$(BIN)/python -m bench.throughput $(ARGS)
+
+## bench-generation: streamed generation, MaaS against onnxruntime-genai direct, 1/4/16 streams (ARGS="--short")
+bench-generation: $(VENV)/.installed-dev proto
+	$(BIN)/python -m bench.generation $(ARGS)
 
 clean:
 	rm -rf $(VENV) .maas .pytest_cache .mypy_cache .ruff_cache *.egg-info

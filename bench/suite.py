@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -48,14 +49,16 @@ def _with_parent_death_signal(command: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
 
 
-def spawn(command: list[str], stdout: int | IO[bytes], stderr: int | IO[bytes]) -> subprocess.Popen[bytes]:
-    """Start a server process in its own session.
+def spawn(
+    command: list[str], stdout: int | IO[bytes], stderr: int | IO[bytes], env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a server process in its own session, with ``env`` on top of ``clean_env()``.
 
     A terminal's Ctrl-C then reaches only the benchmark, which stops its servers in order; a server
     gets SIGTERM if the benchmark dies without doing so.
     """
     return subprocess.Popen(
-        _with_parent_death_signal(command), cwd=REPO, env=clean_env(), stdout=stdout, stderr=stderr,
+        _with_parent_death_signal(command), cwd=REPO, env=clean_env() | dict(env or {}), stdout=stdout, stderr=stderr,
         start_new_session=True,
     )  # fmt: skip
 
@@ -154,8 +157,12 @@ class Floor:
 class MaasUp:
     """``maas up`` with real processes on a fresh data dir; output goes to ``<work_dir>/maas-up.log``."""
 
-    def __init__(self, work_dir: Path, workers: int, access_log_sample: float = 1.0) -> None:
+    def __init__(
+        self, work_dir: Path, workers: int, access_log_sample: float = 1.0, env: Mapping[str, str] | None = None
+    ) -> None:
         self.data_dir = work_dir / "maas-data"
+        self.env = dict(env or {})
+        """``MAAS_*`` settings for its services (``maas up`` passes its environment on)."""
         self.log = work_dir / "maas-up.log"
         self.workers = workers
         self.access_log_sample = access_log_sample
@@ -178,7 +185,7 @@ class MaasUp:
                  "--registry-port", "0", "--data-dir", str(self.data_dir),
                  "--access-log-sample", str(self.access_log_sample),
                  "--no-auth"],  # the load generators send no API key (an HMAC per key per 5 s: noise)
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, env=self.env,
             )  # fmt: skip
         self.endpoints = wait_json(self.data_dir / "run" / "endpoints.json", self.process, "maas up", self.log)
         self._redis = redis.Redis.from_url(str(self.endpoints["redis_url"]), socket_timeout=10)

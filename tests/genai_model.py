@@ -121,7 +121,7 @@ def _config(context_length: int) -> dict[str, Any]:
     return {"model": model, "search": search}
 
 
-def _byte_encoder() -> dict[int, str]:
+def byte_encoder() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte (what byte-level BPE vocabularies hold)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
@@ -135,7 +135,7 @@ def _byte_encoder() -> dict[int, str]:
 
 
 def _tokenizer() -> dict[str, Any]:
-    encoder = _byte_encoder()
+    encoder = byte_encoder()
     vocab = {encoder[byte]: byte for byte in range(256)}
     special = [("<s>", 256), ("</s>", 257), ("<pad>", 258), ("<unk>", 259)]
     vocab.update(dict(special))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from services.cli.examples import affine_model
+from tests.genai_model import byte_encoder
 
 __all__ = ["affine_model", "identity_model", "slow_model", "text_embedding_model", "two_io_model"]
 
@@ -46,40 +49,50 @@ def slow_model(size: int = 1024, steps: int = 48) -> bytes:
 
 TEXT_EMBEDDING_DIM = 8
 """Width of ``text_embedding_model``'s embeddings."""
+TEXT_MERGES = ("h e", "l l", "he ll", "hell o", "\u0120 w", "o r", "t h", "\u0120 th", "\u0120th e")
+"""The BPE merges of ``text_embedding_model``'s tokenizer ("\u0120" is GPT-2's stand-in for a space)."""
 
 
-def text_embedding_model(buckets: int = 64, seed: int = 0) -> bytes:
-    """Text in, embeddings out, through onnxruntime-extensions string operators (domain ai.onnx.contrib).
+def _byte_level_vocab(merges: tuple[str, ...]) -> dict[str, int]:
+    """GPT-2's byte-level vocabulary: one token per byte (its printable stand-in), then one per merge."""
+    stand_in = byte_encoder()
+    vocab = {stand_in[byte]: byte for byte in range(256)}
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
 
-    ``text`` (BYTES [-1]) -> StringLower -> StringSplit on spaces -> StringToHashBucketFast (a hashing
-    tokenizer: word -> id in 0..buckets-1) -> Gather over a random embedding table -> the mean of each
-    string's token vectors (a one-hot segment sum divided by the token count; zeros for no token)
-    -> ``embedding`` (FP32 [-1, TEXT_EMBEDDING_DIM]).
+
+def text_embedding_model(seed: int = 0) -> bytes:
+    """Text in, embeddings out: a real tokenizer (onnxruntime-extensions, domain ai.onnx.contrib), then an encoder.
+
+    ``text`` (BYTES [-1]) -> GPT2Tokenizer (byte-level BPE with a small inline vocabulary and
+    ``TEXT_MERGES``; a batch of strings comes out as token ids padded to the longest, with an
+    attention mask) -> Gather over a random embedding table (the encoder) -> the mean of each
+    string's token vectors under the mask (zeros for an empty string) -> ``embedding`` (FP32
+    [-1, TEXT_EMBEDDING_DIM]).
     """
     contrib = "ai.onnx.contrib"
-    table = np.random.default_rng(seed).standard_normal((buckets, TEXT_EMBEDDING_DIM)).astype(np.float32)
+    vocab = _byte_level_vocab(TEXT_MERGES)
+    table = np.random.default_rng(seed).standard_normal((len(vocab), TEXT_EMBEDDING_DIM)).astype(np.float32)
     constants = {
         "table": table,
-        "sep": np.array([" "], dtype=object),
-        "skip_empty": np.array([True]),
-        "buckets": np.array([buckets], dtype=np.int64),
-        "row_column": np.array(0, dtype=np.int64),
-        "off_on": np.array([0.0, 1.0], dtype=np.float32),
-        "one": np.array(1.0, dtype=np.float32),
         "token_axis": np.array([1], dtype=np.int64),
+        "last_axis": np.array([2], dtype=np.int64),
+        "one": np.array(1.0, dtype=np.float32),
     }
+    tokenizer = helper.make_node(
+        "GPT2Tokenizer", ["text"], ["ids", "mask"], name="tokenize", domain=contrib,
+        vocab=json.dumps(vocab), merges="\n".join(TEXT_MERGES), padding_length=-1,
+    )  # fmt: skip
     nodes = [
-        helper.make_node("StringLower", ["text"], ["lower"], name="lower", domain=contrib),
-        helper.make_node(
-            "StringSplit", ["lower", "sep", "skip_empty"], ["where", "words", "dense"], name="split", domain=contrib
-        ),
-        helper.make_node("StringToHashBucketFast", ["words", "buckets"], ["ids"], name="tokenize", domain=contrib),
-        helper.make_node("Gather", ["table", "ids"], ["vectors"]),
-        helper.make_node("Gather", ["where", "row_column"], ["rows"], axis=1),
-        helper.make_node("Shape", ["text"], ["count"]),
-        helper.make_node("OneHot", ["rows", "count", "off_on"], ["membership"], axis=0),
-        helper.make_node("MatMul", ["membership", "vectors"], ["sums"]),
-        helper.make_node("ReduceSum", ["membership", "token_axis"], ["tokens"], keepdims=1),
+        tokenizer,
+        helper.make_node("Gather", ["table", "ids"], ["vectors"], name="encode"),
+        helper.make_node("Cast", ["mask"], ["weights"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["weights", "last_axis"], ["weights3"]),
+        helper.make_node("Mul", ["vectors", "weights3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "token_axis"], ["sums"], keepdims=0),
+        helper.make_node("ReduceSum", ["weights", "token_axis"], ["tokens"], keepdims=1),
         helper.make_node("Max", ["tokens", "one"], ["divisor"]),
         helper.make_node("Div", ["sums", "divisor"], ["embedding"]),
     ]

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from services.cli.tune import ClientFactory
-from services.client import GenerationOptions, MaasClient
+from services.client import GenerationOptions, MaasClient, TextPiece
 
 _STOPPED_EXIT_CODE = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
@@ -66,6 +66,16 @@ def _stream(
         raise
 
 
+def _whole(answer: TextPiece, as_json: bool, err: Console) -> None:
+    """Print a ``--no-stream`` answer: its text (the finish reason on stderr), or one JSON object."""
+    if as_json:
+        typer.echo(json.dumps({"text": answer.text, "finish_reason": answer.finish_reason,
+                               "model_version": answer.model_version}))  # fmt: skip
+        return
+    typer.echo(answer.text)
+    err.print(f"finish_reason: {answer.finish_reason}", highlight=False)
+
+
 def register(app: typer.Typer, client: ClientFactory, out: Console, err: Console) -> None:
     """Add ``maas generate`` to ``app``; ``client`` yields the CLI's configured client."""
 
@@ -94,7 +104,10 @@ def register(app: typer.Typer, client: ClientFactory, out: Console, err: Console
         ] = False,
         as_json: Annotated[
             bool,
-            typer.Option("--json", help="Print JSON: one line per piece ({text, final}), or {text} with --no-stream."),
+            typer.Option(
+                "--json",
+                help="Print JSON: a line per piece ({text, final, ...}); --no-stream: {text, finish_reason, ...}.",
+            ),
         ] = False,
         timeout_s: Annotated[float, typer.Option("--timeout", min=0.001, help="Deadline in seconds.")] = 60.0,
     ) -> None:
@@ -103,8 +116,11 @@ def register(app: typer.Typer, client: ClientFactory, out: Console, err: Console
         try:
             with client() as maas:
                 if no_stream:
-                    text = maas.generate_text(name, prompt, version=version, timeout_s=timeout_s, **options)
-                    typer.echo(json.dumps({"text": text}) if as_json else text)
+                    _whole(
+                        maas.generate_answer(name, prompt, version=version, timeout_s=timeout_s, **options),
+                        as_json,
+                        err,
+                    )
                     return
                 _stream(maas, name, prompt, version, timeout_s, as_json, options, err)
         except KeyboardInterrupt:

@@ -34,6 +34,7 @@ from services.cli.supervisor import Supervisor, UpOptions
 from services.client import MaasClient
 from services.common.auth import TenantQuota, TenantRecord, bearer
 from services.common.errors import MaasError, PermissionDenied
+from services.common.generation import is_generative
 from services.common.logging import configure_logging
 from services.common.metadata import ModelRecord, Split, VersionRecord, parse_class_labels
 from services.common.optimization import OperationRecord
@@ -299,12 +300,19 @@ def _grpcurl_tls(certs: CertificateFiles, *, is_mutual: bool) -> str:
     return f"-cacert {certs.ca_cert}{client}"
 
 
-def _describe(model: ModelRecord) -> str:
+def _describe(model: ModelRecord, *, is_generative: bool = False) -> str:
     if model.deployment is None:
         return "not deployed"
     d = model.deployment
     versions = f"v{d.version}" if len(d.split) == 1 else _split_text(d.split)
-    return f"{versions} on pool {d.pool} (max batch {d.max_batch_size}, wait {d.max_wait_ms} ms)"
+    return f"{versions} on pool {d.pool} ({cluster_view.serving_text(d, is_generative=is_generative)})"
+
+
+def _is_generative(client: MaasClient, model: ModelRecord) -> bool:
+    """Whether the model's deployed version is a generative model (answered token by token, not batched)."""
+    if model.deployment is None:
+        return False
+    return is_generative(client.get_version(model.name, model.deployment.version).platform)
 
 
 def _split_text(split: Split) -> str:
@@ -717,8 +725,11 @@ def status(as_json: JsonFlag = False) -> None:
     with _client() as client:
         for model in client.list_models():
             ready = client.model_ready(model.name, timeout_s=5)
-            states.append({"model": model.name, "deployment": _jsonable(model.deployment), "ready": ready})
-            table.add_row(model.name, _describe(model), "[green]yes[/]" if ready else "[red]no[/]")
+            generative = _is_generative(client, model)
+            deployment = _jsonable(model.deployment)
+            states.append({"model": model.name, "deployment": deployment, "ready": ready, "generative": generative})
+            described = _describe(model, is_generative=generative)
+            table.add_row(model.name, described, "[green]yes[/]" if ready else "[red]no[/]")
         report: list[tuple[TenantRecord, TenantUsage]] | None = None
         cluster: ClusterStatus | None = None
         with contextlib.suppress(PermissionDenied):  # a tenant admin sees its tenant's usage and models

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from services.common.metadata import DeploymentRecord
 from services.common.stats import LATENCY_BUCKETS_MS
 from services.common.status import ClusterStatus, QueueStatus, WorkerStatus
 
@@ -81,6 +82,17 @@ def queues_table(queues: tuple[QueueStatus, ...]) -> Table:
     if not queues:
         table.add_row("(nothing deployed)", *[""] * 10)
     return table
+
+
+def serving_text(deployment: DeploymentRecord, *, is_generative: bool) -> str:
+    """How a deployment's calls run: ``generative`` (one generation per call, token by token) or its batching.
+
+    A worker runs up to its ``max_generations`` setting (MAAS_INFERENCE_MAX_GENERATIONS) at once;
+    heartbeats do not carry it, so it is not shown.
+    """
+    if is_generative:
+        return "generative"
+    return f"max batch {deployment.max_batch_size}, wait {deployment.max_wait_ms} ms"
 
 
 def to_json(status: ClusterStatus) -> dict[str, Any]:

@@ -230,11 +230,27 @@ class AsyncMaasClient:
 
         Arguments and errors as for ``generate``.
         """
+        answer = await self.generate_answer(model, prompt, version=version, timeout_s=timeout_s, **options)
+        return answer.text
+
+    async def generate_answer(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        version: int | str | None = None,
+        timeout_s: float | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> TextPiece:
+        """Run a generative model on ``prompt`` (ModelInfer); return the whole answer as one final piece.
+
+        The piece has the whole text, the ``finish_reason`` and the version that answered.
+        Arguments and errors as for ``generate``.
+        """
         request = convert.generation_request(
             model, prompt, version=convert.version_string(version), options={**options}
         )
-        result = convert.infer_result(await self._gateway_call(self._inference.ModelInfer, request, timeout_s))
-        return convert.generated_text(result)
+        return convert.generated_answer(await self._gateway_call(self._inference.ModelInfer, request, timeout_s))
 
     async def model_metadata(
         self, model: str, *, version: int | str | None = None, timeout_s: float | None = None

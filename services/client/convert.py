@@ -125,6 +125,20 @@ def generated_text(result: InferResult) -> str:
     return bytes(text.reshape(-1)[0]).decode(errors="replace")
 
 
+def generated_answer(response: pb.ModelInferResponse) -> TextPiece:
+    """A generative model's whole ModelInfer answer, as one final piece with its finish reason.
+
+    Raises:
+        MaasError: The reply has no ``text`` output of one element (not a generative model's).
+    """
+    return TextPiece(
+        text=generated_text(infer_result(response)),
+        is_final=True,
+        finish_reason=_string_parameter(response, generation.FINISH_REASON),
+        model_version=response.model_version,
+    )
+
+
 class PieceDecoder:
     """Turns one generation's ModelStreamInfer responses into ``TextPiece`` records.
 
@@ -158,7 +172,7 @@ class PieceDecoder:
         return TextPiece(
             text=self._utf8.decode(bytes(raw), final=is_final),
             is_final=is_final,
-            finish_reason=_string_parameter(infer, "finish_reason"),
+            finish_reason=_string_parameter(infer, generation.FINISH_REASON),
             model_version=infer.model_version,
         )
 

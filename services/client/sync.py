@@ -132,6 +132,7 @@ class MaasClient:
 
     infer = _blocking(AsyncMaasClient.infer)
     generate_text = _blocking(AsyncMaasClient.generate_text)
+    generate_answer = _blocking(AsyncMaasClient.generate_answer)
     model_metadata = _blocking(AsyncMaasClient.model_metadata)
     model_ready = _blocking(AsyncMaasClient.model_ready)
     push = _blocking(AsyncMaasClient.push)

@@ -36,6 +36,9 @@ FINAL = "triton_final_response"
 DEFAULT_MAX_NEW_TOKENS = 128
 """Tokens generated when a request does not set ``max_new_tokens`` (capped by the gateway's limit)."""
 
+FINISH_REASON = "finish_reason"
+"""The (string) response parameter that says why a generation ended: on the last streamed response and on
+ModelInfer's whole answer."""
 FINISH_LENGTH = "length"
 """Finish reason: ``max_new_tokens`` (or the model's context length) reached."""
 FINISH_STOP = "stop"

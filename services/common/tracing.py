@@ -4,7 +4,8 @@ One call makes one trace: the gateway's server span (its parent comes from the c
 ``traceparent``/``tracestate`` gRPC metadata, or it starts a new trace) holds ``maas.admission``
 and ``maas.reply_wait``; its context travels in the queue entry (``QueuedRequest.traceparent``),
 and the worker adds ``maas.queue_wait``, ``maas.batch_assembly``, ``maas.model_run`` and
-``maas.reply`` under it. A batch runs once for several calls: its assembly and model run spans
+``maas.reply`` under it (a generative model's call: ``maas.generation``, with its token count,
+instead of a batch's assembly and model run). A batch runs once for several calls: its assembly and model run spans
 are recorded once, in the trace of the batch's first call, with a link to each other call's
 span, and every call's ``maas.reply`` span links to the model run.
 
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -151,6 +152,28 @@ def span(name: str, **attributes: str | int) -> AbstractContextManager[Any]:
     return _tracer.start_as_current_span(name, attributes=_attributes(attributes))
 
 
+@contextmanager
+def detached_span(name: str, **attributes: str | int) -> Iterator[trace.Span]:
+    """A child span of the current one around a block, never made current (a no-op span when tracing is off).
+
+    For a block that yields to its caller (an async generator's): a current span would stay
+    current in the caller's code, and its context could not be detached from another task. An
+    exception from the block (not a cancellation or a closed generator) marks the span failed.
+    """
+    if _tracer is None:
+        yield trace.INVALID_SPAN
+        return
+    recorded = _tracer.start_span(name, attributes=_attributes(attributes))
+    try:
+        yield recorded
+    except Exception as exc:
+        recorded.record_exception(exc)
+        recorded.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+        raise
+    finally:
+        recorded.end()
+
+
 def annotate(**attributes: str | int) -> None:
     """Add ``maas.<name>`` attributes to the current span (nothing when off)."""
     if _tracer is not None:
@@ -270,6 +293,15 @@ class BatchTrace:
         )
         run.end(end_time=ran_ns)
         self._run = run.get_span_context()
+
+    def generated(self, entry_id: bytes, started_ns: int, ended_ns: int, tokens: int, finish_reason: str) -> None:
+        """Record the generation of the call ``entry_id`` (its model runs, token by token): tokens and finish reason."""
+        call = self._calls[entry_id]
+        attributes = {**call.attributes, **_attributes({"tokens": tokens, "finish_reason": finish_reason})}
+        self._tracer.start_span(
+            "maas.generation", context=call.context, attributes=attributes, start_time=started_ns
+        ).end(end_time=ended_ns)
+        self._ran_ns = ended_ns
 
     def replied(self, codes: Mapping[bytes, str], replied_ns: int) -> None:
         """Record each call's reply (``codes``: its status code name by entry id), written at ``replied_ns``."""

@@ -98,7 +98,7 @@ def generation_response(request: pb.ModelInferRequest, piece: GenerationPiece) -
         response.raw_output_contents.append(struct.pack("<I", len(piece.text)) + piece.text)
     response.parameters[generation.FINAL].bool_param = piece.is_final
     if piece.is_final:
-        response.parameters["finish_reason"].string_param = piece.finish_reason
+        response.parameters[generation.FINISH_REASON].string_param = piece.finish_reason
     return response
 
 

@@ -446,21 +446,27 @@ class Router:
     ) -> AsyncIterator[GenerationPiece]:
         timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
         entry = self._entry(call, timeout_s, tenant)
+        model, version = target.model.name, target.version.version
+        tracing.annotate(model=model, version=version, tenant=tenant)
         quota = await self._quotas.quota(tenant) if tenant else None
         replies = self._replies.expect_many(entry.id)
         deadline = asyncio.get_running_loop().time() + timeout_s
         is_holding_slot = is_done = False
         try:
             async with asyncio.timeout(timeout_s):
-                await self._admit(target, entry, quota)
+                with tracing.span("maas.admission", model=model, version=version, tenant=tenant):
+                    await self._admit(target, entry, quota)
             is_holding_slot = quota is not None and quota.max_in_flight > 0
-            while not is_done:
-                # NOTE: a timeout per read, not around the loop: the loop yields to the caller.
-                reply = await asyncio.wait_for(replies.get(), deadline - asyncio.get_running_loop().time())
-                piece = order.accept(reply)
-                if piece is not None:
-                    is_done = piece.is_final
-                    yield piece
+            # NOTE: not a current span: the loop yields to the caller, whose code would run inside it.
+            with tracing.detached_span("maas.reply_wait", model=model, version=version) as wait:
+                while not is_done:
+                    # NOTE: a timeout per read, not around the loop: the loop yields to the caller.
+                    reply = await asyncio.wait_for(replies.get(), deadline - asyncio.get_running_loop().time())
+                    piece = order.accept(reply)
+                    if piece is not None:
+                        is_done = piece.is_final
+                        yield piece
+                wait.set_attribute("maas.tokens", order.forwarded)
         except TimeoutError:
             raise await self._deadline_error(target, timeout_s) from None
         finally:

@@ -8,6 +8,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from inference import grpc_service_pb2 as pb
+from services.common import generation
 from services.common.dtypes import DataType, check_utf8, datatype, decode_raw, element_count, encode_raw, from_numpy
 from services.common.errors import InvalidArgument
 from services.common.metadata import PLATFORM, TensorSpec
@@ -120,6 +121,13 @@ def infer_response_to_proto(result: InferResult) -> pb.ModelInferResponse:
         response.outputs.add(name=name, datatype=from_numpy(array.dtype).name, shape=list(array.shape))
         response.raw_output_contents.append(encode_raw(array))
     return response
+
+
+def encode_generation_response(result: InferResult, finish_reason: str) -> bytes:
+    """Serialize a generation's whole answer: ``result`` with its ``finish_reason`` response parameter."""
+    response = infer_response_to_proto(result)
+    response.parameters[generation.FINISH_REASON].string_param = finish_reason
+    return bytes(response.SerializeToString())
 
 
 def encode_infer_response(result: InferResult) -> bytes:

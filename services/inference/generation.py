@@ -14,6 +14,10 @@ fails the stream).
 A generation stops early, between two tokens, when its call's deadline passes or the gateway
 sets the call's cancel flag (``keys.generation_cancel``: the client cancelled or disconnected).
 
+Traced as a batch of one (``services.common.tracing``): ``maas.queue_wait``, then
+``maas.generation`` (its token count and finish reason) instead of the batch's assembly and model
+run, then ``maas.reply`` (the final reply, written with the ack).
+
 A generation that ran counts as a batch of one: in the version's statistics (ModelStatistics),
 the queue-wait, run and batch-size metrics, and the caller's tenant usage (its decode, generation
 and encode time), written in the MULTI that sends its final reply.
@@ -38,7 +42,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Gauge
 
-from services.common import generation, keys, stats, usage
+from services.common import generation, keys, stats, tracing, usage
 from services.common.errors import DeadlineExceeded, InvalidArgument, MaasError
 from services.common.metadata import DeploymentRecord
 from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, now_ms
@@ -151,6 +155,10 @@ class GenerationModel:
             generator.generate_next_token()
             emit(stream.decode(int(generator.get_next_tokens()[0])))
             count += 1
+            # NOTE: onnxruntime-genai keeps the GIL while it computes a token, and the event loop
+            # (which writes the tokens out) did not get it back until the generation ended: every
+            # token came at the end (bench/generation.py showed it). Yield it once per token.
+            time.sleep(0)
         return generation.FINISH_LENGTH if count >= params.max_new_tokens else generation.FINISH_STOP
 
 
@@ -176,6 +184,13 @@ class _Times:
     """Generating (the model's runs, token by token, and writing the tokens)."""
     encode_ns: int = 0
     tenant: str = ""
+    run_started_ns: int = 0
+    """When the generation started and ended (epoch ns, for its trace span)."""
+    run_ended_ns: int = 0
+    tokens: int = 0
+    """Tokens generated."""
+    reason: str = ""
+    """Its finish reason."""
 
     @property
     def has_run(self) -> bool:
@@ -232,10 +247,16 @@ class GenerationConsumer(QueueConsumer):
         try:
             for entry_id, fields in entries:
                 # As a batch of one: its statistics and the tenant's compute go in the MULTI that ends it.
-                times = _Times(queue_ns=max(0, time.time_ns() - stats.entry_time_ns(entry_id)))
+                started_ns = time.time_ns()
+                trace = tracing.batch_trace([(entry_id, fields)], started_ns, self._labels)  # None: tracing off
+                times = _Times(queue_ns=max(0, started_ns - stats.entry_time_ns(entry_id)))
                 self._queue_wait.observe(times.queue_ns / 1e9)
                 answer = await self._generate(entry_id, fields, times)
+                if trace is not None and times.has_run:
+                    trace.generated(entry_id, times.run_started_ns, times.run_ended_ns, times.tokens, times.reason)
                 await self._send_all([answer], first=self._accounting(answer, times))
+                if trace is not None:
+                    trace.replied({entry_id: answer.code.name}, time.time_ns())
         finally:
             if ran is not None:
                 ran()
@@ -275,16 +296,17 @@ class GenerationConsumer(QueueConsumer):
             call = _Call(entry_id, queued, attempt)
             async with self._pool.slots:
                 GENERATIONS_IN_FLIGHT.inc()
-                started = time.perf_counter_ns()
+                started, times.run_started_ns = time.perf_counter_ns(), time.time_ns()
                 try:
                     reason = await self._run(call, tokens, params)
                 finally:
                     times.run_ns = time.perf_counter_ns() - started
+                    times.run_ended_ns, times.tokens = time.time_ns(), len(call.text)
                     GENERATIONS_IN_FLIGHT.dec()
         except MaasError as exc:
             log.info("generation_failed", request_id=queued.request_id, reason=exc.message)
             return _error_answer(entry_id, queued, exc)
-        times.tenant = queued.tenant
+        times.tenant, times.reason = queued.tenant, reason
         return self._final(call, request, reason, times)
 
     def _final(self, call: _Call, request: InferRequest, reason: str, times: _Times) -> _Answer:
@@ -294,7 +316,7 @@ class GenerationConsumer(QueueConsumer):
         reply = Reply(
             id=call.queued.id,
             code=0,
-            payload=convert.encode_infer_response(result),
+            payload=convert.encode_generation_response(result, reason),
             seq=max(0, call.sent),
             attempt=call.attempt,
             piece=call.held.encode(),

@@ -46,6 +46,35 @@ async def start_service_process(
     return process, int(json.loads(await asyncio.to_thread(ready.read_text))["port"])
 
 
+async def start_worker_process(
+    suite: Suite, tmp_path: Path, name: str, *, worker_id: str = "", **settings: str
+) -> asyncio.subprocess.Process:
+    """Run an inference worker process on ``suite``'s Redis and registry until it is ready.
+
+    Args:
+        suite: The running suite (its Redis, in cluster mode if the suite is, and its registry).
+        tmp_path: Where its ready file and its model cache (``cache``, shared by the processes) go.
+        name: Names its ready file.
+        worker_id: Its worker id (default ``name``); a restart under the same id runs its pending
+            entries at once, without waiting for a reclaim.
+        settings: ``MAAS_INFERENCE_<NAME>`` settings on top of the defaults (CPU, log level warning).
+    """
+    ready = tmp_path / f"{name}.json"
+    env = {
+        "MAAS_REDIS_URL": suite.redis_url,
+        "MAAS_INFERENCE_REGISTRY_ADDRESS": suite.registry_address,
+        "MAAS_INFERENCE_WORKER_ID": worker_id or name,
+        "MAAS_INFERENCE_PROVIDERS": "cpu",
+        "MAAS_INFERENCE_CACHE_DIR": str(tmp_path / "cache"),
+        "MAAS_INFERENCE_READY_FILE": str(ready),
+        "MAAS_INFERENCE_LOG_LEVEL": "warning",
+    } | ({"MAAS_REDIS_CLUSTER": "1"} if suite.cluster else {})
+    env |= {f"MAAS_INFERENCE_{key.upper()}": value for key, value in settings.items()}
+    process, port = await start_service_process("services.inference", ready, env)
+    assert port > 0
+    return process
+
+
 async def start_gateway_process(suite: Suite, ready: Path, **settings: str) -> tuple[asyncio.subprocess.Process, str]:
     """Run a gateway process on ``suite``'s Redis and registry, with ``MAAS_GATEWAY_<NAME>`` ``settings``.
 

@@ -1,4 +1,4 @@
-"""`python -m bench.throughput --short`: the benchmark runs end to end and every measurement is clean.
+"""`python -m bench.throughput --short` and `python -m bench.generation --short` run end to end, cleanly.
 
 Timings depend on the machine, so nothing here asserts on throughput or latency.
 """
@@ -39,3 +39,30 @@ def test_short_benchmark_measures_every_system_without_errors(tmp_path: Path) ->
     for row in (r for r in rows if r["system"] == "maas"):
         assert row["mean_batch"] is not None, row
         assert row["mean_batch"] >= 1, row
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_short_generation_benchmark_has_a_row_per_system_and_level(tmp_path: Path) -> None:
+    out = tmp_path / "generation.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.generation", "--short", "--json", str(out)],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAAS_")},
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((row["system"], row["streams"]) for row in rows) == [
+        ("direct", 1), ("direct", 4), ("maas", 1), ("maas", 4)
+    ]  # fmt: skip
+    for row in rows:
+        assert (row["errors"], row["generations"]) == (0, row["streams"]), row  # --short: 1 generation per stream
+        assert row["ttft_p50_ms"] is not None and row["ttft_p99_ms"] >= row["ttft_p50_ms"], row
+        assert row["total_tokens_per_s"] > 0 and row["stream_tokens_per_s"] > 0, row
+        assert (row["x_direct_total"] is None) == (row["system"] == "direct"), row
+    header = done.stdout.splitlines()[1].split()
+    assert header[:3] == ["streams", "system", "gens"] and "x direct tok/s" in done.stdout.splitlines()[1]

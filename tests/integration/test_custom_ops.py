@@ -1,7 +1,8 @@
 """Text in through onnxruntime-extensions custom operators (issue 11 point 2), end to end.
 
-A model built here (tests/models.py ``text_embedding_model``) tokenises BYTES text with
-ai.onnx.contrib string operators; it is pushed with ``custom_ops=["onnxruntime-extensions"]``,
+A model built here (tests/models.py ``text_embedding_model``) tokenises BYTES text with the
+ai.onnx.contrib GPT2Tokenizer (byte-level BPE, a batch padded to its longest string), embeds the
+tokens and averages them under the attention mask; it is pushed with ``custom_ops=["onnxruntime-extensions"]``,
 served, and called with strings from tritonclient, the Python client and raw typed contents.
 Without the declaration, or with any other library, the upload is refused.
 """
@@ -46,6 +47,8 @@ async def test_text_in_served_end_to_end(suite: Suite) -> None:
     model = text_embedding_model()
     expected = _direct(model, TEXTS)
     assert not np.allclose(expected[0], expected[1])  # the words matter: a test that can fail
+    alone = np.concatenate([_direct(model, [text]) for text in TEXTS])
+    np.testing.assert_allclose(expected, alone, rtol=1e-6, atol=1e-6)  # the padding of a batch is masked out
     async with AsyncMaasClient(suite.gateway_address, suite.registry_address) as client:
         version = await client.push("embed", model, custom_ops=[EXTENSIONS, EXTENSIONS])
         assert version.custom_ops == (EXTENSIONS,)
@@ -83,7 +86,7 @@ async def test_undeclared_custom_ops_are_refused_naming_op_and_domain(suite: Sui
         with pytest.raises(InvalidArgument) as refused:
             await client.push("embed", text_embedding_model())
     message = refused.value.message
-    assert "operator 'StringLower' of domain 'ai.onnx.contrib'" in message
+    assert "operator 'GPT2Tokenizer' of domain 'ai.onnx.contrib'" in message
     assert f"custom_ops=['{EXTENSIONS}']" in message
     assert (await suite.registry.list_versions("embed")) == []
 

@@ -23,10 +23,11 @@ from inference import grpc_service_pb2 as pb
 from services.cli.examples import affine_model
 from services.client import InvalidArgument, MaasClient, NotFound, TextPiece
 from services.client.aio import AsyncMaasClient
+from services.common import generation
 from services.common.auth import bearer
 from services.common.embedded_redis import EmbeddedRedis
 from tests.genai_model import build_genai_model
-from tests.integration.suite import Suite, run_cli, start_service_process
+from tests.integration.suite import Suite, run_cli, start_worker_process
 from tests.triton import triton_calls
 
 pytestmark = pytest.mark.integration
@@ -110,6 +111,8 @@ async def test_greedy_generation_streams_token_by_token_and_infer_returns_it_who
 
     whole = await suite.inference.ModelInfer(_request("tiny", "hello a", max_new_tokens=25), timeout=30)
     assert _text(whole) == GREEDY[:25]
+    assert whole.parameters["finish_reason"].string_param == "length"
+    assert generation.FINAL not in whole.parameters  # one answer: no decoupled marker
 
 
 async def test_parameters_are_checked_and_seeded_sampling_is_reproducible(suite: Suite, tmp_path: Path) -> None:
@@ -174,25 +177,8 @@ async def test_generations_at_once_are_bounded_by_the_setting(suite: Suite, tmp_
     assert peak == 2  # max_generations=2: the third waited in the queue
 
 
-async def _start_worker(suite: Suite, tmp_path: Path, name: str) -> asyncio.subprocess.Process:
-    ready = tmp_path / f"{name}.json"
-    process, port = await start_service_process(
-        "services.inference",
-        ready,
-        {
-            "MAAS_REDIS_URL": suite.redis_url,
-            "MAAS_INFERENCE_REGISTRY_ADDRESS": suite.registry_address,
-            "MAAS_INFERENCE_WORKER_ID": name,
-            "MAAS_INFERENCE_PROVIDERS": "cpu",
-            "MAAS_INFERENCE_CACHE_DIR": str(tmp_path / f"cache-{name}"),
-            "MAAS_INFERENCE_READY_FILE": str(ready),
-            "MAAS_INFERENCE_LOG_LEVEL": "warning",
-            "MAAS_INFERENCE_RECLAIM_IDLE_MS": "600",
-            "MAAS_INFERENCE_RECLAIM_INTERVAL_S": "0.3",
-        },
-    )
-    assert port > 0
-    return process
+_RECLAIM = {"reclaim_idle_ms": "600", "reclaim_interval_s": "0.3"}
+"""The second worker takes over the killed one's generation quickly."""
 
 
 @pytest.fixture
@@ -206,7 +192,7 @@ async def _kill_mid_stream(
     suite: Suite, tmp_path: Path, request: pb.ModelInferRequest
 ) -> list[pb.ModelStreamInferResponse]:
     """Stream ``request``; SIGKILL the worker after 5 tokens arrived, start another; return every response."""
-    first = await _start_worker(suite, tmp_path, "first")
+    first = await start_worker_process(suite, tmp_path, "first", **_RECLAIM)
     second = None
     responses: list[pb.ModelStreamInferResponse] = []
     try:
@@ -215,7 +201,7 @@ async def _kill_mid_stream(
             if len(responses) == 5:
                 first.send_signal(signal.SIGKILL)
                 await first.wait()
-                second = await _start_worker(suite, tmp_path, "second")
+                second = await start_worker_process(suite, tmp_path, "second", **_RECLAIM)
     finally:
         for process in (first, second):
             if process is not None and process.returncode is None:
@@ -256,6 +242,8 @@ async def test_the_client_streams_pieces_returns_the_whole_text_and_maps_errors(
             TextPiece(GREEDY[5], is_final=True, finish_reason="length", model_version="1")
         ]
         assert await client.generate_text("tiny", "hello a", max_new_tokens=6) == GREEDY[:6]
+        answer = await client.generate_answer("tiny", "hello a", max_new_tokens=6)
+        assert answer == TextPiece(GREEDY[:6], is_final=True, finish_reason="length", model_version="1")
         with pytest.raises(InvalidArgument, match=r"parameter 'top_p' must be in \(0, 1\], got 1.5"):
             async for _piece in client.generate("tiny", "a", top_p=1.5):
                 pass
@@ -332,7 +320,16 @@ async def test_the_cli_prints_tokens_then_the_finish_reason(suite: Suite, tmp_pa
     code, stdout, stderr = await run_cli(
         suite, "generate", "tiny", "hello a", "--max-new-tokens", "4", "--no-stream", "--json", "--version", "1"
     )
-    assert (code, json.loads(stdout)) == (0, {"text": GREEDY[:4]}), stderr
+    assert (code, json.loads(stdout)) == (0, {"text": GREEDY[:4], "finish_reason": "length", "model_version": "1"})
+    code, stdout, stderr = await run_cli(suite, "generate", "tiny", "hello a", "--max-new-tokens", "4", "--no-stream")
+    assert (code, stdout) == (0, GREEDY[:4] + "\n"), stderr
+    assert "finish_reason: length" in stderr
+    code, stdout, stderr = await run_cli(suite, "status")
+    assert code == 0, stderr
+    [row] = [line for line in stdout.splitlines() if line.strip("│┃ ").startswith("tiny ")]  # not "tiny:1"
+    assert "v1 on pool default (generative)" in row and "max batch" not in stdout
+    code, stdout, stderr = await run_cli(suite, "status", "--json")
+    assert (code, [m["generative"] for m in json.loads(stdout)["models"]]) == (0, [True]), stderr
     code, stdout, stderr = await run_cli(suite, "generate", "tiny", "a", "--top-p", "2")
     assert (code, stdout) == (1, "")
     assert "error INVALID_ARGUMENT: parameter 'top_p' must be in (0, 1], got 2.0" in stderr

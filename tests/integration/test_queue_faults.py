@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from inference import grpc_service_pb2 as pb
 from services.common import keys
 from services.common.embedded_redis import EmbeddedRedis
-from tests.integration.suite import Suite, start_service_process
+from tests.integration.suite import Suite, start_worker_process
 from tests.models import affine_model
 
 pytestmark = pytest.mark.integration
@@ -29,30 +29,15 @@ ROWS = 256
 """Rows per call: replies of 4 KiB, so a batch's MULTI carries real bytes when the worker dies."""
 
 
+_KILLED = "killed-worker"
+"""The id of the worker killed and restarted: a restart under the same id runs its pending entries at once."""
+
+
 def _request(model: str, value: float) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="x", datatype="FP32", shape=[ROWS, 4])
     request.raw_input_contents.append(np.full((ROWS, 4), value, np.float32).tobytes())
     return request
-
-
-async def _start_worker(suite: Suite, tmp_path: Path, name: str) -> asyncio.subprocess.Process:
-    ready = tmp_path / f"{name}.json"
-    process, port = await start_service_process(
-        "services.inference",
-        ready,
-        {
-            "MAAS_REDIS_URL": suite.redis_url,
-            "MAAS_INFERENCE_REGISTRY_ADDRESS": suite.registry_address,
-            "MAAS_INFERENCE_WORKER_ID": "killed-worker",  # a restart under the same id runs its pending at once
-            "MAAS_INFERENCE_PROVIDERS": "cpu",
-            "MAAS_INFERENCE_CACHE_DIR": str(tmp_path / "cache"),
-            "MAAS_INFERENCE_READY_FILE": str(ready),
-            "MAAS_INFERENCE_LOG_LEVEL": "warning",
-        },
-    )
-    assert port > 0
-    return process
 
 
 async def _client(suite: Suite, first: int, stop: asyncio.Event, results: dict[int, float]) -> None:
@@ -73,7 +58,7 @@ async def test_worker_killed_while_writing_replies_loses_no_call(
     worker = None
     try:
         await running.push("pipelined", affine_model(), max_batch_size=ROWS)
-        worker = await _start_worker(running, tmp_path, "w0")
+        worker = await start_worker_process(running, tmp_path, "w0", worker_id=_KILLED)
         stop, results = asyncio.Event(), {}
         clients = [asyncio.ensure_future(_client(running, 10_000 * c, stop, results)) for c in range(16)]
         rng = random.Random(7)
@@ -84,7 +69,7 @@ async def test_worker_killed_while_writing_replies_loses_no_call(
             worker.send_signal(signal.SIGKILL)
             await worker.wait()
             killed_with_calls_in_flight += len(results) > 0 and not any(c.done() for c in clients)
-            worker = await _start_worker(running, tmp_path, f"w{attempt + 1}")
+            worker = await start_worker_process(running, tmp_path, f"w{attempt + 1}", worker_id=_KILLED)
             assert len(results) >= answered
         await asyncio.sleep(0.5)
         stop.set()

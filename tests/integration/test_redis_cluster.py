@@ -23,8 +23,8 @@ from services.common.auth import TenantQuota
 from services.common.queue import QueuedRequest, now_ms
 from services.common.redis_conn import create_redis, send_commands
 from services.gateway.admission import Admission
-from tests.integration.suite import Suite, start_service_process
-from tests.integration.test_queue_faults import ROWS, _client
+from tests.integration.suite import Suite, start_worker_process
+from tests.integration.test_queue_faults import _KILLED, ROWS, _client
 from tests.integration.test_quotas import _affine, _infer, _tenant_key
 from tests.integration.test_rollout import _call, _eventually, _push_versions, _ready
 from tests.models import affine_model
@@ -181,14 +181,14 @@ async def test_worker_killed_while_answering_loses_no_call(cluster: RedisCluster
     worker = None
     try:
         await running.push("pipelined", affine_model(), max_batch_size=ROWS)
-        worker = await _start_worker(running, tmp_path, "w0")
+        worker = await start_worker_process(running, tmp_path, "w0", worker_id=_KILLED)
         stop, results = asyncio.Event(), {}
         clients = [asyncio.ensure_future(_client(running, 10_000 * c, stop, results)) for c in range(8)]
         for attempt in range(2):
             await _eventually_answered(results, 20 * (attempt + 1))
             worker.send_signal(signal.SIGKILL)
             await worker.wait()
-            worker = await _start_worker(running, tmp_path, f"w{attempt + 1}")
+            worker = await start_worker_process(running, tmp_path, f"w{attempt + 1}", worker_id=_KILLED)
         await _eventually_answered(results, len(results) + 20)
         stop.set()
         await asyncio.gather(*clients)  # every call of every client got its one, correct reply
@@ -207,25 +207,6 @@ async def _eventually_answered(results: dict[int, float], count: int) -> None:
     async with asyncio.timeout(20):
         while len(results) < count:
             await asyncio.sleep(0.02)
-
-
-async def _start_worker(suite: Suite, tmp_path: Path, name: str) -> asyncio.subprocess.Process:
-    ready = tmp_path / f"{name}.json"
-    process, _port = await start_service_process(
-        "services.inference",
-        ready,
-        {
-            "MAAS_REDIS_URL": suite.redis_url,
-            "MAAS_REDIS_CLUSTER": "1",
-            "MAAS_INFERENCE_REGISTRY_ADDRESS": suite.registry_address,
-            "MAAS_INFERENCE_WORKER_ID": "killed-worker",  # a restart runs its pending entries at once
-            "MAAS_INFERENCE_PROVIDERS": "cpu",
-            "MAAS_INFERENCE_CACHE_DIR": str(tmp_path / "cache"),
-            "MAAS_INFERENCE_READY_FILE": str(ready),
-            "MAAS_INFERENCE_LOG_LEVEL": "warning",
-        },
-    )
-    return process
 
 
 def _ids_on_every_master(cluster: RedisCluster) -> list[str]:

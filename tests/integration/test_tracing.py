@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import secrets
+import struct
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,9 +21,11 @@ from structlog.testing import capture_logs
 
 from inference import grpc_service_pb2 as pb
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.client import AsyncMaasClient
 from services.common import tracing
 from services.common.queue import QueuedRequest
 from services.gateway.settings import GatewaySettings
+from tests.genai_model import build_genai_model
 from tests.integration.suite import Suite
 from tests.models import affine_model
 
@@ -138,6 +142,38 @@ async def test_one_call_is_one_trace_from_gateway_through_the_queue(suite: Suite
     for named in traces.values():
         [reply] = named["maas.reply"]
         assert [link.context for link in reply.links] == [run.context]
+
+
+async def test_a_generation_is_one_trace_with_its_token_count(
+    suite: Suite, spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    async with AsyncMaasClient(suite.gateway_address, suite.registry_address) as client:
+        version = await client.push("tiny", build_genai_model(tmp_path / "tiny"))
+        await client.deploy("tiny", version.version)
+    assert suite.worker is not None
+    await suite.worker.reconcile()
+    header, trace_id, parent_id = _traceparent()
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="prompt", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(struct.pack("<I", 7) + b"hello a")
+    request.parameters["max_new_tokens"].int64_param = 5
+    call = suite.inference.ModelStreamInfer(iter([request]), metadata=(("traceparent", header),), timeout=20)
+    assert [response.error_message async for response in call] == [""] * 5
+    recorded = await _finished(spans, "maas.reply", 1)
+
+    named = _in_trace(recorded, trace_id)
+    [server] = named["inference.GRPCInferenceService/ModelStreamInfer"]
+    assert _parent_id(server) == int(parent_id, 16)
+    assert server.attributes is not None and server.attributes["maas.model"] == "tiny"
+    for name in ("maas.admission", "maas.reply_wait", "maas.queue_wait", "maas.generation", "maas.reply"):
+        [child] = named[name]
+        assert _parent_id(child) == _span_id(server), name
+    [generated] = named["maas.generation"]
+    assert generated.attributes is not None
+    assert (generated.attributes["maas.tokens"], generated.attributes["maas.finish_reason"]) == (5, "length")
+    [wait] = named["maas.reply_wait"]
+    assert wait.attributes is not None and wait.attributes["maas.tokens"] == 5
+    assert "maas.model_run" not in named and "maas.batch_assembly" not in named
 
 
 async def test_a_call_without_traceparent_starts_a_new_trace(suite: Suite, spans: InMemorySpanExporter) -> None:

@@ -74,7 +74,7 @@ def _function_model() -> onnx.ModelProto:
 @pytest.mark.parametrize(
     ("model", "named"),
     [
-        (onnx.load_from_string(text_embedding_model()), "node 'lower' uses operator 'StringLower'"),
+        (onnx.load_from_string(text_embedding_model()), "node 'tokenize' uses operator 'GPT2Tokenizer'"),
         (_if_model_with_contrib_in_branch(), "node 'deep' uses operator 'StringLower'"),
         (_function_model(), "node 'inner' uses operator 'StringUpper'"),
     ],
