@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import threading
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
-from bench.suite import START_TIMEOUT_S, MaasUp
+from bench.suite import START_TIMEOUT_S, MaasUp, run_main
 from services.client import AsyncMaasClient, MaasError
 from tests.genai_model import build_genai_model
 
@@ -311,25 +310,14 @@ def render(rows: list[Row], opts: Options) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    started = time.monotonic()
-    try:
-        rows = run(opts)
-    except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench interrupted", file=sys.stderr)
-        return 130
-    print(render(rows, opts))
-    print(f"(took {time.monotonic() - started:.0f} s)")
-    if opts.json_path is not None:
-        config = {"tokens": opts.tokens, "rounds": opts.rounds, "concurrency": opts.concurrency, "burn": opts.burn}
-        opts.json_path.write_text(json.dumps({"config": config, "rows": [asdict(row) for row in rows]}, indent=2))
-    empty = [f"{row.system} streams={row.streams}" for row in rows if row.generations == 0]
-    if empty:
-        print(f"no successful generation in: {', '.join(empty)}", file=sys.stderr)
-        return 1
-    return 0
+    config = {"tokens": opts.tokens, "rounds": opts.rounds, "concurrency": opts.concurrency, "burn": opts.burn}
+    return run_main(
+        lambda: run(opts),
+        lambda rows: render(rows, opts),
+        lambda rows: {"config": config, "rows": [asdict(row) for row in rows]},
+        opts.json_path,
+        lambda rows: [f"{row.system} streams={row.streams}" for row in rows if row.generations == 0],
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -36,6 +36,41 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
 _POLL_S = 0.2
 BATCH_HISTOGRAM = "maas_inference_batch_size_requests"
+
+
+_Result = TypeVar("_Result")
+
+
+def run_main(
+    run: Callable[[], _Result],
+    render: Callable[[_Result], str],
+    to_json: Callable[[_Result], Any],
+    json_path: Path | None,
+    empty: Callable[[_Result], list[str]],
+) -> int:
+    """A benchmark's ``main``: run, print the table and the time, write the JSON, refuse empty rows.
+
+    Returns:
+        0; 1 when ``empty`` names measurements without one success; 2 when the run failed; 130
+        on Ctrl-C.
+    """
+    started = time.monotonic()
+    try:
+        result = run()
+    except RuntimeError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench interrupted", file=sys.stderr)
+        return 130
+    print(render(result))
+    print(f"(took {time.monotonic() - started:.0f} s)")
+    if json_path is not None:
+        json_path.write_text(json.dumps(to_json(result), indent=2))
+    if missing := empty(result):
+        print(f"no success in: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def clean_env() -> dict[str, str]:

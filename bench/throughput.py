@@ -38,7 +38,7 @@ from bench import models as bench_models
 from bench import rawort
 from bench.models import BenchModel
 from bench.report import SYSTEMS, Report, Row, render
-from bench.suite import REPO, Floor, MaasUp, clean_env, probe
+from bench.suite import REPO, Floor, MaasUp, clean_env, probe, run_main
 
 _LOAD_SLACK_S = 90.0
 """Time a load process may take beyond its measurement before it is given up as failed."""
@@ -206,24 +206,13 @@ def run(opts: Options) -> Report:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    started = time.monotonic()
-    try:
-        report = run(opts)
-    except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench interrupted", file=sys.stderr)
-        return 130
-    print(render(report))
-    print(f"(took {time.monotonic() - started:.0f} s)")
-    if opts.json_path is not None:
-        opts.json_path.write_text(json.dumps(report.to_json(), indent=2))
-    empty = [f"{r.model} {r.system} c={r.clients}" for r in report.rows if r.requests == 0]
-    if empty:
-        print(f"no successful request in: {', '.join(empty)}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(
+        lambda: run(opts),
+        render,
+        Report.to_json,
+        opts.json_path,
+        lambda report: [f"{r.model} {r.system} c={r.clients}" for r in report.rows if r.requests == 0],
+    )
 
 
 if __name__ == "__main__":
