@@ -17,7 +17,14 @@ import grpc
 
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import ApiKeyRecord, TenantQuota, TenantRecord
-from services.common.bundle_files import BundleWriter, directory_lock, is_complete, part_sizes, scan_directory
+from services.common.bundle_files import (
+    BundleWriter,
+    directory_lock,
+    file_digest,
+    is_complete,
+    part_sizes,
+    scan_directory,
+)
 from services.common.errors import InvalidArgument, map_rpc_error
 from services.common.events import Event
 from services.common.grpc_server import MAX_MESSAGE_BYTES
@@ -539,22 +546,7 @@ class RegistryClient:
             custom_ops=list(custom_ops),
         )
 
-        async def requests() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
-            yield registry_pb2.UploadVersionRequest(header=header)
-            sent = 0
-            async for chunk in _chunks(data):
-                yield registry_pb2.UploadVersionRequest(chunk=chunk)
-                sent += len(chunk)
-                if progress is not None:
-                    progress(sent, size)
-
-        try:
-            reply = await self._stub.UploadVersion(
-                requests(), timeout=self.transfer_timeout_s(size), metadata=resolve_metadata(self._metadata_source)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc, "registry") from exc
-        return version_from_proto(reply.version)
+        return await self._send_upload(header, [(None, data)], progress)
 
     async def download_version(
         self, model: str, version: int, dest: Path, *, progress: ProgressCallback | None = None
@@ -653,18 +645,7 @@ class RegistryClient:
             description=description, labels=dict(labels or {}), custom_ops=list(custom_ops),
         )  # fmt: skip
 
-        async def requests() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
-            yield registry_pb2.UploadVersionRequest(header=header)
-            sent = 0
-            for file, path in found:
-                yield registry_pb2.UploadVersionRequest(file=_bundle_file_to_pb(file))
-                async for chunk in _chunks(path):
-                    yield registry_pb2.UploadVersionRequest(chunk=chunk)
-                    sent += len(chunk)
-                    if progress is not None:
-                        progress(sent, header.size_bytes)
-
-        return await self._send_upload(requests(), header.size_bytes)
+        return await self._send_upload(header, found, progress)
 
     async def upload_tar(
         self,
@@ -692,22 +673,18 @@ class RegistryClient:
             labels=dict(labels or {}), custom_ops=list(custom_ops),
         )  # fmt: skip
 
-        async def requests() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
-            yield registry_pb2.UploadVersionRequest(header=header)
-            sent = 0
-            async for chunk in _chunks(archive):
-                yield registry_pb2.UploadVersionRequest(chunk=chunk)
-                sent += len(chunk)
-                if progress is not None:
-                    progress(sent, size)
-
-        return await self._send_upload(requests(), size)
+        return await self._send_upload(header, [(None, archive)], progress)
 
     async def _send_upload(
-        self, requests: AsyncIterator[registry_pb2.UploadVersionRequest], size_bytes: int
+        self,
+        header: registry_pb2.UploadVersionHeader,
+        parts: Sequence[tuple[BundleFile | None, bytes | Path]],
+        progress: ProgressCallback | None,
     ) -> VersionRecord:
+        """Send ``header`` and ``parts`` (``_upload_requests``) with a deadline that grows with the size."""
         metadata = resolve_metadata(self._metadata_source)
-        timeout_s = self.transfer_timeout_s(size_bytes)
+        timeout_s = self.transfer_timeout_s(header.size_bytes)
+        requests = _upload_requests(header, parts, progress)
         try:
             reply = await self._stub.UploadVersion(requests, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
@@ -806,12 +783,25 @@ async def _all_pages(page: Callable[[str], Awaitable[tuple[list[_T], str]]]) -> 
 def _digest(data: bytes | Path) -> tuple[str, int]:
     if isinstance(data, bytes):
         return hashlib.sha256(data).hexdigest(), len(data)
-    digest, size = hashlib.sha256(), 0
-    with data.open("rb") as file:
-        while chunk := file.read(UPLOAD_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    return file_digest(data)
+
+
+async def _upload_requests(
+    header: registry_pb2.UploadVersionHeader,
+    parts: Sequence[tuple[BundleFile | None, bytes | Path]],
+    progress: ProgressCallback | None,
+) -> AsyncIterator[registry_pb2.UploadVersionRequest]:
+    """An upload's request stream: the header, then each part (its ``BundleFile`` if any, then its chunks)."""
+    yield registry_pb2.UploadVersionRequest(header=header)
+    sent = 0
+    for file, data in parts:
+        if file is not None:
+            yield registry_pb2.UploadVersionRequest(file=_bundle_file_to_pb(file))
+        async for chunk in _chunks(data):
+            yield registry_pb2.UploadVersionRequest(chunk=chunk)
+            sent += len(chunk)
+            if progress is not None:
+                progress(sent, header.size_bytes)
 
 
 async def _chunks(data: bytes | Path) -> AsyncIterator[bytes]:
