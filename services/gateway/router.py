@@ -381,6 +381,21 @@ class Router:
                 "(max_request_tensor_bytes); split the request"
             )
 
+    async def _begin(
+        self, call: InferCall, target: Target, time_remaining_s: float | None, tenant: str
+    ) -> tuple[float, QueuedRequest, TenantQuota | None]:
+        """A queued call's timeout (the caller's, capped by the default), entry and tenant quota."""
+        timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
+        entry = self._entry(call, timeout_s, tenant)
+        tracing.annotate(model=target.model.name, version=target.version.version, tenant=tenant)
+        return timeout_s, entry, await self._quotas.quota(tenant) if tenant else None
+
+    def _end(self, entry: QueuedRequest, is_holding_slot: bool) -> None:
+        """Stop waiting for ``entry``'s replies; give back its in-flight slot if admission took one."""
+        self._replies.forget(entry.id)
+        if is_holding_slot:
+            self._quotas.release(entry.tenant, entry.reply_to, entry.id)
+
     def _entry(self, call: InferCall, timeout_s: float, tenant: str) -> QueuedRequest:
         return QueuedRequest(
             id=f"{self._call_prefix}{next(self._call_ids)}",
@@ -444,11 +459,8 @@ class Router:
     async def _pieces(
         self, call: InferCall, target: Target, time_remaining_s: float | None, tenant: str, order: TokenOrder
     ) -> AsyncIterator[GenerationPiece]:
-        timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
-        entry = self._entry(call, timeout_s, tenant)
+        timeout_s, entry, quota = await self._begin(call, target, time_remaining_s, tenant)
         model, version = target.model.name, target.version.version
-        tracing.annotate(model=model, version=version, tenant=tenant)
-        quota = await self._quotas.quota(tenant) if tenant else None
         replies = self._replies.expect_many(entry.id)
         deadline = asyncio.get_running_loop().time() + timeout_s
         is_holding_slot = is_done = False
@@ -470,18 +482,13 @@ class Router:
         except TimeoutError:
             raise await self._deadline_error(target, timeout_s) from None
         finally:
-            self._replies.forget(entry.id)
-            if is_holding_slot:
-                self._quotas.release(tenant, entry.reply_to, entry.id)
+            self._end(entry, is_holding_slot)
             if not is_done:  # cancelled, disconnected, past the deadline or failed: stop the worker
                 await cancel(self._redis, entry.id)
 
     async def _send(self, call: InferCall, target: Target, time_remaining_s: float | None, tenant: str) -> bytes:
-        timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
-        entry = self._entry(call, timeout_s, tenant)
+        timeout_s, entry, quota = await self._begin(call, target, time_remaining_s, tenant)
         model, version = target.model.name, target.version.version
-        tracing.annotate(model=model, version=version, tenant=tenant)
-        quota = await self._quotas.quota(tenant) if tenant else None
         future = self._replies.expect(entry.id)
         is_holding_slot = False
         try:
@@ -494,9 +501,7 @@ class Router:
         except TimeoutError:
             raise await self._deadline_error(target, timeout_s) from None
         finally:
-            self._replies.forget(entry.id)
-            if is_holding_slot:  # the call ends here: reply, error, deadline or client cancel
-                self._quotas.release(tenant, entry.reply_to, entry.id)
+            self._end(entry, is_holding_slot)  # the call ends here: reply, error, deadline or client cancel
         if reply.code != 0:
             raise error_for_code(code_from_value(reply.code), reply.message)
         return reply.payload
