@@ -127,7 +127,7 @@ def usage(tenant: str) -> str:
 
 
 def operation(operation_id: str) -> str:
-    """JSON of one optimisation operation (``services.registry.operations``; expires after it ends)."""
+    """Hash holding one optimisation operation as JSON (``services.registry.operations``; expires after it ends)."""
     return f"{OPERATION_PREFIX}{operation_id}"
 
 
