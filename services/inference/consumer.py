@@ -4,8 +4,9 @@ Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
 
 - Read with ``XREADGROUP ... COUNT max_batch_size BLOCK block_ms`` (<= 1 s, so a drain is seen)
   and run what came at once: batches form by themselves while the previous batch computes,
-  because requests pile up in the stream. Only a deployment with ``max_wait_ms`` > 0 waits that
-  long to top a partial batch up. The batch runs in a task; ``max_concurrent_batches`` bounds the
+  because requests pile up in the stream. A deployment with ``max_wait_ms`` > 0 waits that long
+  to top a partial batch up; otherwise a partial batch waits ``busy_fill_us`` only when the
+  queue is backing up (``_fill_wait_s``). The batch runs in a task; ``max_concurrent_batches`` bounds the
   batches whose model runs go on at once, and a batch's replies are written while the next batch
   is read and run.
 - A batch's answers are one MULTI: an ``XADD reply NOMKSTREAM`` per answer (to whichever gateway
@@ -24,6 +25,7 @@ Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -215,6 +217,10 @@ class QueueConsumer:
         self._sending: asyncio.Semaphore | None = None
         """Batches read and not yet answered (twice as many: replies overlap the next run)."""
         self._progress = progress
+        self._was_busy = False
+        """Whether the last read found requests (the next read then first looks without blocking)."""
+        self._run_avg_s = math.inf
+        """Moving average of this queue's batch run times (infinite until one ran)."""
 
     @property
     def in_flight(self) -> int:
@@ -334,9 +340,19 @@ class QueueConsumer:
 
     async def _read_batch(self) -> list[Entry]:
         size = self._read_size()
-        entries = await self._read(size, self._settings.block_ms)
-        wait_ms = self.deployment.max_wait_ms
-        if not entries or len(entries) >= size or wait_ms <= 0:
+        entries: list[Entry] = []
+        is_backlog = False
+        if self._was_busy and size > 1:
+            # NOTE: after a batch, look without blocking first: requests already waiting mean the
+            # queue is backing up, while a blocking read that had to wait means the worker is idle
+            # (one round trip more when the queue just emptied, no latency: nothing was waiting).
+            entries = await self._read(size, None)
+            is_backlog = len(entries) >= self._settings.busy_fill_min
+        if not entries:
+            entries = await self._read(size, self._settings.block_ms)
+        self._was_busy = bool(entries)
+        wait_s = self._fill_wait_s(is_backlog)
+        if not entries or len(entries) >= size or wait_s <= 0:
             return entries
         # NOTE: Redis resolves BLOCK timeouts on its hz tick (100 ms by default), so a short
         # XREADGROUP BLOCK <max_wait_ms> would wait up to 100 ms. The fill wait uses the event
@@ -345,11 +361,26 @@ class QueueConsumer:
         ids = [entry_id for entry_id, _fields in entries]
         self._in_flight.update(ids)
         try:
-            await asyncio.sleep(wait_ms / 1000)
+            await asyncio.sleep(wait_s)
             return entries + await self._read(size - len(entries), None)
         except BaseException:
             self._in_flight.difference_update(ids)
             raise
+
+    def _fill_wait_s(self, is_backlog: bool) -> float:
+        """How long a partial batch waits for more: the deployment's ``max_wait_ms``, else the busy fill.
+
+        The busy fill (``busy_fill_us``) applies when requests were found waiting (``is_backlog``)
+        and the model's batches run for less than it: each batch costs a few round trips (worker,
+        Redis, gateways) whatever its size, which a fuller batch shares among more calls; a slower
+        model's batches fill up by themselves while it runs. Measured (bench/, tiny model, 2 cores,
+        medians of 6 alternating runs): 32 clients +9 % req/s and -11 % CPU per call, 8 clients
+        unchanged; 1 client never waits.
+        """
+        if self.deployment.max_wait_ms > 0:
+            return self.deployment.max_wait_ms / 1000
+        fill_s = self._settings.busy_fill_us / 1e6
+        return fill_s if is_backlog and self._run_avg_s < fill_s else 0.0
 
     async def _read(self, count: int, block_ms: int | None) -> list[Entry]:
         command: list[str | int] = ["XREADGROUP", "GROUP", keys.QUEUE_GROUP, self._settings.worker_id, "COUNT", count]
@@ -466,6 +497,7 @@ class QueueConsumer:
         started = time.perf_counter()
         results = await batcher.run_group(self._runtime.run, group, self._runtime.signature, timing)
         run_s = time.perf_counter() - started
+        self._run_avg_s = run_s if math.isinf(self._run_avg_s) else 0.8 * self._run_avg_s + 0.2 * run_s
         self._batch_size.observe(len(group))
         self._run_seconds.observe(run_s)
         log.debug("batch_ran", queue=self.queue, size=len(group), run_ms=round(run_s * 1000, 3))

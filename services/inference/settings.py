@@ -76,6 +76,16 @@ class InferenceSettings(ServiceSettings):
     ort_spinning: bool = False
     """Let ONNX Runtime's threads spin-wait for work between runs: a little lower latency on
     cores the worker has to itself, CPU burnt that Redis, the gateway or neighbours need otherwise."""
+    busy_fill_us: int = Field(default=1500, ge=0, le=1_000_000)
+    """Under load, how long (in µs) a partial batch waits for more requests before it runs; 0: never.
+
+    It waits only when requests are queuing up: the read after a batch finds ``busy_fill_min`` or
+    more already waiting (a request reaching an idle worker runs at once), and only for a model
+    whose batches run for less than this (a slower model's batches fill up while it runs). Each
+    batch costs the worker, Redis and the gateways a few round trips whatever its size: fewer,
+    fuller batches leave more CPU for the calls. A deployment's ``max_wait_ms`` > 0 replaces it."""
+    busy_fill_min: int = Field(default=4, ge=1)
+    """Requests found waiting after a batch that mean the queue is backing up (``busy_fill_us``)."""
     block_ms: int = Field(default=1000, ge=1, le=1000)
     """How long one XREADGROUP blocks, in ms; at most 1000 so a drain is seen within a second."""
     reclaim_idle_ms: int = Field(default=15000, ge=100)

@@ -400,6 +400,49 @@ async def test_entries_waiting_for_a_fuller_batch_are_not_reclaimed_and_run_twic
     assert {call_id: len(answers) for call_id, answers in replies.items()} == {"w0": 1, "w1": 1, "w2": 1}
 
 
+async def test_a_partial_batch_waits_for_more_only_while_the_queue_backs_up(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    source = DirectoryModelSource(tmp_path / "models")
+    source.add("affine", affine_model(), max_batch_size=4, max_wait_ms=0)
+    await create_reply_stream(redis_client)
+    settings = worker_settings(redis_server.url, tmp_path, busy_fill_us=1_000_000, busy_fill_min=2)
+
+    async def replied() -> int:
+        return sum(len(answers) for answers in (await read_replies(redis_client)).values())
+
+    async with running_worker(settings, source):
+        # An idle worker runs a lone call at once: no fill wait (1 s here).
+        started = asyncio.get_running_loop().time()
+        await enqueue_affine(redis_client, "alone", rows(0))
+        await eventually(lambda: _at_least(replied, 1))
+        assert asyncio.get_running_loop().time() - started < 0.9
+        runs, requests, _small = batch_stats()
+
+        # Six calls land at once: a full batch of 4 runs, and the 2 left found waiting after it
+        # mean the queue backs up: they wait for more, and a call arriving meanwhile joins them.
+        async with redis_client.pipeline(transaction=True) as pipe:
+            for index in range(6):
+                queued = QueuedRequest(
+                    id=f"b{index}", reply_to=REPLIES, deadline_ms=now_ms() + 60_000,
+                    payload=affine_request(rows(index)).SerializeToString(),
+                )  # fmt: skip
+                pipe.xadd(QUEUE, queued.to_fields())  # type: ignore[arg-type]
+            await pipe.execute()
+        await eventually(lambda: _at_least(replied, 5))  # the full batch is answered
+        await enqueue_affine(redis_client, "late", rows(9))
+        await eventually(lambda: _at_least(replied, 8))
+
+    after = batch_stats()
+    assert (after[0] - runs, after[1] - requests) == (2, 7)  # without the wait: 3 runs (4, 2, 1)
+    replies = await read_replies(redis_client)
+    np.testing.assert_array_equal(output_y(replies["late"][0]), 2 * rows(9) + 1)
+
+
+async def _at_least(count: Callable[[], Any], wanted: int) -> bool:
+    return bool(await count() >= wanted)
+
+
 async def test_reply_stream_of_a_gone_gateway_is_not_recreated(
     redis_server: EmbeddedRedis, redis_client: aioredis.Redis, source: DirectoryModelSource, tmp_path: Path
 ) -> None:
