@@ -114,6 +114,7 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
             if not await self._router.is_generative(request.model_name, request.model_version):
                 yield await self._infer(request, context.time_remaining())
                 return
+            self._router.check_request_size(convert.request_size(request))  # as _infer does for the others
             async for piece in self._router.generate(convert.infer_call(request), context.time_remaining()):
                 yield convert.generation_response(request, piece)
 

@@ -23,7 +23,7 @@ from inference import grpc_service_pb2 as pb
 from services.cli.examples import affine_model
 from services.client import InvalidArgument, MaasClient, NotFound, TextPiece
 from services.client.aio import AsyncMaasClient
-from services.common import generation
+from services.common import generation, keys
 from services.common.auth import bearer
 from services.common.embedded_redis import EmbeddedRedis
 from tests.genai_model import build_genai_model
@@ -175,6 +175,23 @@ async def test_generations_at_once_are_bounded_by_the_setting(suite: Suite, tmp_
         await watcher
     assert ["".join(_text(r.infer_response) for r in responses) for responses in results] == [GREEDY[:30]] * 3
     assert peak == 2  # max_generations=2: the third waited in the queue
+
+
+async def test_a_generative_request_over_the_size_limit_is_refused_on_a_stream(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    limit = 4096
+    running = await Suite(redis_server.url, tmp_path, timeout_s=30, gateway={"max_request_tensor_bytes": limit}).start(
+        with_worker=False
+    )
+    try:
+        await _push(running, tmp_path, "tiny")
+        [answer] = await _stream(running, _request("tiny", "a" * limit, max_new_tokens=2))
+        assert answer.error_message.startswith("the request holds ")
+        assert f"more than this gateway's limit of {limit} (max_request_tensor_bytes)" in answer.error_message
+        assert await running.redis.xlen(keys.queue("tiny", 1)) == 0
+    finally:
+        await running.stop()
 
 
 _RECLAIM = {"reclaim_idle_ms": "600", "reclaim_interval_s": "0.3"}
