@@ -11,7 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
-from services.common import auth, events, keys
+from services.common import auth, events, generation, keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.metadata import (
     DEFAULT_ALIAS,
@@ -42,6 +42,11 @@ class Target:
     def queue(self) -> str:
         """The version's request stream."""
         return keys.queue(self.model.name, self.version.version)
+
+    @property
+    def is_generative(self) -> bool:
+        """Whether the version generates text token by token (ONNX Runtime GenAI)."""
+        return generation.is_generative(self.version.platform)
 
 
 def _first(*values: Any) -> Any:

@@ -337,8 +337,10 @@ class Router:
         """Undeploy a model."""
         await self._catalog.unload(name)
 
-    async def infer(self, call: InferCall, time_remaining_s: float | None) -> bytes:
+    async def infer(self, call: InferCall, time_remaining_s: float | None, target: Target | None = None) -> bytes:
         """Run one call; return the worker's serialized ``ModelInferResponse``.
+
+        ``target``: the call's version, when the caller resolved it already (``resolve``).
 
         Raises:
             NotFound, FailedPrecondition, InvalidArgument: From resolution and validation.
@@ -348,13 +350,12 @@ class Router:
         """
         identity = auth.current_identity()
         tenant = identity.tenant if identity is not None else ""
-        target: Target | None = None
         started, code = 0, "OK"
         try:
-            target = await self._catalog.resolve(call.model, call.version)
+            target = target or await self._catalog.resolve(call.model, call.version)
             started = time.perf_counter_ns()
             validate(call, target.version, target.deployment.max_batch_size)
-            if generation.is_generative(target.version.platform):
+            if target.is_generative:
                 return await self._whole_text(call, target, time_remaining_s, tenant)
             return await self._send(call, target, time_remaining_s, tenant)
         except Exception as exc:
@@ -407,17 +408,21 @@ class Router:
             traceparent=tracing.traceparent(),
         )
 
-    async def is_generative(self, name: str, version: str) -> bool:
-        """Whether calls to the model go to a generative version (answered token by token).
+    async def resolve(self, name: str, version: str) -> Target:
+        """The version a call to the model goes to now (a split picks one per call).
 
         Raises:
-            NotFound, FailedPrecondition: The model or version does not exist, or is not deployed.
+            NotFound, FailedPrecondition, InvalidArgument: The model or version does not exist,
+                is not deployed, or the version is neither a number nor an alias.
         """
-        target = await self._catalog.resolve(name, version)
-        return generation.is_generative(target.version.platform)
+        return await self._catalog.resolve(name, version)
 
-    async def generate(self, call: InferCall, time_remaining_s: float | None) -> AsyncIterator[GenerationPiece]:
+    async def generate(
+        self, call: InferCall, time_remaining_s: float | None, target: Target | None = None
+    ) -> AsyncIterator[GenerationPiece]:
         """Run a generative model's call; yield its text piece by piece, the last one final.
+
+        ``target``: the call's version, when the caller resolved it already (``resolve``).
 
         Raises:
             NotFound, FailedPrecondition, InvalidArgument: From resolution and validation.
@@ -427,7 +432,7 @@ class Router:
         """
         identity = auth.current_identity()
         tenant = identity.tenant if identity is not None else ""
-        target = await self._catalog.resolve(call.model, call.version)
+        target = target or await self._catalog.resolve(call.model, call.version)
         started, code = time.perf_counter_ns(), "OK"
         try:
             validate(call, target.version, target.deployment.max_batch_size)

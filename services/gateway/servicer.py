@@ -12,6 +12,7 @@ from inference import grpc_service_pb2_grpc
 from services.common import auth
 from services.common.errors import Unimplemented
 from services.gateway import convert
+from services.gateway.clients import Target
 from services.gateway.router import Router
 from services.gateway.shm import SharedMemoryRegistry
 from services.gateway.streams import Streams
@@ -58,7 +59,9 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         """Run inference through the model's queue."""
         return await self._infer(request, context.time_remaining())
 
-    async def _infer(self, request: pb.ModelInferRequest, time_remaining_s: float | None) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, time_remaining_s: float | None, target: Target | None = None
+    ) -> pb.ModelInferResponse:
         # NOTE: the one path of a request, for ModelInfer and each request of ModelStreamInfer;
         # the key's model check is here so a refused request of a stream is that request's answer.
         auth.check_model(request.model_name)
@@ -67,7 +70,7 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         with self._shared_memory.lease(use) as lease:  # inputs read before, outputs written after
             if use:
                 convert.put_shared_memory_inputs(request, lease.read_inputs())
-            payload = await self._router.infer(convert.infer_call(request), time_remaining_s)
+            payload = await self._router.infer(convert.infer_call(request), time_remaining_s, target)
             response = convert.infer_response(payload)
             if use.outputs:
                 lease.write_outputs(convert.take_shared_memory_outputs(response, use))
@@ -111,11 +114,13 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
 
         async def answers(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
             auth.check_model(request.model_name)
-            if not await self._router.is_generative(request.model_name, request.model_version):
-                yield await self._infer(request, context.time_remaining())
+            # NOTE: resolved once: a split's pick decides both the kind of answer and where it runs.
+            target = await self._router.resolve(request.model_name, request.model_version)
+            if not target.is_generative:
+                yield await self._infer(request, context.time_remaining(), target)
                 return
             self._router.check_request_size(convert.request_size(request))  # as _infer does for the others
-            async for piece in self._router.generate(convert.infer_call(request), context.time_remaining()):
+            async for piece in self._router.generate(convert.infer_call(request), context.time_remaining(), target):
                 yield convert.generation_response(request, piece)
 
         async for request, response, error in self._streams.serve(request_iterator, answers):
