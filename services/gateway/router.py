@@ -7,7 +7,7 @@ import itertools
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -240,6 +240,37 @@ def validate(call: InferCall, version: VersionRecord, max_batch_size: int = 0) -
     _check_batch(call, version, max_batch_size)
 
 
+class _Outcome:
+    """One call's outcome, recorded when it ends: per model version (once resolved) and per tenant.
+
+    The code is the gRPC code of what the call raised (OK when it ended otherwise); its duration
+    runs from its resolution to its end.
+    """
+
+    __slots__ = ("_finished", "_started", "_target", "tenant")
+
+    def __init__(self, finished: Callable[[Target | None, str, str, int], None]) -> None:
+        """``finished(target, tenant, code, duration_ns)`` records it."""
+        identity = auth.current_identity()
+        self.tenant = identity.tenant if identity is not None else ""
+        """The calling key's tenant ('' when the gateway checks no keys)."""
+        self._finished = finished
+        self._target: Target | None = None
+        self._started = 0
+
+    def resolved(self, target: Target) -> Target:
+        """Note the version the call goes to (its duration starts now); return it."""
+        self._target, self._started = target, time.perf_counter_ns()
+        return target
+
+    def __enter__(self) -> _Outcome:
+        return self
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        code = getattr(exc, "grpc_code", grpc.StatusCode.INTERNAL).name if isinstance(exc, Exception) else "OK"
+        self._finished(self._target, self.tenant, code, time.perf_counter_ns() - self._started)
+
+
 class Router:
     """Sends validated calls to their model version's queue and waits for the reply."""
 
@@ -348,24 +379,12 @@ class Router:
             DeadlineExceeded: No reply by the deadline.
             Unavailable: Redis cannot be reached.
         """
-        identity = auth.current_identity()
-        tenant = identity.tenant if identity is not None else ""
-        started, code = 0, "OK"
-        try:
-            target = target or await self._catalog.resolve(call.model, call.version)
-            started = time.perf_counter_ns()
+        with _Outcome(self._finished) as outcome:
+            target = outcome.resolved(target or await self._catalog.resolve(call.model, call.version))
             validate(call, target.version, target.deployment.max_batch_size)
             if target.is_generative:
-                return await self._whole_text(call, target, time_remaining_s, tenant)
-            return await self._send(call, target, time_remaining_s, tenant)
-        except Exception as exc:
-            code = getattr(exc, "grpc_code", grpc.StatusCode.INTERNAL).name
-            raise
-        finally:
-            if target is not None:
-                self._record(target, code, time.perf_counter_ns() - started)
-            if tenant:
-                self._quotas.record(tenant, code)
+                return await self._whole_text(call, target, time_remaining_s, outcome.tenant)
+            return await self._send(call, target, time_remaining_s, outcome.tenant)
 
     def check_request_size(self, size_bytes: int) -> None:
         """Refuse a call whose serialized request (its tensors, mostly) is over the limit.
@@ -430,28 +449,18 @@ class Router:
             DeadlineExceeded: The generation did not end by the deadline.
             Unavailable: Redis cannot be reached, or the worker died during an unseeded sampling.
         """
-        identity = auth.current_identity()
-        tenant = identity.tenant if identity is not None else ""
-        target = target or await self._catalog.resolve(call.model, call.version)
-        started, code = time.perf_counter_ns(), "OK"
-        try:
+        with _Outcome(self._finished) as outcome:
+            target = outcome.resolved(target or await self._catalog.resolve(call.model, call.version))
             validate(call, target.version, target.deployment.max_batch_size)
             params = generation.parse_parameters(call.typed_parameters, self._max_new_tokens)
             order = TokenOrder(is_deterministic=params.is_deterministic)
-            async for piece in self._pieces(call, target, time_remaining_s, tenant, order):
+            async for piece in self._pieces(call, target, time_remaining_s, outcome.tenant, order):
                 piece = replace(piece, version=target.version.version)
                 if piece.is_final and params.empty_final:
                     if piece.text:
                         yield replace(piece, is_final=False, finish_reason="", payload=b"")
                     piece = replace(piece, text=b"", has_output=False)
                 yield piece
-        except Exception as exc:
-            code = getattr(exc, "grpc_code", grpc.StatusCode.INTERNAL).name
-            raise
-        finally:
-            self._record(target, code, time.perf_counter_ns() - started)
-            if tenant:
-                self._quotas.record(tenant, code)
 
     async def _whole_text(self, call: InferCall, target: Target, time_remaining_s: float | None, tenant: str) -> bytes:
         generation.parse_parameters(call.typed_parameters, self._max_new_tokens)
@@ -533,6 +542,13 @@ class Router:
             workers = -1
         hint = f"; no live worker has model '{name}' version {version} loaded" if workers == 0 else ""
         return DeadlineExceeded(f"no reply from a worker within {timeout_s:g} s{hint}")
+
+    def _finished(self, target: Target | None, tenant: str, code: str, duration_ns: int) -> None:
+        """Record a call's outcome: per model version (if it was resolved) and per tenant (if any)."""
+        if target is not None:
+            self._record(target, code, duration_ns)
+        if tenant:
+            self._quotas.record(tenant, code)
 
     def _record(self, target: Target, code: str, duration_ns: int) -> None:
         self._stats.record(target.model.name, target.version.version, code == "OK", duration_ns)
