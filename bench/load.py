@@ -5,7 +5,7 @@ Usage: python -m bench.load --url HOST:PORT --model NAME --width 16 --concurrenc
 The benchmark runs one of these processes per measurement, whatever the server, so every system
 is measured by the same client. All clients run a warm-up first (``--warmup``, 0.5 s), then the
 measured window. Every exception counts as an error (warm-up included) and never stops a client.
-Prints one JSON object: requests, errors, seconds, rps, p50_ms, p99_ms, first_error.
+Prints one JSON object: requests, warmup_requests, errors, seconds, rps, p50_ms, p99_ms, first_error.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ async def run(load: Load) -> dict[str, object]:
     ms = np.array(stats.latencies) * 1000
     return {
         "requests": len(stats.latencies),
+        "warmup_requests": len(warm.latencies),
         "errors": stats.errors + warm.errors,
         "seconds": elapsed,
         "rps": len(stats.latencies) / elapsed,

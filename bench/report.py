@@ -32,6 +32,13 @@ class Row:
     x_raw_batch1: float | None = None
     x_raw_best: float | None = None
     x_floor: float | None = None
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    """CPU µs per call of each server process on the request path (``/proc``, warm-up included)."""
+
+    @property
+    def cpu_total_us(self) -> float | None:
+        """CPU µs per call of all the server's processes together (None if unreadable)."""
+        return sum(self.cpu_us.values()) if self.cpu_us else None
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ def _num(value: float | None, fmt: str) -> str:
 _COLUMNS = (
     ("model", "<6"), ("system", "<7"), ("clients", ">7"), ("req/s", ">9"), ("p50 ms", ">8"), ("p99 ms", ">8"),
     ("errors", ">6"), ("mean batch", ">10"), ("x ORT b1", ">8"), ("x ORT best", ">10"), ("x floor", ">7"),
+    ("cpu us/call", ">11"),
 )  # fmt: skip
 
 
@@ -121,7 +129,7 @@ def _cells(row: Row) -> tuple[str, ...]:
     return (
         row.model, row.system, str(row.clients), _num(row.rps, ",.0f"), _num(row.p50_ms, ".2f"),
         _num(row.p99_ms, ".2f"), str(row.errors), _num(row.mean_batch, ".2f"), _num(row.x_raw_batch1, ".2f"),
-        _num(row.x_raw_best, ".2f"), _num(row.x_floor, ".2f"),
+        _num(row.x_raw_best, ".2f"), _num(row.x_floor, ".2f"), _num(row.cpu_total_us, ",.0f"),
     )  # fmt: skip
 
 
@@ -157,9 +165,18 @@ def header_lines(report: Report) -> list[str]:
 
 
 def table_lines(report: Report) -> list[str]:
-    """The comparison table."""
+    """The comparison table, then the CPU per call of each MaaS process."""
     head = _line(tuple(name for name, _ in _COLUMNS))
-    return [head, "-" * len(head), *(_line(_cells(row)) for row in report.rows)]
+    lines = [head, "-" * len(head), *(_line(_cells(row)) for row in report.rows)]
+    split = [row for row in report.rows if row.system == "maas" and row.cpu_us]
+    if split:
+        lines += ["", "cpu us/call: server processes' CPU time (user + system, /proc) per call, warm-up included:"]
+        lines += [
+            f"  {row.model:<6} maas  {row.clients:>3} clients: "
+            + ", ".join(f"{name} {us:,.0f}" for name, us in sorted(row.cpu_us.items()))
+            for row in split
+        ]
+    return lines
 
 
 def target_lines(report: Report) -> list[str]:

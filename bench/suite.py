@@ -136,6 +136,22 @@ def stop_process(process: subprocess.Popen[bytes] | None, sig: int, timeout_s: f
         process.wait()
 
 
+def cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU time (user + system, every thread) each process has used so far, from ``/proc``.
+
+    Processes that cannot be read (gone, or not Linux) are left out.
+    """
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    used: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        used[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
+
+
 def probe(url: str, model: str, width: int, timeout_s: float = START_TIMEOUT_S) -> None:
     """Call ModelInfer until one call succeeds (the server serves the model).
 
@@ -188,6 +204,11 @@ class Floor:
     def __exit__(self, *exc: object) -> None:
         stop_process(self.process, signal.SIGTERM, 10.0)
 
+    @property
+    def pids(self) -> dict[str, int]:
+        """The server process, for ``cpu_seconds``."""
+        return {"server": self.process.pid} if self.process is not None else {}
+
 
 class MaasUp:
     """``maas up`` with real processes on a fresh data dir; output goes to ``<work_dir>/maas-up.log``."""
@@ -234,6 +255,16 @@ class MaasUp:
     def gateway(self) -> str:
         """host:port of the gateway."""
         return str(self.endpoints["gateway"])
+
+    def pids(self, *, direct: bool = False) -> dict[str, int]:
+        """The processes on the request path, for ``cpu_seconds``.
+
+        The workers, and unless ``direct`` the gateway and Redis (the registry is not on it).
+        """
+        pids = self.endpoints.get("pids", {})
+        assert isinstance(pids, dict)
+        wanted = ("worker",) if direct else ("gateway", "worker", "redis")
+        return {str(name): int(pid) for name, pid in pids.items() if str(name).startswith(wanted)}
 
     def push(self, path: Path, name: str) -> None:
         """``maas models push FILE --name NAME --max-batch-size 32`` (deployment default wait).

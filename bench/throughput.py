@@ -15,7 +15,8 @@ this machine and in this run:
    queue, deployed with ``maas models push --max-batch-size 32`` and the default batch wait;
 
 each with closed-loop batch-1 clients (``python -m bench.load``, one process per measurement,
-the same for every system), and prints one table with the ratios, then the tracked targets.
+the same for every system), and prints one table with the ratios and the server processes' CPU
+time per call (``/proc``; MaaS's also split by process), then the tracked targets.
 Exits non-zero only if something fails to start or a measurement has no successful request.
 """
 
@@ -38,7 +39,7 @@ from bench import models as bench_models
 from bench import rawort
 from bench.models import BenchModel
 from bench.report import SYSTEMS, Report, Row, render
-from bench.suite import REPO, Floor, MaasUp, clean_env, probe, run_main
+from bench.suite import REPO, Floor, MaasUp, clean_env, cpu_seconds, probe, run_main
 
 _LOAD_SLACK_S = 90.0
 """Time a load process may take beyond its measurement before it is given up as failed."""
@@ -130,19 +131,32 @@ def _mean_batch(maas: MaasUp | None, name: str, before: tuple[float, float] | No
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
-def measure(system: str, url: str, model: BenchModel, opts: Options, maas: MaasUp | None) -> list[Row]:
-    """Every concurrency level on one system serving one model."""
+def _cpu_per_call(before: dict[str, float], after: dict[str, float], result: dict[str, object]) -> dict[str, float]:
+    """Each process's CPU µs per call served (the warm-up's calls and CPU included)."""
+    calls = int(str(result["requests"])) + int(str(result.get("warmup_requests", 0)))
+    if calls == 0:
+        return {}
+    return {name: (after[name] - before[name]) / calls * 1e6 for name in after if name in before}
+
+
+def measure(
+    system: str, url: str, model: BenchModel, opts: Options, maas: MaasUp | None, pids: dict[str, int]
+) -> list[Row]:
+    """Every concurrency level on one system serving one model; ``pids``: its processes on the request path."""
     rows = []
     for clients in opts.concurrency:
         if maas is not None:
             maas.check_alive()
         before = maas.batch_totals(model.name) if system == "maas" and maas else None
+        cpu_before = cpu_seconds(pids)
         result = run_load(url, model, clients, opts.seconds)
+        cpu_us = _cpu_per_call(cpu_before, cpu_seconds(pids), result)
         mean_batch = 1.0 if system != "maas" else _mean_batch(maas, model.name, before)
         row = Row(
             model=model.name, system=system, clients=clients, requests=int(str(result["requests"])),
             errors=int(str(result["errors"])), rps=float(str(result["rps"])), p50_ms=_ms(result["p50_ms"]),
             p99_ms=_ms(result["p99_ms"]), mean_batch=mean_batch, first_error=str(result.get("first_error") or ""),
+            cpu_us=cpu_us,
         )  # fmt: skip
         p50 = "-" if row.p50_ms is None else f"{row.p50_ms:.2f}"
         progress(f"{model.name} {system} c={clients}: {row.rps:,.0f} req/s, p50 {p50} ms, {row.errors} error(s)")
@@ -170,12 +184,12 @@ def measure_model(model: BenchModel, path: Path, work: Path, opts: Options, maas
         if system == "floor":
             with Floor(path, model.name, work) as floor:
                 probe(floor.url, model.name, model.width)
-                rows += measure("floor", floor.url, model, opts, None)
+                rows += measure("floor", floor.url, model, opts, None, floor.pids)
             continue
         assert maas is not None
         url = maas.direct_url(model.name) if system == "direct" else maas.gateway
         probe(url, model.name, model.width)
-        rows += measure(system, url, model, opts, maas)
+        rows += measure(system, url, model, opts, maas, maas.pids(direct=system == "direct"))
     return rows
 
 

@@ -39,6 +39,11 @@ def test_short_benchmark_measures_every_system_without_errors(tmp_path: Path) ->
     for row in (r for r in rows if r["system"] == "maas"):
         assert row["mean_batch"] is not None, row
         assert row["mean_batch"] >= 1, row
+    # The CPU per call of each server process on the request path (no value is asserted).
+    processes = {"floor": {"server"}, "direct": {"worker-0"}, "maas": {"gateway", "worker-0", "redis"}}
+    for row in rows:
+        assert set(row["cpu_us"]) == processes[row["system"]], row
+        assert all(us > 0 for us in row["cpu_us"].values()), row
 
 
 @pytest.mark.integration
