@@ -323,7 +323,11 @@ async def send_commands(client: aioredis.Redis, commands: Sequence[Sequence[Any]
 
 
 def _packed(command: Sequence[Any]) -> bytes:
-    """One command in RESP, packed by hiredis (a multi-word name such as "CLIENT LIST" split)."""
+    """One command in RESP, packed by hiredis (a multi-word name such as "CLIENT LIST" split).
+
+    ``_HIREDIS_PACKER.pack`` does the same through a generator and a list per command: too dear
+    on the request path, where a worker's MULTI packs 17 commands.
+    """
     name = command[0]
     args = (*name.split(), *command[1:]) if isinstance(name, str) and " " in name else tuple(command)
     packed: bytes = hiredis.pack_command(args)
@@ -340,14 +344,15 @@ async def _exchange(connection: AbstractConnection, commands: Sequence[Sequence[
     timeout bounds the whole exchange, and the errors raised are redis-py's, so the retry and
     the pool treat them as before.
     """
-    if not isinstance(connection._parser, _AsyncHiredisParser):
+    parser = connection._parser
+    if not isinstance(parser, _AsyncHiredisParser):
         await connection.send_packed_command(connection.pack_commands(commands))
         return [await _read_reply(connection) for _command in commands]
     if not connection.is_connected:
         await connection.connect()  # type: ignore[no-untyped-call]
     await connection.check_health()  # type: ignore[no-untyped-call]
-    writer, parser = connection._writer, connection._parser
-    assert writer is not None and isinstance(parser, _AsyncHiredisParser)
+    writer = connection._writer
+    assert writer is not None
     try:
         async with asyncio.timeout(connection.socket_timeout):
             writer.writelines([_packed(command) for command in commands])

@@ -25,7 +25,6 @@ Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -219,8 +218,6 @@ class QueueConsumer:
         self._progress = progress
         self._was_busy = False
         """Whether the last read found requests (the next read then first looks without blocking)."""
-        self._run_avg_s = math.inf
-        """Moving average of this queue's batch run times (infinite until one ran)."""
 
     @property
     def in_flight(self) -> int:
@@ -380,7 +377,7 @@ class QueueConsumer:
         if self.deployment.max_wait_ms > 0:
             return self.deployment.max_wait_ms / 1000
         fill_s = self._settings.busy_fill_us / 1e6
-        return fill_s if is_backlog and self._run_avg_s < fill_s else 0.0
+        return fill_s if is_backlog and self._runtime.average_run_s < fill_s else 0.0
 
     async def _read(self, count: int, block_ms: int | None) -> list[Entry]:
         command: list[str | int] = ["XREADGROUP", "GROUP", keys.QUEUE_GROUP, self._settings.worker_id, "COUNT", count]
@@ -497,7 +494,6 @@ class QueueConsumer:
         started = time.perf_counter()
         results = await batcher.run_group(self._runtime.run, group, self._runtime.signature, timing)
         run_s = time.perf_counter() - started
-        self._run_avg_s = run_s if math.isinf(self._run_avg_s) else 0.8 * self._run_avg_s + 0.2 * run_s
         self._batch_size.observe(len(group))
         self._run_seconds.observe(run_s)
         log.debug("batch_ran", queue=self.queue, size=len(group), run_ms=round(run_s * 1000, 3))

@@ -282,6 +282,11 @@ class ModelRuntime:
         runtime._avg_run_s = await asyncio.to_thread(runtime._warm_up)
         return runtime
 
+    @property
+    def average_run_s(self) -> float:
+        """Moving average of this session's recent run times, seeded by the warm-up (infinite if unknown)."""
+        return self._avg_run_s
+
     def _warm_up(self) -> float:
         """Run twice on zeros (variable dimensions 1); return the second run's time, inf if it failed.
 
