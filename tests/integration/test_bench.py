@@ -16,20 +16,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(240)
-def test_short_benchmark_measures_every_system_without_errors(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def _run_short(module: str, out: Path, *, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> --short --json <out>`` without the caller's MAAS_* settings; it must exit 0."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--short", "--json", str(out)],
+        [sys.executable, "-m", module, "--short", "--json", str(out)],
         cwd=REPO,
         env={k: v for k, v in os.environ.items() if not k.startswith("MAAS_")},
         capture_output=True,
         text=True,
-        timeout=230,
+        timeout=timeout_s,
         check=False,
     )
     assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    return done
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_short_benchmark_measures_every_system_without_errors(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    _run_short("bench.throughput", out, timeout_s=230)
     rows = json.loads(out.read_text())["rows"]
     assert {row["system"] for row in rows} == {"floor", "direct", "maas"}
     assert {row["model"] for row in rows} == {"tiny", "heavy"}
@@ -50,16 +56,7 @@ def test_short_benchmark_measures_every_system_without_errors(tmp_path: Path) ->
 @pytest.mark.timeout(120)
 def test_short_generation_benchmark_has_a_row_per_system_and_level(tmp_path: Path) -> None:
     out = tmp_path / "generation.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.generation", "--short", "--json", str(out)],
-        cwd=REPO,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MAAS_")},
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    done = _run_short("bench.generation", out, timeout_s=110)
     rows = json.loads(out.read_text())["rows"]
     assert sorted((row["system"], row["streams"]) for row in rows) == [
         ("direct", 1), ("direct", 4), ("maas", 1), ("maas", 4)
