@@ -5,7 +5,9 @@ CPU execution provider, default session options (intra-op threads: every core).
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,6 +35,19 @@ class RawOrt:
     def to_json(self) -> dict[str, object]:
         """Plain JSON-able dict."""
         return asdict(self) | {"by_batch": {str(k): v for k, v in self.by_batch.items()}}
+
+    @classmethod
+    def median(cls, rounds: Sequence[RawOrt]) -> RawOrt:
+        """Each figure's median over ``rounds``; the best batch is the best of the medians."""
+        by_batch = {b: statistics.median(r.by_batch[b] for r in rounds) for b in rounds[0].by_batch}
+        best = max(by_batch, key=lambda b: by_batch[b])
+        return cls(
+            batch1_ips=statistics.median(r.batch1_ips for r in rounds),
+            batch1_p50_ms=statistics.median(r.batch1_p50_ms for r in rounds),
+            best_ips=by_batch[best],
+            best_batch=best,
+            by_batch=by_batch,
+        )
 
 
 def _session(model: BenchModel) -> ort.InferenceSession:

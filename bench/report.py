@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from bench.models import BenchModel
@@ -34,6 +36,15 @@ class Row:
     x_floor: float | None = None
     cpu_us: dict[str, float] = field(default_factory=dict)
     """CPU µs per call of each server process on the request path (``/proc``, warm-up included)."""
+    rps_by_round: list[float] = field(default_factory=list)
+    """Each round's req/s (``rps`` is their median)."""
+
+    @property
+    def rps_spread(self) -> float | None:
+        """(max - min) / median of the rounds' req/s: how much the machine moved (None: one round)."""
+        if len(self.rps_by_round) < 2 or self.rps <= 0:
+            return None
+        return (max(self.rps_by_round) - min(self.rps_by_round)) / self.rps
 
     @property
     def cpu_total_us(self) -> float | None:
@@ -74,17 +85,6 @@ class Report:
         """The row of one measurement, if it was made."""
         return next((r for r in self.rows if (r.model, r.system, r.clients) == (model, system, clients)), None)
 
-    def add_ratios(self) -> None:
-        """Fill each row's ratios to raw ORT and to the floor at the same model and concurrency."""
-        for row in self.rows:
-            raw = self.raw.get(row.model)
-            if raw is not None:
-                row.x_raw_batch1 = row.rps / raw.batch1_ips
-                row.x_raw_best = row.rps / raw.best_ips
-            floor = self.find(row.model, "floor", row.clients)
-            if floor is not None and floor.rps > 0:
-                row.x_floor = row.rps / floor.rps
-
     @property
     def total_errors(self) -> int:
         """Errors over every measurement."""
@@ -114,21 +114,74 @@ class Report:
         }
 
 
+def add_ratios(rows: Sequence[Row], raw: Mapping[str, RawOrt]) -> None:
+    """Fill each row's ratios to raw ORT and to the floor at the same model and concurrency.
+
+    ``rows`` and ``raw`` are one round's: a ratio compares figures measured a minute apart at most.
+    """
+    floors = {(r.model, r.clients): r for r in rows if r.system == "floor"}
+    for row in rows:
+        if row.model in raw:
+            row.x_raw_batch1 = row.rps / raw[row.model].batch1_ips
+            row.x_raw_best = row.rps / raw[row.model].best_ips
+        floor = floors.get((row.model, row.clients))
+        if floor is not None and floor.rps > 0:
+            row.x_floor = row.rps / floor.rps
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _merged(rows: Sequence[Row]) -> Row:
+    """One measurement's rounds as one row: each figure their median, the counts their sum."""
+    first = rows[0]
+    return Row(
+        model=first.model, system=first.system, clients=first.clients, requests=sum(r.requests for r in rows),
+        errors=sum(r.errors for r in rows), rps=statistics.median(r.rps for r in rows),
+        p50_ms=_median(r.p50_ms for r in rows), p99_ms=_median(r.p99_ms for r in rows),
+        mean_batch=_median(r.mean_batch for r in rows),
+        first_error=next((r.first_error for r in rows if r.first_error), ""),
+        x_raw_batch1=_median(r.x_raw_batch1 for r in rows), x_raw_best=_median(r.x_raw_best for r in rows),
+        x_floor=_median(r.x_floor for r in rows),
+        cpu_us={name: statistics.median(r.cpu_us[name] for r in rows if name in r.cpu_us) for name in first.cpu_us},
+        rps_by_round=[r.rps for r in rows],
+    )  # fmt: skip
+
+
+def merge_rounds(rounds: Sequence[Sequence[Row]], systems: Sequence[str]) -> list[Row]:
+    """One row per (model, system, clients) (``_merged``), by model, then in the order of ``systems``, then clients.
+
+    The ratios are the medians of each round's own ratios (``add_ratios``), so a drift of the
+    machine between rounds moves both sides of a ratio alike.
+    """
+    groups: dict[tuple[str, str, int], list[Row]] = {}
+    for rows in rounds:
+        for row in rows:
+            groups.setdefault((row.model, row.system, row.clients), []).append(row)
+    order = {system: index for index, system in enumerate(systems)}
+    models = list(dict.fromkeys(model for model, _system, _clients in groups))
+    merged = [_merged(rows) for rows in groups.values()]
+    return sorted(merged, key=lambda r: (models.index(r.model), order.get(r.system, len(order)), r.clients))
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
 _COLUMNS = (
-    ("model", "<6"), ("system", "<7"), ("clients", ">7"), ("req/s", ">9"), ("p50 ms", ">8"), ("p99 ms", ">8"),
-    ("errors", ">6"), ("mean batch", ">10"), ("x ORT b1", ">8"), ("x ORT best", ">10"), ("x floor", ">7"),
-    ("cpu us/call", ">11"),
+    ("model", "<6"), ("system", "<7"), ("clients", ">7"), ("req/s", ">9"), ("spread", ">6"), ("p50 ms", ">8"),
+    ("p99 ms", ">8"), ("errors", ">6"), ("mean batch", ">10"), ("x ORT b1", ">8"), ("x ORT best", ">10"),
+    ("x floor", ">7"), ("cpu us/call", ">11"),
 )  # fmt: skip
 
 
 def _cells(row: Row) -> tuple[str, ...]:
     return (
-        row.model, row.system, str(row.clients), _num(row.rps, ",.0f"), _num(row.p50_ms, ".2f"),
-        _num(row.p99_ms, ".2f"), str(row.errors), _num(row.mean_batch, ".2f"), _num(row.x_raw_batch1, ".2f"),
+        row.model, row.system, str(row.clients), _num(row.rps, ",.0f"), _num(row.rps_spread, ".0%"),
+        _num(row.p50_ms, ".2f"), _num(row.p99_ms, ".2f"), str(row.errors), _num(row.mean_batch, ".2f"),
+        _num(row.x_raw_batch1, ".2f"),
         _num(row.x_raw_best, ".2f"), _num(row.x_floor, ".2f"), _num(row.cpu_total_us, ",.0f"),
     )  # fmt: skip
 
@@ -144,6 +197,9 @@ def header_lines(report: Report) -> list[str]:
         f"MaaS benchmark on {cfg['cpus']} CPU(s), onnxruntime {cfg['onnxruntime']} (CPU EP, default intra-op threads); "
         f"{cfg['seconds']:g} s per measurement after a 0.5 s warm-up; closed-loop batch-1 clients "
         "(tritonclient gRPC aio, one load process per measurement)",
+        f"  {cfg.get('rounds', 1)} round(s), interleaved: each round measures raw ORT, then every system at each "
+        "client count in turn; a figure is the median of its rounds, a ratio the median of the rounds' own "
+        "ratios; spread: (max - min) / median of the rounds' req/s",
     ]
     lines += [f"  model {m.name}: {m.description}" for m in report.models]
     lines += [f"  system {name}: {desc}" for name, desc in SYSTEMS.items() if name in cfg["systems"]]
@@ -154,7 +210,7 @@ def header_lines(report: Report) -> list[str]:
             f"access log: {cfg.get('access_log_sample', 1.0):g} of OK calls (maas up --access-log-sample)"
         )
         lines.append(f"  mean batch (maas rows): workers' {BATCH_HISTOGRAM} delta _sum / _count, warm-up included")
-    lines.append("raw ONNX Runtime, in-process session.run loop:")
+    lines.append("raw ONNX Runtime, in-process session.run loop (medians of the rounds):")
     for name, raw in report.raw.items():
         sweep = ", ".join(f"{b}: {ips:,.0f}" for b, ips in raw.by_batch.items())
         lines.append(

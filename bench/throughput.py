@@ -1,6 +1,6 @@
 """Throughput and latency of MaaS against raw ONNX Runtime and a bare Python gRPC server, in one run.
 
-Usage: python -m bench.throughput [--seconds 5] [--concurrency 1,8,32] [--models tiny,heavy]
+Usage: python -m bench.throughput [--seconds 3] [--rounds 3] [--concurrency 1,8,32] [--models tiny,heavy]
        [--systems floor,direct,maas] [--workers 1] [--short] [--json PATH]
 
 For each model (tiny: y = 2x + 1 on [-1, 16]; heavy: 4 x Gemm 2048x2048 + Relu) it measures, on
@@ -15,8 +15,12 @@ this machine and in this run:
    queue, deployed with ``maas models push --max-batch-size 32`` and the default batch wait;
 
 each with closed-loop batch-1 clients (``python -m bench.load``, one process per measurement,
-the same for every system), and prints one table with the ratios and the server processes' CPU
-time per call (``/proc``; MaaS's also split by process), then the tracked targets.
+the same for every system). The measurements are interleaved in ``--rounds`` rounds (each: raw
+ORT, then every system at each client count in turn), and each figure is the median of its
+rounds, each ratio the median of the rounds' own ratios: on a shared machine that moves from
+minute to minute, the two sides of a ratio are measured a few seconds apart. It prints one
+table with the ratios, the rounds' spread and the server processes' CPU time per call
+(``/proc``; MaaS's also split by process), then the tracked targets.
 Exits non-zero only if something fails to start or a measurement has no successful request.
 """
 
@@ -38,7 +42,8 @@ import onnxruntime as ort
 from bench import models as bench_models
 from bench import rawort
 from bench.models import BenchModel
-from bench.report import SYSTEMS, Report, Row, render
+from bench.rawort import RawOrt
+from bench.report import SYSTEMS, Report, Row, add_ratios, merge_rounds, render
 from bench.suite import REPO, Floor, MaasUp, clean_env, cpu_seconds, probe, run_main
 
 _LOAD_SLACK_S = 90.0
@@ -50,6 +55,7 @@ class Options:
     """What to measure."""
 
     seconds: float
+    rounds: int
     concurrency: list[int]
     models: list[str]
     systems: list[str]
@@ -70,7 +76,8 @@ def _csv(text: str) -> list[str]:
 
 def parse_options(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=None, help="Per measurement (default 5; --short: 1).")
+    parser.add_argument("--seconds", type=float, default=None, help="Per measurement (default 3; --short: 1).")
+    parser.add_argument("--rounds", type=int, default=None, help="Interleaved rounds (default 3; --short: 1).")
     parser.add_argument("--concurrency", default=None, help="Client counts (default 1,8,32; --short: 1,8).")
     parser.add_argument("--models", default="tiny,heavy")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
@@ -78,15 +85,18 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--access-log-sample", type=float, default=0.01, help="maas up's share of OK calls logged (errors: all)."
     )
-    parser.add_argument("--short", action="store_true", help="CI mode: 1 s, clients 1,8, heavy model 256 wide.")
+    parser.add_argument("--short", action="store_true", help="CI mode: 1 round of 1 s, clients 1,8, heavy 256 wide.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results as JSON here.")
     args = parser.parse_args(argv)
     systems = _csv(args.systems)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"unknown system(s) {unknown}; choose from {','.join(SYSTEMS)}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     return Options(
-        seconds=args.seconds if args.seconds is not None else (1.0 if args.short else 5.0),
+        seconds=args.seconds if args.seconds is not None else (1.0 if args.short else 3.0),
+        rounds=args.rounds if args.rounds is not None else (1 if args.short else 3),
         concurrency=[int(c) for c in _csv(args.concurrency or ("1,8" if args.short else "1,8,32"))],
         models=_csv(args.models),
         systems=systems,
@@ -140,28 +150,25 @@ def _cpu_per_call(before: dict[str, float], after: dict[str, float], result: dic
 
 
 def measure(
-    system: str, url: str, model: BenchModel, opts: Options, maas: MaasUp | None, pids: dict[str, int]
-) -> list[Row]:
-    """Every concurrency level on one system serving one model; ``pids``: its processes on the request path."""
-    rows = []
-    for clients in opts.concurrency:
-        if maas is not None:
-            maas.check_alive()
-        before = maas.batch_totals(model.name) if system == "maas" and maas else None
-        cpu_before = cpu_seconds(pids)
-        result = run_load(url, model, clients, opts.seconds)
-        cpu_us = _cpu_per_call(cpu_before, cpu_seconds(pids), result)
-        mean_batch = 1.0 if system != "maas" else _mean_batch(maas, model.name, before)
-        row = Row(
-            model=model.name, system=system, clients=clients, requests=int(str(result["requests"])),
-            errors=int(str(result["errors"])), rps=float(str(result["rps"])), p50_ms=_ms(result["p50_ms"]),
-            p99_ms=_ms(result["p99_ms"]), mean_batch=mean_batch, first_error=str(result.get("first_error") or ""),
-            cpu_us=cpu_us,
-        )  # fmt: skip
-        p50 = "-" if row.p50_ms is None else f"{row.p50_ms:.2f}"
-        progress(f"{model.name} {system} c={clients}: {row.rps:,.0f} req/s, p50 {p50} ms, {row.errors} error(s)")
-        rows.append(row)
-    return rows
+    system: str, url: str, model: BenchModel, clients: int, opts: Options, maas: MaasUp | None, pids: dict[str, int]
+) -> Row:
+    """One system serving one model to ``clients`` clients; ``pids``: its processes on the request path."""
+    if maas is not None:
+        maas.check_alive()
+    before = maas.batch_totals(model.name) if system == "maas" and maas else None
+    cpu_before = cpu_seconds(pids)
+    result = run_load(url, model, clients, opts.seconds)
+    cpu_us = _cpu_per_call(cpu_before, cpu_seconds(pids), result)
+    mean_batch = 1.0 if system != "maas" else _mean_batch(maas, model.name, before)
+    row = Row(
+        model=model.name, system=system, clients=clients, requests=int(str(result["requests"])),
+        errors=int(str(result["errors"])), rps=float(str(result["rps"])), p50_ms=_ms(result["p50_ms"]),
+        p99_ms=_ms(result["p99_ms"]), mean_batch=mean_batch, first_error=str(result.get("first_error") or ""),
+        cpu_us=cpu_us,
+    )  # fmt: skip
+    p50 = "-" if row.p50_ms is None else f"{row.p50_ms:.2f}"
+    progress(f"{model.name} {system} c={clients}: {row.rps:,.0f} req/s, p50 {p50} ms, {row.errors} error(s)")
+    return row
 
 
 def start_maas(stack: ExitStack, work: Path, paths: dict[str, Path], opts: Options, report: Report) -> MaasUp:
@@ -177,34 +184,45 @@ def start_maas(stack: ExitStack, work: Path, paths: dict[str, Path], opts: Optio
     return maas
 
 
-def measure_model(model: BenchModel, path: Path, work: Path, opts: Options, maas: MaasUp | None) -> list[Row]:
-    """Every system on one model."""
-    rows: list[Row] = []
-    for system in opts.systems:
-        if system == "floor":
-            with Floor(path, model.name, work) as floor:
-                probe(floor.url, model.name, model.width)
-                rows += measure("floor", floor.url, model, opts, None, floor.pids)
-            continue
-        assert maas is not None
-        url = maas.direct_url(model.name) if system == "direct" else maas.gateway
-        probe(url, model.name, model.width)
-        rows += measure(system, url, model, opts, maas, maas.pids(direct=system == "direct"))
-    return rows
+def measure_model(
+    model: BenchModel, path: Path, work: Path, opts: Options, maas: MaasUp | None
+) -> tuple[RawOrt, list[Row]]:
+    """Raw ORT and every system on one model, in ``opts.rounds`` interleaved rounds; their medians."""
+    with ExitStack() as stack:
+        servers: dict[str, tuple[str, dict[str, int]]] = {}
+        for system in opts.systems:
+            if system == "floor":
+                floor = stack.enter_context(Floor(path, model.name, work))
+                servers[system] = (floor.url, floor.pids)
+            else:
+                assert maas is not None
+                url = maas.direct_url(model.name) if system == "direct" else maas.gateway
+                servers[system] = (url, maas.pids(direct=system == "direct"))
+            probe(servers[system][0], model.name, model.width)
+        raws: list[RawOrt] = []
+        rounds: list[list[Row]] = []
+        for number in range(1, opts.rounds + 1):
+            progress(f"{model.name}: round {number} of {opts.rounds}, raw ONNX Runtime")
+            raws.append(rawort.measure(model, opts.seconds, opts.sweep_seconds))
+            rows = [
+                measure(system, url, model, clients, opts, maas if system != "floor" else None, pids)
+                for clients in opts.concurrency
+                for system, (url, pids) in servers.items()
+            ]
+            add_ratios(rows, {model.name: raws[-1]})
+            rounds.append(rows)
+    return RawOrt.median(raws), merge_rounds(rounds, opts.systems)
 
 
 def run(opts: Options) -> Report:
-    """Build the models, measure raw ORT, start the servers, measure every row."""
+    """Build the models, start the servers, measure every row in rounds."""
     built = bench_models.build(opts.models, opts.heavy_width)
     config: dict[str, object] = {
-        "seconds": opts.seconds, "concurrency": opts.concurrency, "systems": opts.systems, "workers": opts.workers,
-        "access_log_sample": opts.access_log_sample,
+        "seconds": opts.seconds, "rounds": opts.rounds, "concurrency": opts.concurrency, "systems": opts.systems,
+        "workers": opts.workers, "access_log_sample": opts.access_log_sample,
         "cpus": os.cpu_count(), "onnxruntime": ort.__version__,
     }  # fmt: skip
     report = Report(config=config, models=built, raw={})
-    for model in built:
-        progress(f"raw ONNX Runtime: {model.name}")
-        report.raw[model.name] = rawort.measure(model, opts.seconds, opts.sweep_seconds)
     with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         paths = {m.name: work / f"{m.name}.onnx" for m in built}
@@ -212,9 +230,9 @@ def run(opts: Options) -> Report:
             paths[model.name].write_bytes(model.data)
         maas = start_maas(stack, work, paths, opts, report) if {"direct", "maas"} & set(opts.systems) else None
         for model in built:
-            report.rows += measure_model(model, paths[model.name], work, opts, maas)
+            report.raw[model.name], rows = measure_model(model, paths[model.name], work, opts, maas)
+            report.rows += rows
         progress("stopping")
-    report.add_ratios()
     return report
 
 
