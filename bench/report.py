@@ -200,6 +200,8 @@ def header_lines(report: Report) -> list[str]:
         f"  {cfg.get('rounds', 1)} round(s), interleaved: each round measures raw ORT, then every system at each "
         "client count in turn; a figure is the median of its rounds, a ratio the median of the rounds' own "
         "ratios; spread: (max - min) / median of the rounds' req/s",
+        f"  every process of the run (load clients, floor, MaaS) has GRPC_EXPERIMENTS="
+        f"{cfg.get('grpc_experiments') or '(unset)'} (services/__init__.py sets it: see README, request path)",
     ]
     lines += [f"  model {m.name}: {m.description}" for m in report.models]
     lines += [f"  system {name}: {desc}" for name, desc in SYSTEMS.items() if name in cfg["systems"]]

@@ -221,6 +221,7 @@ def run(opts: Options) -> Report:
         "seconds": opts.seconds, "rounds": opts.rounds, "concurrency": opts.concurrency, "systems": opts.systems,
         "workers": opts.workers, "access_log_sample": opts.access_log_sample,
         "cpus": os.cpu_count(), "onnxruntime": ort.__version__,
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""),
     }  # fmt: skip
     report = Report(config=config, models=built, raw={})
     with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp, ExitStack() as stack:
