@@ -10,7 +10,9 @@ transit, removed when the file it makes up is corrupt.
 
 Several processes may fill one directory (workers on one machine sharing a model cache):
 ``directory_lock`` makes them take turns, so a ``.part`` file is only ever written by one of
-them, and the ones that waited find the files in place.
+them, and the ones that waited find the files in place. A single file downloaded to a path of
+the caller's choosing takes turns on its ``.part`` file instead (``part_lock``), which leaves
+nothing behind once the file is in place.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -48,6 +50,45 @@ async def directory_lock(directory: Path) -> AsyncIterator[None]:
         yield
     finally:
         os.close(descriptor)  # closing the descriptor releases the lock
+
+
+@contextlib.asynccontextmanager
+async def part_lock(target: Path) -> AsyncIterator[None]:
+    """Hold an exclusive lock on the download of the file ``target``: on its ``.part`` file (``flock``).
+
+    A process that waited finds the ``.part`` file it locked renamed in place (or removed), and
+    locks the current one instead. A ``.part`` file still empty at the end is removed: so is the
+    one a waiter created after the file was in place. As ``directory_lock``, the kernel releases
+    the lock of a process that dies, and the wait happens in a thread.
+    """
+    part = _part_path(target)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        descriptor = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # NOTE: shielded for the reason given in directory_lock.
+            await asyncio.shield(asyncio.to_thread(fcntl.flock, descriptor, fcntl.LOCK_EX))
+            if _is_same_file(descriptor, part):
+                break
+        except BaseException:
+            os.close(descriptor)
+            raise
+        os.close(descriptor)
+    try:
+        yield
+    finally:
+        try:
+            if _is_same_file(descriptor, part) and os.fstat(descriptor).st_size == 0:
+                part.unlink()
+        finally:
+            os.close(descriptor)  # closing the descriptor releases the lock
+
+
+def _is_same_file(descriptor: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
 
 
 def file_digest(path: Path) -> tuple[str, int]:
@@ -125,13 +166,17 @@ class BundleWriter:
     Args:
         root: The version's directory.
         what: Names the version in errors ("model 'm' version 3").
+        places: Where a file goes under ``root`` by its bundle path, when not at that path (a
+            single-file version's ``model.onnx`` downloaded to a name of the caller's choosing).
     """
 
-    def __init__(self, root: Path, what: str) -> None:
+    def __init__(self, root: Path, what: str, places: Mapping[str, str] | None = None) -> None:
         self._root = root
         self._what = what
+        self._places = dict(places or {})
         self._file: IO[bytes] | None = None
         self._current: BundleFile | None = None
+        self._target: Path | None = None
         self._digest = hashlib.sha256()
         self._received = 0
 
@@ -149,10 +194,10 @@ class BundleWriter:
         """
         self.finish()
         check_path(file.path)
-        target = self._root / file.path
+        target = self._root / self._places.get(file.path, file.path)
         target.parent.mkdir(parents=True, exist_ok=True)
         part = _part_path(target)
-        self._current, self._digest, self._received = file, hashlib.sha256(), 0
+        self._current, self._target, self._digest, self._received = file, target, hashlib.sha256(), 0
         if not offset:
             self._file = part.open("wb")
             return
@@ -183,19 +228,19 @@ class BundleWriter:
         Raises:
             InvalidArgument: Its size or sha256 differs from the registry's record.
         """
-        if self._file is None or self._current is None:
+        if self._file is None or self._current is None or self._target is None:
             return
-        file, current = self._file, self._current
-        self._file = self._current = None
+        file, current, target = self._file, self._current, self._target
+        self._file = self._current = self._target = None
         file.close()
         part = Path(file.name)
         if self._received != current.size_bytes or self._digest.hexdigest() != current.sha256:
             part.unlink(missing_ok=True)
             raise InvalidArgument(f"download of file '{current.path}' of {self._what} is corrupt (sha256 mismatch)")
-        os.replace(part, self._root / current.path)
+        os.replace(part, target)
 
     def discard(self) -> None:
         """Close the ``.part`` file in progress, if any, keeping it for a resumed download."""
         if self._file is not None:
             self._file.close()
-            self._file = self._current = None
+            self._file = self._current = self._target = None

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
@@ -22,6 +20,7 @@ from services.common.bundle_files import (
     directory_lock,
     file_digest,
     is_complete,
+    part_lock,
     part_sizes,
     scan_directory,
 )
@@ -551,60 +550,44 @@ class RegistryClient:
     async def download_version(
         self, model: str, version: int, dest: Path, *, progress: ProgressCallback | None = None
     ) -> VersionRecord:
-        """Download a version's artifact to ``dest``: streamed to disk, sha256 verified, moved in place.
+        """Download a single-file version's artifact to ``dest``: streamed to disk, sha256 verified, moved in place.
 
         Memory stays at one chunk whatever the artifact's size; ``dest`` appears only whole and
-        verified (a ``.part`` file beside it holds the bytes meanwhile, removed on failure).
+        verified. Meanwhile ``<dest>.part`` holds the bytes: a download cut in transit keeps it,
+        and the next one resumes from its length (the registry sends the rest; the whole file's
+        sha256 is still checked, and a partial file that was not a prefix of it is downloaded
+        again from its start). Processes downloading to one ``dest`` (workers sharing a cache)
+        take turns on that file (``part_lock``): the later ones find ``dest`` in place.
 
         Args:
             model: The model.
             version: The version (0: the latest).
             dest: Where to write the artifact.
-            progress: Called as ``progress(received_bytes, total_bytes)`` after each chunk.
+            progress: Called as ``progress(received_bytes, total_bytes)`` over the bytes still to come.
 
         Raises:
-            InvalidArgument: The downloaded bytes do not match the version's sha256 or size.
+            InvalidArgument: The version is a bundle, or the downloaded bytes do not match its sha256 or size.
         """
-        size = (await self.get_version(model, version)).size_bytes
-        req = registry_pb2.DownloadVersionRequest(model=model, version=version)
-        record: VersionRecord | None = None
-        digest = hashlib.sha256()
-        received = 0
-        loop = asyncio.get_running_loop()
-        # A name of its own: workers sharing a cache (`maas up --workers N`) may download the same
-        # version at once; one shared .part file was truncated and renamed under the others.
-        tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.part")
-        await loop.run_in_executor(None, partial(dest.parent.mkdir, parents=True, exist_ok=True))
-        file = await loop.run_in_executor(None, tmp.open, "wb")
-        try:
-            parts = self._stub.DownloadVersion(
-                req, timeout=self.transfer_timeout_s(size), metadata=resolve_metadata(self._metadata_source)
+        record = await self.get_version(model, version)
+        if record.is_bundle:
+            raise InvalidArgument(
+                f"model '{model}' version {record.version} is a bundle of {len(record.files)} files: "
+                "download it to a directory (download_bundle, `maas models pull NAME DIR/`)"
             )
-            async for part in parts:
-                if part.HasField("version"):
-                    record = version_from_proto(part.version)
-                    if record.is_bundle:
-                        raise InvalidArgument(
-                            f"model '{model}' version {record.version} is a bundle of {len(record.files)} files: "
-                            "download it to a directory (download_bundle, `maas models pull NAME DIR/`)"
-                        )
-                    continue
-                digest.update(part.chunk)
-                received += len(part.chunk)
-                await loop.run_in_executor(None, file.write, part.chunk)
-                if progress is not None and record is not None:
-                    progress(received, record.size_bytes)
-            await loop.run_in_executor(None, file.close)
-            if record is None or digest.hexdigest() != record.sha256 or received != record.size_bytes:
-                message = f"download of model '{model}' version {version} is corrupt (sha256 mismatch)"
-                raise InvalidArgument(message)
-            await loop.run_in_executor(None, tmp.replace, dest)
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc, "registry") from exc
-        finally:
-            if not file.closed:
-                await loop.run_in_executor(None, file.close)
-            await loop.run_in_executor(None, partial(tmp.unlink, missing_ok=True))
+        [file] = record.bundle_files
+        local = BundleFile(dest.name, file.size_bytes, file.sha256)
+        places = {file.path: dest.name}
+        async with part_lock(dest):
+            if await asyncio.to_thread(is_complete, dest.parent, local):
+                return record
+            resumable = await asyncio.to_thread(part_sizes, dest.parent, [local])
+            offsets = {file.path: resumable[local.path]} if local.path in resumable else {}
+            try:
+                await self._download_files(record, [file], dest.parent, offsets, progress, places)
+            except InvalidArgument:
+                if not offsets:
+                    raise
+                await self._download_files(record, [file], dest.parent, {}, progress, places)
         return record
 
     async def upload_bundle(
@@ -735,12 +718,16 @@ class RegistryClient:
         dest: Path,
         offsets: Mapping[str, int],
         progress: ProgressCallback | None,
+        places: Mapping[str, str] | None = None,
     ) -> None:
-        """Download ``missing`` files of ``record`` into ``dest``, each from its offset (0 if none)."""
+        """Download ``missing`` files of ``record`` into ``dest``, each from its offset (0 if none).
+
+        ``places``: where a file goes under ``dest`` by its bundle path, if not there (``BundleWriter``).
+        """
         model = record.model
         paths = [] if len(missing) == len(record.bundle_files) else [f.path for f in missing]
         req = registry_pb2.DownloadVersionRequest(model=model, version=record.version, paths=paths, offsets=offsets)
-        writer = BundleWriter(dest, f"model '{model}' version {record.version}")
+        writer = BundleWriter(dest, f"model '{model}' version {record.version}", places)
         total = sum(f.size_bytes for f in missing) - sum(offsets.values())
         received = started = 0
         try:

@@ -351,6 +351,62 @@ async def test_a_worker_resumes_a_cut_download_in_its_cache(suite: Suite, bundle
     assert hashlib.sha256((cached / "weights.bin").read_bytes()).hexdigest() == hashlib.sha256(weights).hexdigest()
 
 
+def single_file_model() -> bytes:
+    """An .onnx file of three download chunks (its weights inside): y = x + sum(w)."""
+    count = (5 * _MIB // 2) // 4
+    weights = numpy_helper.from_array(np.full(count, WEIGHT, np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    nodes = [helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0), helper.make_node("Add", ["x", "s"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "inline", [x], [y], initializer=[weights]))
+    model.opset_import[0].version = 13
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("case", PARTS)
+async def test_a_single_file_pull_resumes_a_cut_part_file_from_its_length(
+    suite: Suite, tmp_path: Path, case: str
+) -> None:
+    part_of, resent = PARTS[case]
+    model = single_file_model()
+    await suite.registry.create_model("one")
+    await suite.registry.upload_version("one", model)
+    pulled = tmp_path / "out" / "one.onnx"
+    write_part(pulled, part_of(model))
+    before = sent_bytes()
+    async with AsyncMaasClient(suite.gateway_address, suite.registry_address) as client:
+        await client.pull("one", pulled)
+    assert sent_bytes() - before == resent(model)  # a prefix is resumed; a wrong one is sent again whole
+    assert pulled.read_bytes() == model
+    assert [path.name for path in pulled.parent.iterdir()] == ["one.onnx"]  # no partial or lock file left
+
+
+async def test_a_single_file_download_cut_in_transit_keeps_its_part_and_the_next_one_resumes(
+    suite: Suite, tmp_path: Path
+) -> None:
+    model = single_file_model()
+    await suite.registry.create_model("one")
+    await suite.registry.upload_version("one", model)
+    dest = tmp_path / "cache" / "one.onnx"
+
+    def cut(received: int, _total: int) -> None:
+        raise ConnectionResetError(f"cut after {received} bytes")
+
+    with pytest.raises(ConnectionResetError):
+        await suite.registry.download_version("one", 1, dest, progress=cut)
+    kept = dest.with_name("one.onnx.part").stat().st_size
+    assert 0 < kept < len(model) and not dest.exists()
+    seen: list[tuple[int, int]] = []
+    await suite.registry.download_version("one", 1, dest, progress=lambda *p: seen.append(p))
+    assert seen[-1] == (len(model) - kept, len(model) - kept)  # only the rest was asked for and received
+    assert dest.read_bytes() == model
+    assert [path.name for path in dest.parent.iterdir()] == ["one.onnx"]
+    before = sent_bytes()
+    await suite.registry.download_version("one", 1, dest)  # already in place: nothing is sent
+    assert sent_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("paths", "offsets", "named"),
     [
