@@ -36,10 +36,13 @@ def render(status: ClusterStatus) -> Group:
 
 
 def workers_table(workers: tuple[WorkerStatus, ...]) -> Table:
-    """One row per live worker: pool, device (providers), loaded models, entries in flight."""
+    """One row per live worker: pool, device (providers), loaded models, entries in flight, generations.
+
+    ``generations``: running / at most, for a worker that serves a generative model ("-" otherwise).
+    """
     table = Table(
-        "worker", "pool", "host", "device", "models", "in flight", "beat", title="workers", box=box.SIMPLE_HEAD,
-        pad_edge=False,
+        "worker", "pool", "host", "device", "models", "in flight", "generations", "beat", title="workers",
+        box=box.SIMPLE_HEAD, pad_edge=False,
     )  # fmt: skip
     for worker in workers:
         table.add_row(
@@ -49,10 +52,11 @@ def workers_table(workers: tuple[WorkerStatus, ...]) -> Table:
             _device(worker.providers),
             _models_cell(worker),
             str(worker.in_flight),
+            f"{worker.generations}/{worker.max_generations}" if worker.max_generations else "-",
             f"{worker.heartbeat_age_ms / 1000:.1f}s ago",
         )
     if not workers:
-        table.add_row("[red]none[/]", "", "", "", "", "", "")
+        table.add_row("[red]none[/]", "", "", "", "", "", "", "")
     return table
 
 
@@ -87,8 +91,8 @@ def queues_table(queues: tuple[QueueStatus, ...]) -> Table:
 def serving_text(deployment: DeploymentRecord, *, is_generative: bool) -> str:
     """How a deployment's calls run: ``generative`` (one generation per call, token by token) or its batching.
 
-    A worker runs up to its ``max_generations`` setting (MAAS_INFERENCE_MAX_GENERATIONS) at once;
-    heartbeats do not carry it, so it is not shown.
+    A worker runs up to its ``max_generations`` setting (MAAS_INFERENCE_MAX_GENERATIONS) at once:
+    the workers table shows it (``generations``).
     """
     if is_generative:
         return "generative"

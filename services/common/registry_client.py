@@ -200,6 +200,8 @@ def cluster_status_from_proto(msg: registry_pb2.GetClusterStatusResponse) -> Clu
             w.in_flight,
             w.heartbeat_age_ms,
             tuple(w.load_errors),
+            w.generations,
+            w.max_generations,
         )
         for w in msg.workers
     )

@@ -32,6 +32,10 @@ class WorkerStatus:
     heartbeat_age_ms: int = 0
     load_errors: tuple[str, ...] = ()
     """Model versions it refused or failed to load, ``name:version: reason`` (retried each reconcile)."""
+    generations: int = 0
+    """Generations it runs now, across its generative models."""
+    max_generations: int = 0
+    """Generations it runs at once at most (``max_generations``); 0: it serves no generative model."""
 
 
 @dataclass(frozen=True)

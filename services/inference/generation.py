@@ -68,6 +68,8 @@ class GenerationPool:
     max_generations: int
     executor: ThreadPoolExecutor = field(init=False)
     slots: asyncio.Semaphore = field(init=False)
+    running: int = field(init=False, default=0)
+    """Generations that hold a slot now (the heartbeat's ``generations``)."""
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(self.max_generations, thread_name_prefix="genai")
@@ -296,6 +298,7 @@ class GenerationConsumer(QueueConsumer):
             call = _Call(entry_id, queued, attempt)
             async with self._pool.slots:
                 GENERATIONS_IN_FLIGHT.inc()
+                self._pool.running += 1
                 started, times.run_started_ns = time.perf_counter_ns(), time.time_ns()
                 try:
                     reason = await self._run(call, tokens, params)
@@ -303,6 +306,7 @@ class GenerationConsumer(QueueConsumer):
                     times.run_ns = time.perf_counter_ns() - started
                     times.run_ended_ns, times.tokens = time.time_ns(), len(call.text)
                     GENERATIONS_IN_FLIGHT.dec()
+                    self._pool.running -= 1
         except MaasError as exc:
             log.info("generation_failed", request_id=queued.request_id, reason=exc.message)
             return _error_answer(entry_id, queued, exc)

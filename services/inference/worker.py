@@ -342,6 +342,10 @@ class InferenceWorker:
             "load_errors": [f"{model}:{version}: {reason}" for (model, version), reason in self._load_errors.items()],
             "ts_ms": now_ms(),
         }
+        if self._generations is not None and any(
+            isinstance(served.consumer, GenerationConsumer) for served in self._served.values()
+        ):
+            payload |= {"generations": self._generations.running, "max_generations": self._generations.max_generations}
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
         await self._redis.set(keys.worker(self.settings.worker_id), json.dumps(payload), px=ttl_ms)
 

@@ -141,6 +141,8 @@ def _worker(beat: Mapping[str, Any], now_ms: int) -> WorkerStatus:
         in_flight=int(beat.get("in_flight", 0)),
         heartbeat_age_ms=max(0, now_ms - int(beat.get("ts_ms", now_ms))),
         load_errors=tuple(str(error) for error in beat.get("load_errors", ())),
+        generations=int(beat.get("generations", 0)),
+        max_generations=int(beat.get("max_generations", 0)),
     )
 
 

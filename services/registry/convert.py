@@ -43,6 +43,8 @@ def _worker_to_pb(worker: WorkerStatus) -> registry_pb2.WorkerStatus:
         in_flight=worker.in_flight,
         heartbeat_age_ms=worker.heartbeat_age_ms,
         load_errors=list(worker.load_errors),
+        generations=worker.generations,
+        max_generations=worker.max_generations,
     )
 
 

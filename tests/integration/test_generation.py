@@ -158,13 +158,24 @@ async def test_a_cancelled_stream_stops_the_generation(
 
 async def test_generations_at_once_are_bounded_by_the_setting(suite: Suite, tmp_path: Path) -> None:
     await _push(suite, tmp_path, "slow", burn=256)
+    assert suite.worker is not None
     peak = 0
+    seen_at_peak: tuple[int, int] | None = None
     done = asyncio.Event()
 
+    async def generations() -> tuple[int, int]:
+        """What `maas status` shows of the worker: its heartbeat's generations now / at most."""
+        assert suite.worker is not None
+        await suite.worker.beat()
+        [worker] = (await suite.registry.get_cluster_status()).workers
+        return worker.generations, worker.max_generations
+
     async def watch() -> None:
-        nonlocal peak
+        nonlocal peak, seen_at_peak
         while not done.is_set():
             peak = max(peak, int(_gauge()))
+            if peak == 2 and seen_at_peak is None:
+                seen_at_peak = await generations()
             await asyncio.sleep(0.005)
 
     watcher = asyncio.create_task(watch())
@@ -175,6 +186,9 @@ async def test_generations_at_once_are_bounded_by_the_setting(suite: Suite, tmp_
         await watcher
     assert ["".join(_text(r.infer_response) for r in responses) for responses in results] == [GREEDY[:30]] * 3
     assert peak == 2  # max_generations=2: the third waited in the queue
+    assert seen_at_peak == (2, 2)
+    await _until_no_generation()
+    assert await generations() == (0, 2)
 
 
 async def test_a_generative_request_over_the_size_limit_is_refused_on_a_stream(

@@ -64,6 +64,7 @@ async def test_status_shows_workers_queues_rates_and_percentiles(suite: Suite) -
     [worker] = status.workers
     assert worker.worker_id == suite.worker_settings.worker_id
     assert (worker.pool, worker.models, worker.in_flight) == ("default", ("affine:1",), 0)
+    assert (worker.generations, worker.max_generations) == (0, 0)  # no generative model: "-" in maas status
     assert worker.providers == ("CPUExecutionProvider",)
     assert 0 <= worker.heartbeat_age_ms < 10_000
 
