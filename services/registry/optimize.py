@@ -386,16 +386,25 @@ class Optimizer:
             ready = await process.stdout.readline()
         if ready.decode().strip() != READY:
             raise self._died(transform, process.returncode)
-        process.stdin.write(json.dumps(job).encode() + b"\n")
         try:
-            async with asyncio.timeout(self.limits.timeout_s):
+            async with asyncio.timeout(self.limits.timeout_s) as limit:  # the job's hand-over included
+                process.stdin.write(json.dumps(job).encode() + b"\n")
                 await process.stdin.drain()
                 async for line in process.stdout:
                     message = json.loads(line)
                     if "progress" not in message:
-                        return self._result(transform, message)
+                        break
                     percent = (index * 100 + int(message["percent"])) * 90 // (100 * steps)
                     await run.update(progress_message=message["progress"], progress_percent=percent)
+                else:
+                    message = None
+            # NOTE: on Python 3.11, asyncio.wait_for (which redis-py's commands use, so run.update)
+            # swallows a cancellation that lands as its inner call completes: the limit can expire
+            # without raising. It still counts.
+            if limit.expired():
+                raise TimeoutError
+            if message is not None:
+                return self._result(transform, message)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{transform}: did not finish within the registry's time limit of {self.limits.timeout_s:g} s "
