@@ -377,7 +377,7 @@ class QueueConsumer:
         if self.deployment.max_wait_ms > 0:
             return self.deployment.max_wait_ms / 1000
         fill_s = self._settings.busy_fill_us / 1e6
-        return fill_s if is_backlog and self._runtime.average_run_s < fill_s else 0.0
+        return fill_s if is_backlog and self._runtime.run_times.typical_s < fill_s else 0.0
 
     async def _read(self, count: int, block_ms: int | None) -> list[Entry]:
         command: list[str | int] = ["XREADGROUP", "GROUP", keys.QUEUE_GROUP, self._settings.worker_id, "COUNT", count]

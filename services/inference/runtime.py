@@ -7,6 +7,7 @@ convert.py, batcher.py and the worker share them without protobuf.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
 import time
@@ -216,6 +217,36 @@ def _create_session(
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
+_RECENT_RUNS = 8
+
+
+class RunTimes:
+    """The wall-clock times of a session's recent runs, and how long a run typically takes now.
+
+    A run's measured time can only be too long, never too short: a run on the thread pool also
+    waits to get the GIL back from the busy event loop, and any run may be preempted on a loaded
+    machine. An average takes such outliers in, and a fast model whose runs went to the pool for
+    one of them could then stay there, each hand-off measured as slow again. The typical time is
+    therefore the shortest of the last ``_RECENT_RUNS``: it follows a model whose runs really got
+    longer (larger batches) within that many runs, and one slow run does not move it.
+    """
+
+    __slots__ = ("_recent",)
+
+    def __init__(self, first_s: float = math.inf) -> None:
+        """``first_s``: the warm-up's time (infinite: unknown, as when the warm-up failed)."""
+        self._recent: collections.deque[float] = collections.deque((first_s,), maxlen=_RECENT_RUNS)
+
+    def add(self, run_s: float) -> None:
+        """Count one run's wall-clock time."""
+        self._recent.append(run_s)
+
+    @property
+    def typical_s(self) -> float:
+        """The shortest recent run, in seconds (infinite while only an unknown warm-up is known)."""
+        return min(self._recent)
+
+
 @dataclass
 class ModelRuntime:
     """One loaded model version: an ``InferenceSession`` and the executor its runs use."""
@@ -229,8 +260,8 @@ class ModelRuntime:
     _executor: Executor = field(repr=False)
     inline_run_max_s: float = 0.0
     """Runs expected to be shorter than this execute on the event loop (see ``run``)."""
-    _avg_run_s: float = field(default=math.inf, repr=False)
-    """Moving average of recent run times, seeded by the warm-up at load (infinite if it failed)."""
+    run_times: RunTimes = field(default_factory=RunTimes, repr=False)
+    """Recent run times, starting with the warm-up's at load."""
     class_labels: tuple[str, ...] = ()
     """The version's labels for the classification extension, by class index."""
 
@@ -279,13 +310,8 @@ class ModelRuntime:
         )
         runtime = cls(model, version, signature, list(session.get_providers()), session, executor, inline_run_max_s)
         runtime.class_labels = class_labels
-        runtime._avg_run_s = await asyncio.to_thread(runtime._warm_up)
+        runtime.run_times = RunTimes(await asyncio.to_thread(runtime._warm_up))
         return runtime
-
-    @property
-    def average_run_s(self) -> float:
-        """Moving average of this session's recent run times, seeded by the warm-up (infinite if unknown)."""
-        return self._avg_run_s
 
     def _warm_up(self) -> float:
         """Run twice on zeros (variable dimensions 1); return the second run's time, inf if it failed.
@@ -318,7 +344,7 @@ class ModelRuntime:
         names = list(output_names) or list(self.signature.output_names)
         ort_feeds = {name: _ort_feed(name, array) for name, array in feeds.items()}
         try:
-            if self._avg_run_s < self.inline_run_max_s:
+            if self.run_times.typical_s < self.inline_run_max_s:
                 # NOTE: handing a run to a thread and back costs two wake-ups and a self-pipe
                 # write (tens of microseconds, more on a busy machine): for a model that runs
                 # faster than that, running on the event loop is cheaper and blocks it less.
@@ -328,7 +354,7 @@ class ModelRuntime:
                 values, run_s = await loop.run_in_executor(self._executor, self._timed_run, names, ort_feeds)
         except Exception as exc:  # ORT's exception types share no base class but Exception
             raise _translate(exc) from exc
-        self._avg_run_s = run_s if math.isinf(self._avg_run_s) else 0.8 * self._avg_run_s + 0.2 * run_s
+        self.run_times.add(run_s)
         return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
 
     def classify(self, outputs: Mapping[str, Array], request: InferRequest) -> Mapping[str, Array]:

@@ -62,7 +62,7 @@ class InferenceSettings(ServiceSettings):
     intra_op_threads: int = 0
     """Threads ONNX Runtime uses inside one operator; 0 keeps its default (one per core)."""
     inline_run_max_us: int = Field(default=200, ge=0)
-    """Runs whose recent average is shorter than this (in µs) execute on the event loop instead of
+    """Runs whose recent shortest time is below this (in µs) execute on the event loop instead of
     the thread pool, whose hand-off costs more than such a run; 0 always uses the thread pool."""
     max_concurrent_batches: int = Field(default=1, ge=1)
     """Batches of one queue whose model runs go on at once (the run thread pool has one thread more).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from services.inference.runtime import (
     Array,
     InferRequest,
     ModelRuntime,
+    RunTimes,
     Signature,
     has_gpu_driver,
     parse_version,
@@ -166,3 +168,31 @@ async def test_fast_runs_move_onto_the_event_loop_once_measured(
         pool.shutdown()
     # The warm-up at load time measures the model; only one measured fast enough runs off the pool.
     assert pool.submitted == expected_submits
+
+
+def test_the_typical_run_time_ignores_a_slow_run_and_follows_runs_that_got_slower() -> None:
+    times = RunTimes(0.00001)  # the warm-up: 10 µs
+    times.add(0.005)  # preempted, or waiting for the GIL on the thread pool
+    assert times.typical_s == 0.00001
+    for _ in range(8):  # larger batches: every run now takes 2 ms
+        times.add(0.002)
+    assert times.typical_s == 0.002
+    times.add(0.00002)
+    assert times.typical_s == 0.00002
+    assert RunTimes().typical_s == math.inf  # a failed warm-up: unknown until runs are measured
+
+
+async def test_a_fast_model_stays_on_the_event_loop_after_a_slow_run(tmp_path: Path) -> None:
+    pool = CountingExecutor()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(affine_model())
+    try:
+        runtime = await ModelRuntime.load(
+            path, model="m", version=1, providers="cpu", intra_op_threads=1, executor=pool, inline_run_max_s=0.01,
+        )  # fmt: skip
+        runtime.run_times.add(1.0)  # one run held up for a second (a loaded machine)
+        for value in range(5):
+            await runtime.run({"x": np.full((1, 4), value, np.float32)}, [])
+    finally:
+        pool.shutdown()
+    assert pool.submitted == 0
