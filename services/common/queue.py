@@ -1,13 +1,18 @@
 """The data-plane wire format between gateways and inference workers (Redis Streams).
 
 A request entry goes to the model version's queue stream (``keys.queue``); its reply goes to
-the gateway's reply stream (``keys.replies``). Tensor bytes travel inside the serialized
-``ModelInferRequest``/``ModelInferResponse`` untouched.
+the gateway's reply stream (``keys.replies``), or straight to the gateway over its reply
+listener when the entry names one (``reply_addr``: ``services.gateway.direct_replies``; the
+frames are below). Tensor bytes travel inside the serialized ``ModelInferRequest``/
+``ModelInferResponse`` untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
+import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +22,8 @@ ENQUEUE_MANY_LUA = """
 -- by the call's deadline in epoch ms, so a crashed gateway's calls expire by themselves).
 -- ARGV[1]: max queue length; ARGV[2]: reply stream of every entry; ARGV[3]: tenant ('': none);
 -- ARGV[4]: requests/s (0: no rate limit); ARGV[5]: burst; ARGV[6]: max in flight (0: no cap);
--- ARGV[7..]: the entries, 5 values each: id, deadline_ms, rid, req, traceparent ('': none)
+-- ARGV[7]: the gateway's reply listener of every entry ('': none);
+-- ARGV[8..]: the entries, 5 values each: id, deadline_ms, rid, req, traceparent ('': none)
 -- (QueuedRequest's fields).
 -- Returns one reply per entry: its stream id; 0 when the queue was full; {1, wait ms} when the
 -- tenant's bucket was empty; {2, calls in flight} at the tenant's cap. The queue length, the
@@ -46,7 +52,7 @@ if #KEYS >= 2 then
   end
 end
 local ids = {}
-for first = 7, #ARGV, 5 do
+for first = 8, #ARGV, 5 do
   if length >= limit then
     ids[#ids + 1] = 0
   elseif tokens and tokens < 1 then
@@ -65,6 +71,10 @@ for first = 7, #ARGV, 5 do
     if ARGV[first + 4] ~= '' then
       fields[#fields + 1] = 'traceparent'
       fields[#fields + 1] = ARGV[first + 4]
+    end
+    if ARGV[7] ~= '' then
+      fields[#fields + 1] = 'raddr'
+      fields[#fields + 1] = ARGV[7]
     end
     ids[#ids + 1] = redis.call('XADD', queue, '*', unpack(fields))
     length = length + 1
@@ -149,6 +159,9 @@ class QueuedRequest:
     """The calling key's tenant ('' when the gateway checks no keys), for per-tenant usage."""
     traceparent: str = ""
     """The W3C trace context of the gateway's span ('' when not traced), parent of the worker's spans."""
+    reply_addr: str = ""
+    """The gateway's reply listener, ``host:port/token`` ('' when it has none): replies go there
+    first, and to ``reply_to`` when it cannot be reached (``services.gateway.direct_replies``)."""
 
     def enqueue_args(self) -> tuple[str, int, str, bytes, str]:
         """Return this entry's values as ``ENQUEUE_MANY_LUA`` takes them (after its reply stream)."""
@@ -167,6 +180,8 @@ class QueuedRequest:
             fields["tenant"] = self.tenant
         if self.traceparent:
             fields["traceparent"] = self.traceparent
+        if self.reply_addr:
+            fields["raddr"] = self.reply_addr
         return fields
 
     @classmethod
@@ -186,6 +201,7 @@ class QueuedRequest:
             request_id=fields.get(b"rid", b"").decode(errors="replace"),
             tenant=fields.get(b"tenant", b"").decode(errors="replace"),
             traceparent=fields.get(b"traceparent", b"").decode(errors="replace"),
+            reply_addr=fields.get(b"raddr", b"").decode(errors="replace"),
         )
 
 
@@ -242,3 +258,62 @@ class Reply:
             is_final=fields.get(b"fin") == b"1",
             finish_reason=fields.get(b"why", b"").decode(errors="replace"),
         )
+
+
+# The reply listener's frames (``services.gateway.direct_replies``), on one TCP connection per
+# worker and gateway:
+# - the worker opens with HELLO + the token's length (u16) + the token; the gateway answers
+#   WELCOME, or closes the connection (wrong token);
+# - then each frame is a count (u32) of replies, each a header (``_REPLY_HEADER``: id length,
+#   gRPC code, message length, payload length) and those three fields' bytes;
+# - the gateway answers each frame with one ACK byte, in order, once its replies reached the
+#   calls waiting for them (or were dropped as late): only then may the worker ack the entries.
+HELLO = b"MAAS-REPLIES/1 "
+WELCOME = b"+"
+ACK = b"."
+_COUNT = struct.Struct("<I")
+_REPLY_HEADER = struct.Struct("<HBII")
+MAX_FRAME_REPLIES = 65_536
+"""Most replies one frame may hold (a batch holds at most a deployment's max_batch_size)."""
+
+
+class FrameError(ValueError):
+    """A reply frame that breaks the format or the gateway's limits."""
+
+
+def pack_replies(replies: Sequence[Reply]) -> list[bytes]:
+    """One frame of whole replies (not a generation's partial ones), as parts for ``writelines``."""
+    parts = [_COUNT.pack(len(replies))]
+    for reply in replies:
+        assert reply.seq < 0, "a generation's partial replies go through the reply stream, in order"
+        reply_id, message = reply.id.encode(), reply.message.encode()
+        parts += [_REPLY_HEADER.pack(len(reply_id), reply.code, len(message), len(reply.payload)), reply_id, message]
+        parts.append(reply.payload)
+    return parts
+
+
+async def read_replies(reader: asyncio.StreamReader, max_payload_bytes: int) -> list[Reply]:
+    """Read one frame (``pack_replies``).
+
+    Raises:
+        FrameError: Too many replies, or one larger than ``max_payload_bytes``.
+        asyncio.IncompleteReadError: The connection closed in the middle of a frame (or before it).
+    """
+    (count,) = _COUNT.unpack(await reader.readexactly(_COUNT.size))
+    if count > MAX_FRAME_REPLIES:
+        raise FrameError(f"a frame of {count} replies, more than {MAX_FRAME_REPLIES}")
+    replies = []
+    for _ in range(count):
+        id_length, code, message_length, payload_length = _REPLY_HEADER.unpack(
+            await reader.readexactly(_REPLY_HEADER.size)
+        )
+        if payload_length > max_payload_bytes or message_length > max_payload_bytes:
+            raise FrameError(f"a reply of {payload_length} bytes, more than this gateway's {max_payload_bytes}")
+        body = await reader.readexactly(id_length + message_length + payload_length)
+        try:
+            reply_id = body[:id_length].decode()
+            message = body[id_length : id_length + message_length].decode(errors="replace")
+        except UnicodeDecodeError as exc:
+            raise FrameError("a reply id that is not UTF-8") from exc
+        replies.append(Reply(id=reply_id, code=code, message=message, payload=body[id_length + message_length :]))
+    return replies

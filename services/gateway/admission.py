@@ -61,8 +61,8 @@ class _Pending:
 
 
 _NO_QUOTA = TenantQuota()
-_Group = tuple[str, int, str, str, TenantQuota]
-"""Entries that share one script: queue, max length, reply stream, tenant and its quota."""
+_Group = tuple[str, int, str, str, TenantQuota, str]
+"""Entries that share one script: queue, max length, reply stream, tenant and its quota, reply listener."""
 
 
 def _quota_keys(group: _Group) -> tuple[str, ...]:
@@ -71,10 +71,10 @@ def _quota_keys(group: _Group) -> tuple[str, ...]:
 
 
 def _script(group: _Group, items: list[_Pending], script_keys: tuple[str, ...]) -> tuple[Any, ...]:
-    _queue, max_length, reply_to, tenant, quota = group
+    _queue, max_length, reply_to, tenant, quota, reply_addr = group
     return (
         "EVAL", ENQUEUE_MANY_LUA, len(script_keys), *script_keys, max_length, reply_to, tenant,
-        quota.rps, quota.burst, quota.max_in_flight, *(v for i in items for v in i.entry.enqueue_args()),
+        quota.rps, quota.burst, quota.max_in_flight, reply_addr, *(v for i in items for v in i.entry.enqueue_args()),
     )  # fmt: skip
 
 
@@ -160,7 +160,8 @@ class Admission:
         groups: dict[_Group, list[_Pending]] = defaultdict(list)
         for item in batch:
             quota = item.quota if item.quota is not None and item.entry.tenant else _NO_QUOTA
-            groups[(item.queue, item.max_length, item.entry.reply_to, item.entry.tenant, quota)].append(item)
+            entry = item.entry
+            groups[(item.queue, item.max_length, entry.reply_to, entry.tenant, quota, entry.reply_addr)].append(item)
         later, self._later = self._later, []
         is_split = is_cluster(self._redis)
         if is_split:  # the quota first, in the tenant's slot (see the module's notes)

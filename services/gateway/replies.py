@@ -10,7 +10,7 @@ import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from services.common.errors import Unavailable
 from services.common.queue import MalformedEntry, Reply, stream_entries
@@ -28,6 +28,12 @@ REPLY_LAG = Histogram(
     "maas_gateway_reply_lag_seconds",
     "Time from a worker's XADD of a reply to this gateway's read of it, in seconds (clocks of Redis and gateway).",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+REPLIES = Counter(
+    "maas_gateway_replies_total",
+    "Replies received, by the path they took: direct (the reply listener) or stream (the Redis reply stream)",
+    ["path"],
 )
 
 
@@ -49,6 +55,7 @@ class ReplyReader:
         self._last_id = "0-0"
         self._tasks: list[asyncio.Task[None]] = []
         self._idle: asyncio.Event | None = None
+        self._by_stream = REPLIES.labels(path="stream")
 
     @property
     def in_flight(self) -> int:
@@ -193,6 +200,11 @@ class ReplyReader:
         except MalformedEntry as exc:
             log.warning("reply_malformed", error=str(exc))
             return
+        self._by_stream.inc()
+        self.deliver(reply)
+
+    def deliver(self, reply: Reply) -> None:
+        """Hand ``reply`` to the call waiting for it; drop it if none waits (late or duplicate)."""
         replies = self._streams.get(reply.id)
         if replies is not None:
             replies.put_nowait(reply)

@@ -32,6 +32,7 @@ from services.common.queue import QueuedRequest, now_ms
 from services.common.stats import CallStats, VersionStats
 from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog, Target, parse_version
+from services.gateway.direct_replies import ReplyListener
 from services.gateway.generation import GenerationPiece, TokenOrder, cancel
 from services.gateway.overrides import DeployOverrides
 from services.gateway.quotas import Quotas, RateLimited
@@ -287,8 +288,10 @@ class Router:
         stats: CallStats,
         quotas: Quotas,
         max_new_tokens: int = 1024,
+        listener: ReplyListener | None = None,
     ) -> None:
         self._redis = redis
+        self._listener = listener
         self._max_new_tokens = max_new_tokens
         self._catalog = catalog
         self._replies = replies
@@ -406,7 +409,7 @@ class Router:
     ) -> tuple[float, QueuedRequest, TenantQuota | None]:
         """A queued call's timeout (the caller's, capped by the default), entry and tenant quota."""
         timeout_s = min(time_remaining_s or self._default_timeout_s, self._default_timeout_s)
-        entry = self._entry(call, timeout_s, tenant)
+        entry = self._entry(call, timeout_s, tenant, is_generative=target.is_generative)
         tracing.annotate(model=target.model.name, version=target.version.version, tenant=tenant)
         return timeout_s, entry, await self._quotas.quota(tenant) if tenant else None
 
@@ -416,7 +419,8 @@ class Router:
         if is_holding_slot:
             self._quotas.release(entry.tenant, entry.reply_to, entry.id)
 
-    def _entry(self, call: InferCall, timeout_s: float, tenant: str) -> QueuedRequest:
+    def _entry(self, call: InferCall, timeout_s: float, tenant: str, *, is_generative: bool) -> QueuedRequest:
+        # NOTE: a generation's replies all take the reply stream, which keeps its pieces in order.
         return QueuedRequest(
             id=f"{self._call_prefix}{next(self._call_ids)}",
             reply_to=self._replies.stream,
@@ -425,6 +429,7 @@ class Router:
             request_id=str(structlog.contextvars.get_contextvars().get("request_id", "")),
             tenant=tenant,
             traceparent=tracing.traceparent(),
+            reply_addr=self._listener.address if self._listener is not None and not is_generative else "",
         )
 
     async def resolve(self, name: str, version: str) -> Target:

@@ -19,6 +19,7 @@ from services.common.stats import CallStats
 from services.common.tls import registry_channel_credentials
 from services.gateway.admission import Admission
 from services.gateway.clients import ModelCatalog
+from services.gateway.direct_replies import ReplyListener
 from services.gateway.quotas import Quotas
 from services.gateway.replies import ReplyReader
 from services.gateway.router import Router
@@ -44,11 +45,15 @@ class Gateway:
     shared_memory: SharedMemoryRegistry = field(default_factory=SharedMemoryRegistry)
     stats: CallStats = field(kw_only=True)
     quotas: Quotas = field(kw_only=True)
+    listener: ReplyListener | None = field(default=None, kw_only=True)
+    """The reply listener (None: replies come through the reply stream only)."""
 
     async def start(self) -> None:
-        """Follow registry events, start reading the reply stream, admitting calls and flushing statistics."""
+        """Follow registry events, start taking replies, admitting calls and flushing statistics."""
         await self.catalog.start()
         await self.replies.start()
+        if self.listener is not None:
+            await self.listener.start()
         await self.admission.start()
         await self.quotas.start()
         await self.stats.start()
@@ -56,6 +61,8 @@ class Gateway:
     async def stop(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) for calls in flight, then stop reading and unmap shared memory."""
         await self.replies.stop(timeout_s=timeout_s)
+        if self.listener is not None:
+            await self.listener.stop()
         await self.stats.stop()
         await self.quotas.stop()
         await self.admission.stop()
@@ -72,13 +79,34 @@ def create_gateway(settings: GatewaySettings, redis: aioredis.Redis, registry: R
     admission = Admission(redis)
     quotas = Quotas(redis, admission.send_soon, ttl_s=settings.quota_cache_ttl_s)
     stats = CallStats(redis)
+    listener = create_listener(settings, replies)
     router = Router(
         redis, catalog, replies, admission, default_timeout_s=settings.default_timeout_s,
         max_request_tensor_bytes=settings.max_request_tensor_bytes, max_message_bytes=settings.max_message_bytes,
-        stats=stats, quotas=quotas, max_new_tokens=settings.max_new_tokens,
+        stats=stats, quotas=quotas, max_new_tokens=settings.max_new_tokens, listener=listener,
     )  # fmt: skip
     streams = Streams(settings.max_stream_in_flight)
-    return Gateway(catalog, replies, admission, router, streams, stats=stats, quotas=quotas)
+    return Gateway(catalog, replies, admission, router, streams, stats=stats, quotas=quotas, listener=listener)
+
+
+def create_listener(settings: GatewaySettings, replies: ReplyReader) -> ReplyListener | None:
+    """The reply listener ``settings`` ask for, or None (off, TLS, or no address to give workers: logged)."""
+    if not settings.direct_replies:
+        return None
+    host = settings.reply_host or settings.host
+    advertise = settings.reply_advertise_host or host
+    why = ""
+    if settings.tls_cert_file is not None:
+        why = "the gateway serves TLS and the reply listener has none yet"
+    elif advertise in ("", "0.0.0.0", "::"):
+        why = f"it binds every address ({host!r}); set MAAS_GATEWAY_REPLY_ADVERTISE_HOST to the host workers reach"
+    if why:
+        log.info("direct_replies_off", reason=why)
+        return None
+    return ReplyListener(
+        replies, host=host, port=settings.reply_port, advertise_host=advertise,
+        max_payload_bytes=settings.max_message_bytes,
+    )  # fmt: skip
 
 
 def create_server(settings: GatewaySettings, gateway: Gateway, auth: ServerAuth | None = None) -> GrpcServer:

@@ -49,6 +49,17 @@ class GatewaySettings(ServiceSettings):
     """TTL kept alive on the reply stream; it expires if this process dies."""
     block_ms: int = 1000
     """How long one XREAD on the reply stream blocks."""
+    direct_replies: bool = True
+    """Take workers' replies over a TCP listener of this gateway, one process hop fewer than the
+    Redis reply stream, which stays the fallback (services/gateway/direct_replies.py). Off when
+    the gateway serves TLS (the listener has none yet) or binds every address without
+    ``reply_advertise_host``."""
+    reply_host: str = ""
+    """Address the reply listener binds ('': the gateway's ``host``)."""
+    reply_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the reply listener; 0 picks a free one (workers learn it from the queue entries)."""
+    reply_advertise_host: str = ""
+    """Host workers connect to for replies ('': the bound address; in Kubernetes, the pod's IP)."""
     max_request_tensor_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Most bytes one inference request may hold (its tensors, plus a few bytes of names and
     shapes); larger calls get RESOURCE_EXHAUSTED before they are copied or written to Redis."""

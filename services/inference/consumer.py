@@ -43,6 +43,7 @@ from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, n
 from services.common.redis_conn import command_slot, count_redis_error, is_cluster, send_commands
 from services.common.tasks import finish_tasks
 from services.inference import batcher, convert
+from services.inference.direct_replies import DirectReplies
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime
 from services.inference.settings import InferenceSettings
 
@@ -160,11 +161,13 @@ class _Answer:
     reply_to: str | None
     reply: Reply | None
     code: grpc.StatusCode
+    reply_addr: str = ""
+    """The gateway's reply listener ('': reply through ``reply_to`` only)."""
 
 
 def _error_answer(entry_id: bytes, queued: QueuedRequest, error: MaasError) -> _Answer:
     reply = Reply(id=queued.id, code=error.grpc_code.value[0], message=error.message)
-    return _Answer(entry_id, queued.reply_to, reply, error.grpc_code)
+    return _Answer(entry_id, queued.reply_to, reply, error.grpc_code, queued.reply_addr)
 
 
 def _malformed_answer(entry_id: bytes, fields: dict[bytes, bytes], exc: MalformedEntry) -> _Answer:
@@ -188,11 +191,14 @@ class QueueConsumer:
         settings: InferenceSettings,
         *,
         progress: asyncio.Event | None = None,
+        direct: DirectReplies | None = None,
     ) -> None:
         """Create a consumer; ``progress`` is set whenever entries were answered (run_until_empty).
 
         ``runtime`` is None only for a subclass that runs entries otherwise (``services.inference.generation``).
+        ``direct``: the worker's connections to reply listeners (None: replies through the reply streams only).
         """
+        self._direct = direct
         self.deployment = deployment
         """The deployment served; the worker replaces it when batching options change."""
         self.queue = keys.queue(deployment.model, deployment.version)
@@ -453,7 +459,7 @@ class QueueConsumer:
         if queued.deadline_ms <= now:
             code = grpc.StatusCode.DEADLINE_EXCEEDED
             reply = Reply(id=queued.id, code=code.value[0], message="deadline exceeded before the request ran")
-            return _Answer(entry_id, queued.reply_to, reply, code)
+            return _Answer(entry_id, queued.reply_to, reply, code, queued.reply_addr)
         started = time.perf_counter_ns()
         try:
             request = convert.decode_infer_request(queued.payload)
@@ -505,17 +511,22 @@ class QueueConsumer:
         outputs = self._runtime.classify(outcome, job.request)
         result = InferResult(self._runtime.model, self._runtime.version, job.request.id, outputs)
         reply = Reply(id=job.queued.id, code=0, payload=convert.encode_infer_response(result))
-        return _Answer(job.entry_id, job.queued.reply_to, reply, grpc.StatusCode.OK)
+        return _Answer(job.entry_id, job.queued.reply_to, reply, grpc.StatusCode.OK, job.queued.reply_addr)
 
     async def _send_all(self, answers: Sequence[_Answer], *, first: Sequence[tuple[Any, ...]] = ()) -> None:
-        """Reply to, ack and delete ``answers`` in one MULTI, after the commands in ``first``."""
+        """Reply to, ack and delete ``answers`` in one MULTI, after the commands in ``first``.
+
+        The replies whose gateways have a reply listener go there first; the MULTI then XADDs
+        only those it did not acknowledge (``services.inference.direct_replies``).
+        """
         if not answers:
             return
+        delivered = await self._send_direct(answers) if self._direct is not None else set()
         ids = [answer.entry_id for answer in answers]
         replies = [
             ("XADD", answer.reply_to, "NOMKSTREAM", "*", *_flat(answer.reply.to_fields()))
             for answer in answers
-            if answer.reply is not None and answer.reply_to is not None
+            if answer.reply is not None and answer.reply_to is not None and answer.entry_id not in delivered
         ]
         ack = [("XACK", self.queue, keys.QUEUE_GROUP, *ids), ("XDEL", self.queue, *ids)]
         if is_cluster(self._redis):  # replies first, then the queue slot's MULTI (see the module's notes)
@@ -532,6 +543,24 @@ class QueueConsumer:
         self._log_rejected(results)
         for answer in answers:
             self._answered(answer.code)
+
+    async def _send_direct(self, answers: Sequence[_Answer]) -> set[bytes]:
+        """Hand the replies to their gateways' listeners; return the entries whose replies were acknowledged."""
+        assert self._direct is not None
+        by_gateway: dict[str, list[_Answer]] = {}
+        for answer in answers:
+            if answer.reply_addr and answer.reply is not None and answer.reply.seq < 0:
+                by_gateway.setdefault(answer.reply_addr, []).append(answer)
+        if not by_gateway:
+            return set()
+        groups = list(by_gateway.items())
+        sent = await asyncio.gather(
+            *(
+                self._direct.send(address, [answer.reply for answer in group if answer.reply])
+                for address, group in groups
+            )
+        )
+        return {answer.entry_id for (_address, group), ok in zip(groups, sent, strict=True) if ok for answer in group}
 
     def _log_rejected(self, results: Sequence[Any]) -> None:
         for result in results:

@@ -88,6 +88,14 @@ class InferenceSettings(ServiceSettings):
     """Requests found waiting after a batch that mean the queue is backing up (``busy_fill_us``)."""
     block_ms: int = Field(default=1000, ge=1, le=1000)
     """How long one XREADGROUP blocks, in ms; at most 1000 so a drain is seen within a second."""
+    direct_replies: bool = True
+    """Hand replies to the gateways' reply listeners when their queue entries name one, before
+    acking the entries; their reply streams take what a listener does not acknowledge
+    (services/inference/direct_replies.py)."""
+    direct_reply_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """How long a connect to a reply listener, or its acknowledgement of a batch's replies, may
+    take before the replies go to the reply stream instead (a listener that failed is left alone
+    for 5 s)."""
     reclaim_idle_ms: int = Field(default=15000, ge=100)
     """Idle time, in ms, after which another worker's pending entry is reclaimed.
 

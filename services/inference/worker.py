@@ -28,6 +28,7 @@ from services.common.queue import now_ms
 from services.common.tasks import finish_tasks
 from services.inference import queue_metrics
 from services.inference.consumer import QueueConsumer, sleep_unless, supervise
+from services.inference.direct_replies import DirectReplies
 from services.inference.generation import GenerationConsumer, GenerationModel, GenerationPool
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime, parse_version
 from services.inference.settings import InferenceSettings
@@ -112,6 +113,8 @@ class InferenceWorker:
         self._is_drained = False
         self._executor: ThreadPoolExecutor | None = None
         self._generations: GenerationPool | None = None
+        self._direct = DirectReplies(settings.direct_reply_timeout_s) if settings.direct_replies else None
+        """Connections to the gateways' reply listeners, shared by every consumer."""
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
@@ -211,7 +214,9 @@ class InferenceWorker:
                 self._redis, runtime, deployment, self.settings, self._generations, progress=self._progress
             )
         else:
-            consumer = QueueConsumer(self._redis, runtime, deployment, self.settings, progress=self._progress)
+            consumer = QueueConsumer(
+                self._redis, runtime, deployment, self.settings, progress=self._progress, direct=self._direct
+            )
         consumer.start()
         self._served[key] = _Served(runtime, consumer)
 
@@ -379,6 +384,8 @@ class InferenceWorker:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._generations is not None:
             self._generations.shutdown()
+        if self._direct is not None:
+            await self._direct.close()
         log.info("worker_drained", worker_id=self.settings.worker_id)
 
     async def run_until_empty(self, timeout_s: float = 30.0) -> None:

@@ -134,7 +134,7 @@ async def test_every_service_exports_exactly_the_documented_metrics(suite: Suite
     assert _value(text, "maas_inference_queue_wait_seconds_count", **version) == 3
     assert _value(text, "maas_inference_batch_size_requests_sum", **version) == 3
     assert _value(text, "maas_inference_model_load_seconds_count", **version) >= 1
-    assert _value(text, "maas_gateway_reply_lag_seconds_count") >= 3
+    assert _value(text, "maas_gateway_replies_total", path="direct") >= 3  # straight from the worker
     assert _value(text, "maas_inference_queue_length", **version) == 0
     assert _value(text, "maas_inference_queue_pending", **version) == 0
     assert _value(text, "maas_inference_queue_oldest_age_seconds", **version) == 0

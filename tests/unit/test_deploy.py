@@ -369,8 +369,14 @@ def _container_env(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+_DOWNWARD_API = {"status.podIP": "10.1.2.3"}
+"""An example value of each pod field the manifests read (``fieldRef``), known only in the pod."""
+
+
 def _secret_value(source: dict[str, Any]) -> str:
     field, ref = next(iter(source.items()))
+    if field == "fieldRef":
+        return _DOWNWARD_API[ref["fieldPath"]]
     target = _named({"secretKeyRef": "Secret", "configMapKeyRef": "ConfigMap"}[field], ref["name"])
     assert target is not None
     return str({**target.get("data", {}), **target.get("stringData", {})}[ref["key"]])

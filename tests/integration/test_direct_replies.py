@@ -1,0 +1,189 @@
+"""Replies straight to the gateway's reply listener, and the reply stream whenever that fails.
+
+Real Redis, real gRPC servers, real TCP connections on loopback: the gateway's listener, and
+plain asyncio servers standing in for a listener that misbehaves (refuses, never acknowledges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from inference import grpc_service_pb2 as pb
+from services.common import keys
+from services.common.embedded_redis import EmbeddedRedis
+from services.common.queue import HELLO, WELCOME, QueuedRequest, Reply, read_replies
+from services.inference.direct_replies import DirectReplies
+from tests.integration.suite import Suite
+from tests.models import affine_model
+
+pytestmark = pytest.mark.integration
+
+CALLS = 12
+
+
+def _replies(path: str) -> float:
+    return REGISTRY.get_sample_value("maas_gateway_replies_total", {"path": path}) or 0.0
+
+
+def _request(value: float) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="affine")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(np.full((1, 4), value, np.float32).tobytes())
+    return request
+
+
+async def _call_all(suite: Suite) -> None:
+    """CALLS concurrent calls, each answered with its own value."""
+    responses = await asyncio.gather(*(suite.inference.ModelInfer(_request(i), timeout=20) for i in range(CALLS)))
+    for i, response in enumerate(responses):
+        assert np.frombuffer(response.raw_output_contents[0], np.float32).tolist() == [2.0 * i + 1] * 4
+
+
+async def _queue_drained(redis: aioredis.Redis, timeout_s: float = 10.0) -> bool:
+    queue = keys.queue("affine", 1)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if await redis.xlen(queue) == 0 and (await redis.xpending(queue, keys.QUEUE_GROUP))["pending"] == 0:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+async def started(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Suite]:
+    """The suite, its gateway with ``request.param``'s settings; the database is flushed after."""
+    suite = await Suite(redis_server.url, tmp_path, gateway=getattr(request, "param", {})).start()
+    await suite.push("affine", affine_model(), max_batch_size=8)
+    yield suite
+    await suite.stop()
+
+
+async def test_replies_go_straight_to_the_gateway_and_the_entries_are_acked(started: Suite) -> None:
+    listener = started.gateway.listener
+    assert listener is not None and listener.address.startswith(f"127.0.0.1:{listener.port}/")
+    direct, stream = _replies("direct"), _replies("stream")
+    await _call_all(started)
+    assert _replies("direct") - direct == CALLS
+    assert _replies("stream") - stream == 0
+    assert await _queue_drained(started.redis)
+
+
+@pytest.mark.parametrize("started", [{"direct_replies": False}], indirect=True)
+async def test_a_gateway_without_a_listener_gets_its_replies_through_its_stream(started: Suite) -> None:
+    assert started.gateway.listener is None
+    direct, stream = _replies("direct"), _replies("stream")
+    await _call_all(started)
+    assert _replies("direct") - direct == 0
+    assert _replies("stream") - stream == CALLS
+    assert await _queue_drained(started.redis)
+
+
+# NOTE: the listener binds 127.0.0.1 only; 127.0.0.2, loopback too, has nothing listening.
+@pytest.mark.parametrize("started", [{"reply_advertise_host": "127.0.0.2"}], indirect=True)
+async def test_a_listener_workers_cannot_reach_costs_no_call(started: Suite) -> None:
+    direct, stream = _replies("direct"), _replies("stream")
+    await _call_all(started)
+    await _call_all(started)  # the worker leaves the address alone for a while: no connect per batch
+    assert _replies("direct") - direct == 0
+    assert _replies("stream") - stream == 2 * CALLS
+    assert await _queue_drained(started.redis)
+
+
+async def test_a_reply_that_arrives_both_ways_answers_its_call_once(started: Suite) -> None:
+    replies = started.gateway.replies
+    future = replies.expect("call-1")
+    replies.deliver(Reply(id="call-1", code=0, payload=b"first"))
+    replies.deliver(Reply(id="call-1", code=0, payload=b"again"))  # e.g. the stream's, after a lost ACK
+    assert (await future).payload == b"first"
+    replies.forget("call-1")
+
+
+async def test_the_listener_closes_a_connection_without_its_token(started: Suite) -> None:
+    listener = started.gateway.listener
+    assert listener is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    writer.write(HELLO + (5).to_bytes(2, "little") + b"wrong")
+    assert await asyncio.wait_for(reader.read(10), 5) == b""  # closed, no welcome
+    writer.close()
+    good = listener.address
+    wrong = good.rpartition("/")[0] + "/not-the-token"
+    sender = DirectReplies(timeout_s=2)
+    try:
+        assert not await sender.send(wrong, [Reply(id="x", code=0)])
+        assert await sender.send(good, [Reply(id="nobody-waits", code=0)])  # dropped as late, but acknowledged
+    finally:
+        await sender.close()
+
+
+async def test_entries_name_the_listener_and_a_generation_would_not() -> None:
+    entry = QueuedRequest(id="c", reply_to="r", deadline_ms=1, payload=b"", reply_addr="127.0.0.1:1/t")
+    fields = {k.encode(): str(v).encode() if not isinstance(v, bytes) else v for k, v in entry.to_fields().items()}
+    assert QueuedRequest.from_fields(fields) == entry
+    del fields[b"raddr"]  # an entry of a gateway without a listener, or of an older one
+    assert QueuedRequest.from_fields(fields).reply_addr == ""
+
+
+async def _silent_listener(frames: list[list[Reply]]) -> tuple[asyncio.Server, int]:
+    """A listener that welcomes any worker and reads its frames, but never acknowledges one."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(HELLO) + 2 + len(b"token"))
+        writer.write(WELCOME)
+        try:
+            while True:
+                frames.append(await read_replies(reader, 1 << 20))
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_frame_without_an_ack_in_time_is_not_delivered_and_the_address_is_left_alone() -> None:
+    frames: list[list[Reply]] = []
+    server, port = await _silent_listener(frames)
+    sender = DirectReplies(timeout_s=0.3, retry_after_s=60)
+    address = f"127.0.0.1:{port}/token"
+    try:
+        assert not await sender.send(address, [Reply(id="a", code=0, payload=b"x" * 1000)])
+        assert [[reply.id for reply in frame] for frame in frames] == [["a"]]
+        assert not await sender.send(address, [Reply(id="b", code=0)])  # not tried again: straight to the stream
+        await asyncio.sleep(0.1)
+        assert len(frames) == 1
+    finally:
+        await sender.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_gateway_that_restarts_gets_a_new_connection() -> None:
+    frames: list[list[Reply]] = []
+
+    async def acking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(HELLO) + 2 + len(b"token"))
+        writer.write(WELCOME)
+        frames.append(await read_replies(reader, 1 << 20))
+        writer.write(b".")
+        writer.close()  # the gateway goes away after one frame
+
+    server = await asyncio.start_server(acking, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}/token"
+    sender = DirectReplies(timeout_s=2, retry_after_s=60)
+    try:
+        assert await sender.send(address, [Reply(id="a", code=0)])
+        await asyncio.sleep(0.1)  # the connection's end is seen
+        assert await sender.send(address, [Reply(id="b", code=0)])  # reconnected, not refused
+        assert [[reply.id for reply in frame] for frame in frames] == [["a"], ["b"]]
+    finally:
+        await sender.close()
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,57 @@
+"""The reply listener's frames (services/common/queue.py): what a worker writes, the gateway reads back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common.queue import MAX_FRAME_REPLIES, FrameError, Reply, pack_replies, read_replies
+
+
+def _reader(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+async def test_replies_come_back_as_they_were_sent_frame_by_frame() -> None:
+    first = [
+        Reply(id="gw-1", code=0, payload=b"\x00\x01" * 3000),
+        Reply(id="gw-2", code=4, message="no reply from a worker within 1 s: Ünïcode"),
+        Reply(id="gw-3", code=0),
+    ]
+    second = [Reply(id="gw-4", code=3, message="bad", payload=b"")]
+    reader = _reader(b"".join([*pack_replies(first), *pack_replies(second), *pack_replies([])]))
+    assert await read_replies(reader, 1 << 20) == first
+    assert await read_replies(reader, 1 << 20) == second
+    assert await read_replies(reader, 1 << 20) == []
+    with pytest.raises(asyncio.IncompleteReadError):  # the connection ended between frames
+        await read_replies(reader, 1 << 20)
+
+
+async def test_a_frame_cut_short_is_an_incomplete_read() -> None:
+    data = b"".join(pack_replies([Reply(id="gw-1", code=0, payload=b"x" * 100)]))
+    with pytest.raises(asyncio.IncompleteReadError):
+        await read_replies(_reader(data[:-1]), 1 << 20)
+
+
+async def test_a_frame_over_the_limits_is_refused_before_it_is_read() -> None:
+    big = b"".join(pack_replies([Reply(id="gw-1", code=0, payload=b"x" * 2000)]))
+    with pytest.raises(FrameError, match="a reply of 2000 bytes, more than this gateway's 1000"):
+        await read_replies(_reader(big), 1000)
+    with pytest.raises(FrameError, match=f"a frame of {MAX_FRAME_REPLIES + 1} replies"):
+        await read_replies(_reader((MAX_FRAME_REPLIES + 1).to_bytes(4, "little")), 1000)
+
+
+async def test_a_reply_id_that_is_not_utf8_is_refused() -> None:
+    data = bytearray(b"".join(pack_replies([Reply(id="ab", code=0)])))
+    data[4 + 11] = 0xFF  # the id's first byte, after the count and the header
+    with pytest.raises(FrameError, match="not UTF-8"):
+        await read_replies(_reader(bytes(data)), 1000)
+
+
+def test_a_generations_partial_replies_are_not_framed() -> None:
+    with pytest.raises(AssertionError, match="in order"):
+        pack_replies([Reply(id="gw-1", code=0, seq=0, piece=b"hi")])
