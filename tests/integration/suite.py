@@ -14,6 +14,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from inference import grpc_service_pb2_grpc
+from services.common import keys
 from services.common.auth import ServerAuth, bearer
 from services.common.grpc_server import GrpcServer
 from services.common.redis_conn import create_redis
@@ -89,6 +90,20 @@ async def start_gateway_process(suite: Suite, ready: Path, **settings: str) -> t
     } | {f"MAAS_GATEWAY_{name.upper()}": value for name, value in settings.items()}
     process, port = await start_service_process("services.gateway", ready, env)
     return process, f"127.0.0.1:{port}"
+
+
+async def queue_settled(redis: aioredis.Redis, queue: str, timeout_s: float = 10.0) -> bool:
+    """Whether ``queue`` holds nothing and nothing read is unacknowledged, within ``timeout_s``.
+
+    A reply reaches its gateway's listener before the worker acks its entry and writes its
+    statistics (``services.gateway.direct_replies``): a caller that has its reply waits for those.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if await redis.xlen(queue) == 0 and (await redis.xpending(queue, keys.QUEUE_GROUP))["pending"] == 0:
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 async def run_cli(suite: Suite, *args: str, key: str | None = None) -> tuple[int, str, str]:

@@ -20,7 +20,7 @@ from services.common import keys
 from services.common.embedded_redis import EmbeddedRedis
 from services.common.queue import HELLO, WELCOME, QueuedRequest, Reply, read_replies
 from services.inference.direct_replies import DirectReplies
-from tests.integration.suite import Suite
+from tests.integration.suite import Suite, queue_settled
 from tests.models import affine_model
 
 pytestmark = pytest.mark.integration
@@ -46,16 +46,6 @@ async def _call_all(suite: Suite) -> None:
         assert np.frombuffer(response.raw_output_contents[0], np.float32).tolist() == [2.0 * i + 1] * 4
 
 
-async def _queue_drained(redis: aioredis.Redis, timeout_s: float = 10.0) -> bool:
-    queue = keys.queue("affine", 1)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        if await redis.xlen(queue) == 0 and (await redis.xpending(queue, keys.QUEUE_GROUP))["pending"] == 0:
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 @pytest.fixture
 async def started(
     redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path, request: pytest.FixtureRequest
@@ -74,7 +64,7 @@ async def test_replies_go_straight_to_the_gateway_and_the_entries_are_acked(star
     await _call_all(started)
     assert _replies("direct") - direct == CALLS
     assert _replies("stream") - stream == 0
-    assert await _queue_drained(started.redis)
+    assert await queue_settled(started.redis, keys.queue("affine", 1))
 
 
 @pytest.mark.parametrize("started", [{"direct_replies": False}], indirect=True)
@@ -84,7 +74,7 @@ async def test_a_gateway_without_a_listener_gets_its_replies_through_its_stream(
     await _call_all(started)
     assert _replies("direct") - direct == 0
     assert _replies("stream") - stream == CALLS
-    assert await _queue_drained(started.redis)
+    assert await queue_settled(started.redis, keys.queue("affine", 1))
 
 
 # NOTE: the listener binds 127.0.0.1 only; 127.0.0.2, loopback too, has nothing listening.
@@ -95,7 +85,7 @@ async def test_a_listener_workers_cannot_reach_costs_no_call(started: Suite) -> 
     await _call_all(started)  # the worker leaves the address alone for a while: no connect per batch
     assert _replies("direct") - direct == 0
     assert _replies("stream") - stream == 2 * CALLS
-    assert await _queue_drained(started.redis)
+    assert await queue_settled(started.redis, keys.queue("affine", 1))
 
 
 async def test_a_reply_that_arrives_both_ways_answers_its_call_once(started: Suite) -> None:

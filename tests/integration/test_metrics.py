@@ -114,6 +114,8 @@ async def _traffic(suite: Suite) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as refused:  # a wrong shape: refused by the gateway
         await suite.inference.ModelInfer(_infer_request(MODEL, 1, 5), timeout=20)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert suite.worker is not None
+    await suite.worker.run_until_empty()  # the entries acked (after their replies): the queue gauges read 0
 
 
 async def test_every_service_exports_exactly_the_documented_metrics(suite: Suite) -> None:

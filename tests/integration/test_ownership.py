@@ -282,6 +282,8 @@ async def test_sharing_grants_read_and_infer_only_and_unsharing_revokes_within_a
     assert reply is not None and reply.model_name == OWNED
     assert (await team_b.get_model(OWNED)).shared_with == ("team-b",)
     assert [v.version for v in await team_b.list_versions(OWNED)] == [1]
+    assert suite.worker is not None
+    await suite.worker.run_until_empty()  # the OK call's entry is acked after its reply
     before = await _state(suite.redis)
     denied = f"model '{OWNED}' is shared with tenant 'team-b' to read and infer only; only its owner tenant 'team-a'"
     for write in (

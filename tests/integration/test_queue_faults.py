@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from inference import grpc_service_pb2 as pb
 from services.common import keys
 from services.common.embedded_redis import EmbeddedRedis
-from tests.integration.suite import Suite, start_worker_process
+from tests.integration.suite import Suite, queue_settled, start_worker_process
 from tests.models import affine_model
 
 pytestmark = pytest.mark.integration
@@ -77,25 +77,12 @@ async def test_worker_killed_while_writing_replies_loses_no_call(
         assert killed_with_calls_in_flight == 3
         assert len(results) > 100
         assert all(value == 2.0 * index + 1 for index, value in results.items())
-        # NOTE: a reply reaches its gateway's listener before the worker acks its entry (after
-        # the gateway's ACK): the last batch's entries may still be on their way out.
-        queue = keys.queue("pipelined", 1)
-        assert await _eventually_empty(running.redis, queue)
+        assert await queue_settled(running.redis, keys.queue("pipelined", 1))
     finally:
         if worker is not None and worker.returncode is None:
             worker.send_signal(signal.SIGTERM)
             await worker.wait()
         await running.stop()
-
-
-async def _eventually_empty(redis: aioredis.Redis, queue: str, timeout_s: float = 10.0) -> bool:
-    """Whether ``queue`` is empty, with nothing pending, within ``timeout_s``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        if await redis.xlen(queue) == 0 and (await redis.xpending(queue, keys.QUEUE_GROUP))["pending"] == 0:
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 @pytest.mark.timeout(120)

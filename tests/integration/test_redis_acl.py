@@ -120,6 +120,8 @@ async def test_the_whole_suite_runs_on_role_users(acl_redis: AclRedis, admin: ai
         assert np.frombuffer(response.raw_output_contents[0], np.float32).tolist() == [3.0, 5.0, 7.0, 9.0]
         ready = await running.inference.ModelReady(pb.ModelReadyRequest(name="affine"), timeout=5)
         assert ready.ready  # the gateway reads the worker's heartbeat
+        assert running.worker is not None
+        await running.worker.run_until_empty()  # its statistics go with the entry's ack, after the reply
         statistics = await running.inference.ModelStatistics(pb.ModelStatisticsRequest(name="affine"), timeout=5)
         [model_stats] = statistics.model_stats
         assert model_stats.inference_stats.success.count == 1

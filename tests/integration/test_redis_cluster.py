@@ -103,6 +103,8 @@ async def test_calls_to_models_on_three_masters_are_answered(suite: Suite, clust
         values = np.frombuffer(reply.raw_output_contents[0], np.float32)
         assert np.all(values == 2.0 * (index // 3) + 1)
     assert {cluster.node_of(keys.queue(name, 1)) for name in names} == set(cluster.ports)
+    assert suite.worker is not None
+    await suite.worker.run_until_empty()  # entries are acked with their statistics after the replies
     for name in names:  # acked and deleted: XLEN is the backlog, and the statistics were counted
         assert await suite.redis.xlen(keys.queue(name, 1)) == 0
         assert int(await suite.redis.hget(keys.stats(name, 1), "compute_count") or 0) == 6  # in the ack MULTI

@@ -28,8 +28,16 @@ def _request(rows: int, *, columns: int = 4, model: str = "affine") -> pb.ModelI
     return request
 
 
-async def _statistics(stub: pb_grpc.GRPCInferenceServiceStub, name: str = "affine") -> pb.ModelStatisticsResponse:
-    response: pb.ModelStatisticsResponse = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name), timeout=5)
+async def _statistics(suite: Suite, name: str = "affine") -> pb.ModelStatisticsResponse:
+    """The model's statistics once the worker recorded its calls.
+
+    A worker records a batch's statistics with its entries' ack, after the gateway has the
+    replies (``services.gateway.direct_replies``): within a round trip, not before the reply.
+    """
+    assert suite.worker is not None
+    await suite.worker.run_until_empty()
+    request = pb.ModelStatisticsRequest(name=name)
+    response: pb.ModelStatisticsResponse = await suite.inference.ModelStatistics(request, timeout=5)
     return response
 
 
@@ -49,7 +57,7 @@ async def test_counts_and_durations_after_calls(suite: Suite) -> None:
     await _fail(suite.inference, _request(9))  # larger than the deployment's max_batch_size (8)
     after = now_ms()
 
-    [stats] = (await _statistics(suite.inference)).model_stats
+    [stats] = (await _statistics(suite)).model_stats
     assert (stats.name, stats.version) == ("affine", "1")
     assert before <= stats.last_inference <= after
     inference = stats.inference_stats
@@ -72,7 +80,7 @@ async def test_batched_calls_count_fewer_executions_than_inferences(suite: Suite
     await suite.push("affine", affine_model(), max_batch_size=8, max_wait_ms=500)
     await asyncio.gather(*(suite.inference.ModelInfer(_request(1), timeout=20) for _ in range(16)))
 
-    [stats] = (await _statistics(suite.inference)).model_stats
+    [stats] = (await _statistics(suite)).model_stats
     assert stats.inference_stats.success.count == 16
     assert stats.inference_stats.compute_infer.count == 16
     assert stats.inference_count == 16
@@ -108,7 +116,7 @@ async def test_a_failed_model_run_is_a_fail_with_no_compute(suite: Suite) -> Non
         await suite.inference.ModelInfer(_reshape_request(2, [3, 3]), timeout=10)
     assert "model run failed" in (info.value.details() or "")
 
-    [stats] = (await _statistics(suite.inference, "reshape")).model_stats
+    [stats] = (await _statistics(suite, "reshape")).model_stats
     inference = stats.inference_stats
     assert (inference.success.count, inference.fail.count) == (1, 1)
     assert inference.queue.count == inference.compute_infer.count == 1
@@ -120,7 +128,7 @@ async def test_a_failed_model_run_is_a_fail_with_no_compute(suite: Suite) -> Non
 async def _wait_for_calls(stub: pb_grpc.GRPCInferenceServiceStub, calls: int) -> pb.ModelStatistics:
     async with asyncio.timeout(15):  # a gateway adds its counts to Redis every second
         while True:
-            found = (await _statistics(stub)).model_stats
+            found = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="affine"), timeout=5)).model_stats
             if found and found[0].inference_stats.success.count + found[0].inference_stats.fail.count >= calls:
                 return found[0]
             await asyncio.sleep(0.2)
@@ -153,7 +161,7 @@ async def test_every_gateway_reports_the_whole_cluster(suite: Suite, tmp_path: P
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             assert await process.wait() == 0
-        [stats] = (await _statistics(suite.inference)).model_stats
+        [stats] = (await _statistics(suite)).model_stats
         assert stats.inference_stats.success.count == 6
         assert stats.inference_stats.fail.count == 1
         assert stats.inference_count == 7
@@ -166,17 +174,13 @@ async def test_every_gateway_reports_the_whole_cluster(suite: Suite, tmp_path: P
 async def test_tritonclient_reads_the_statistics(suite: Suite) -> None:
     await suite.push("affine", affine_model())
     x = {"x": {"data": np.arange(8).reshape(2, 4).tolist(), "dtype": "float32"}}
-    results = await asyncio.to_thread(
-        triton_calls,
-        suite.gateway_address,
-        [
-            {"op": "infer", "model": "affine", "inputs": x},
-            {"op": "infer", "model": "affine", "inputs": x},
-            {"op": "statistics", "model": "affine"},
-            {"op": "statistics"},
-        ],
-    )
-    one, every = results[2]["ok"], results[3]["ok"]
+    infer = {"op": "infer", "model": "affine", "inputs": x}
+    assert all("ok" in result for result in await asyncio.to_thread(triton_calls, suite.gateway_address, [infer] * 2))
+    assert suite.worker is not None
+    await suite.worker.run_until_empty()  # the worker records statistics with the ack, after the reply
+    statistics = [{"op": "statistics", "model": "affine"}, {"op": "statistics"}]
+    results = await asyncio.to_thread(triton_calls, suite.gateway_address, statistics)
+    one, every = results[0]["ok"], results[1]["ok"]
     assert one == every
     [stats] = one["model_stats"]
     assert stats["name"] == "affine" and stats["version"] == "1"
@@ -197,11 +201,11 @@ async def test_statistics_survive_a_redeploy_and_go_with_the_model(suite: Suite)
     assert suite.worker is not None
     await suite.worker.reconcile()
     await suite.inference.ModelInfer(_request(1), timeout=10)
-    [stats] = (await _statistics(suite.inference)).model_stats
+    [stats] = (await _statistics(suite)).model_stats
     assert stats.inference_stats.success.count == 2
 
     await suite.gateway.stats.flush()  # nothing of it waits in the gateway's memory any more
     await suite.registry.delete_model("affine")
     await suite.push("affine", affine_model())  # the same name and version number again
-    assert list((await _statistics(suite.inference)).model_stats) == []
+    assert list((await _statistics(suite)).model_stats) == []
     assert list((await suite.inference.ModelStatistics(pb.ModelStatisticsRequest(), timeout=5)).model_stats) == []
