@@ -222,8 +222,8 @@ class QueueConsumer:
         self._sending: asyncio.Semaphore | None = None
         """Batches read and not yet answered (twice as many: replies overlap the next run)."""
         self._progress = progress
-        self._was_busy = False
-        """Whether the last read found requests (the next read then first looks without blocking)."""
+        self._last_read = 0
+        """The last batch read (``busy_fill_min`` requests or more: the next read first looks without blocking)."""
 
     @property
     def in_flight(self) -> int:
@@ -313,6 +313,7 @@ class QueueConsumer:
                 raise
             try:
                 entries = [] if self._stop.is_set() else await self._read_batch()
+                self._last_read = len(entries)
             except BaseException:
                 self._slots.release()
                 self._sending.release()
@@ -345,15 +346,16 @@ class QueueConsumer:
         size = self._read_size()
         entries: list[Entry] = []
         is_backlog = False
-        if self._was_busy and size > 1:
-            # NOTE: after a batch, look without blocking first: requests already waiting mean the
-            # queue is backing up, while a blocking read that had to wait means the worker is idle
-            # (one round trip more when the queue just emptied, no latency: nothing was waiting).
+        if self._last_read >= self._settings.busy_fill_min and size > 1:
+            # NOTE: after a full enough batch, look without blocking first: requests already
+            # waiting mean the queue is backing up, while a blocking read that had to wait means
+            # the worker is idle (one round trip more when the queue just emptied, no latency:
+            # nothing was waiting). After a smaller batch the queue was not backing up: read
+            # blocking at once (it returns what is waiting), one round trip fewer a batch at low load.
             entries = await self._read(size, None)
             is_backlog = len(entries) >= self._settings.busy_fill_min
         if not entries:
             entries = await self._read(size, self._settings.block_ms)
-        self._was_busy = bool(entries)
         wait_s = self._fill_wait_s(is_backlog)
         if not entries or len(entries) >= size or wait_s <= 0:
             return entries

@@ -439,6 +439,32 @@ async def test_a_partial_batch_waits_for_more_only_while_the_queue_backs_up(
     np.testing.assert_array_equal(output_y(replies["late"][0]), 2 * rows(9) + 1)
 
 
+async def test_an_idle_worker_reads_each_lone_call_with_one_blocking_read(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # After a batch smaller than busy_fill_min the queue was not backing up: the next read blocks
+    # at once instead of looking without blocking first (one round trip fewer a call at 1 client).
+    source = DirectoryModelSource(tmp_path / "models")
+    source.add("affine", affine_model(), max_batch_size=8)
+    await create_reply_stream(redis_client)
+
+    async def xreadgroups() -> int:
+        return int((await redis_client.info("commandstats")).get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+    async def replied() -> int:
+        return sum(len(answers) for answers in (await read_replies(redis_client)).values())
+
+    async with running_worker(worker_settings(redis_server.url, tmp_path), source):
+        await enqueue_affine(redis_client, "first", rows(0))
+        await eventually(lambda: _at_least(replied, 1))
+        before = await xreadgroups()
+        for index in range(1, 11):  # one call at a time: batches of 1
+            await enqueue_affine(redis_client, f"c{index}", rows(index))
+            await eventually(lambda index=index: _at_least(replied, index + 1))  # type: ignore[misc]
+        reads = await xreadgroups() - before
+    assert 10 <= reads <= 12  # one blocking read a call (a read may end at its 1 s block time); 20 before
+
+
 async def _at_least(count: Callable[[], Any], wanted: int) -> bool:
     return bool(await count() >= wanted)
 
