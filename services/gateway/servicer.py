@@ -10,14 +10,18 @@ import grpc
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
 from services.common import auth
-from services.common.errors import Unimplemented
+from services.common.errors import DeadlineExceeded, Unimplemented
 from services.gateway import convert
 from services.gateway.clients import Target
 from services.gateway.router import Router
 from services.gateway.shm import SharedMemoryRegistry
-from services.gateway.streams import Streams
+from services.gateway.streams import EndStream, Streams
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+_STREAM_DEADLINE_S = 0.05
+"""A stream request that times out this close to (or after) its stream's own deadline ends the
+stream DEADLINE_EXCEEDED: as an answer it could reach the client before its deadline, or not."""
 
 
 def _no_cuda() -> Unimplemented:
@@ -113,18 +117,31 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         await context.send_initial_metadata(())
 
         async def answers(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
-            auth.check_model(request.model_name)
-            # NOTE: resolved once: a split's pick decides both the kind of answer and where it runs.
-            target = await self._router.resolve(request.model_name, request.model_version)
-            if not target.is_generative:
-                yield await self._infer(request, context.time_remaining(), target)
-                return
-            self._router.check_request_size(convert.request_size(request))  # as _infer does for the others
-            async for piece in self._router.generate(convert.infer_call(request), context.time_remaining(), target):
-                yield convert.generation_response(request, piece)
+            try:
+                async for response in self._stream_answers(request, context):
+                    yield response
+            except DeadlineExceeded as exc:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining < _STREAM_DEADLINE_S:
+                    raise EndStream(exc) from None
+                raise
 
         async for request, response, error in self._streams.serve(request_iterator, answers):
             yield convert.stream_response(request, response, error)
+
+    async def _stream_answers(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> AsyncIterator[pb.ModelInferResponse]:
+        """The answers to one request of a stream: one response, or a generation's several."""
+        auth.check_model(request.model_name)
+        # NOTE: resolved once: a split's pick decides both the kind of answer and where it runs.
+        target = await self._router.resolve(request.model_name, request.model_version)
+        if not target.is_generative:
+            yield await self._infer(request, context.time_remaining(), target)
+            return
+        self._router.check_request_size(convert.request_size(request))  # as _infer does for the others
+        async for piece in self._router.generate(convert.infer_call(request), context.time_remaining(), target):
+            yield convert.generation_response(request, piece)
 
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Context

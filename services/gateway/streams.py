@@ -17,7 +17,9 @@ A request's error is its answer (the stream stays open). The stream ends:
   it holds, and ends; requests without an answer were never run, and may be sent again on a
   new stream;
 - cancelled, when the client cancels or the stream's deadline passes: requests still waiting
-  are forgotten (a worker may still run them; their answers are dropped).
+  are forgotten (a worker may still run them; their answers are dropped);
+- with a request's error, when its handler raises ``EndStream`` (a request that timed out
+  with the stream's own deadline: DEADLINE_EXCEEDED, not an answer the deadline may overtake).
 """
 
 from __future__ import annotations
@@ -38,6 +40,23 @@ Resp = TypeVar("Resp")
 Error: TypeAlias = tuple[grpc.StatusCode, str]
 
 OPEN_STREAMS = Gauge("maas_gateway_open_streams", "ModelStreamInfer streams open on this gateway")
+
+
+class EndStream(Exception):
+    """Raised by a request's handler: ``error`` ends the whole stream instead of answering that request."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Abort:
+    """A request's ``EndStream``: the stream ends with its error at once."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 class _End:
@@ -75,9 +94,9 @@ class _Stream(Generic[Req, Resp]):
         self._requests = requests
         self._handle = handle
         self._slots = asyncio.Semaphore(max_in_flight)
-        self.queue: asyncio.Queue[_End | _Drain | _Partial[Req, Resp] | tuple[Req, Resp | None, Error | None]] = (
-            asyncio.Queue()
-        )
+        self.queue: asyncio.Queue[
+            _End | _Abort | _Drain | _Partial[Req, Resp] | tuple[Req, Resp | None, Error | None]
+        ] = asyncio.Queue()
         self.running: set[asyncio.Task[None]] = set()
         self.pending = 0
         """Requests started whose answer has not been taken off the queue."""
@@ -104,7 +123,10 @@ class _Stream(Generic[Req, Resp]):
                     self.queue.put_nowait(_Partial(request, last))
                 last = response
             outcome: tuple[Req, Resp | None, Error | None] = (request, last, None)
-        except Exception as exc:  # every failure is this request's answer, not the stream's end
+        except EndStream as end:
+            self.queue.put_nowait(_Abort(end.error))
+            return
+        except Exception as exc:  # every other failure is this request's answer, not the stream's end
             if last is not None:
                 self.queue.put_nowait(_Partial(request, last))
             outcome = (request, None, status_of(exc))
@@ -154,6 +176,9 @@ class Streams:
                 item = await stream.queue.get()
                 if isinstance(item, _End):
                     reading, failure = False, item.error or failure
+                elif isinstance(item, _Abort):
+                    failure = item.error
+                    break
                 elif isinstance(item, _Partial):
                     yield item.request, item.response, None
                 elif isinstance(item, _Drain):
