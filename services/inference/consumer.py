@@ -9,6 +9,9 @@ Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
   queue is backing up (``_fill_wait_s``). The batch runs in a task; ``max_concurrent_batches`` bounds the
   batches whose model runs go on at once, and a batch's replies are written while the next batch
   is read and run.
+- A batch's replies go first to their gateways' reply listeners, when the entries name one
+  (``services.inference.direct_replies``); only those a listener acknowledged skip the MULTI's
+  XADD, and the MULTI waits for the acknowledgements, so no reply is lost to a listener.
 - A batch's answers are one MULTI: an ``XADD reply NOMKSTREAM`` per answer (to whichever gateway
   waits for it), then one ``XACK`` and one ``XDEL`` of every entry, so XLEN is the backlog, a dead
   gateway's reply stream is never recreated, and a worker killed mid-write leaves either every
