@@ -85,17 +85,26 @@ def _with_parent_death_signal(command: list[str]) -> list[str]:
 
 
 def spawn(
-    command: list[str], stdout: int | IO[bytes], stderr: int | IO[bytes], env: Mapping[str, str] | None = None
+    command: list[str],
+    stdout: int | IO[bytes],
+    stderr: int | IO[bytes],
+    env: Mapping[str, str] | None = None,
+    repo: Path = REPO,
 ) -> subprocess.Popen[bytes]:
     """Start a server process in its own session, with ``env`` on top of ``clean_env()``.
 
     A terminal's Ctrl-C then reaches only the benchmark, which stops its servers in order; a server
-    gets SIGTERM if the benchmark dies without doing so.
+    gets SIGTERM if the benchmark dies without doing so. ``repo``: the source tree it runs from.
     """
     return subprocess.Popen(
-        _with_parent_death_signal(command), cwd=REPO, env=clean_env() | dict(env or {}), stdout=stdout, stderr=stderr,
-        start_new_session=True,
+        _with_parent_death_signal(command), cwd=repo, env=clean_env() | tree_env(repo) | dict(env or {}),
+        stdout=stdout, stderr=stderr, start_new_session=True,
     )  # fmt: skip
+
+
+def tree_env(repo: Path) -> dict[str, str]:
+    """What makes a process import MaaS from ``repo`` (another checkout: ``bench.ab``), not this one."""
+    return {} if repo == REPO else {"PYTHONPATH": f"{repo}{os.pathsep}{repo / 'protos'}"}
 
 
 def log_tail(path: Path, chars: int = 3000) -> str:
@@ -214,8 +223,15 @@ class MaasUp:
     """``maas up`` with real processes on a fresh data dir; output goes to ``<work_dir>/maas-up.log``."""
 
     def __init__(
-        self, work_dir: Path, workers: int, access_log_sample: float = 1.0, env: Mapping[str, str] | None = None
+        self,
+        work_dir: Path,
+        workers: int,
+        access_log_sample: float = 1.0,
+        env: Mapping[str, str] | None = None,
+        repo: Path = REPO,
     ) -> None:
+        self.repo = repo
+        """The source tree it runs from (this one, or another checkout: ``bench.ab``)."""
         self.data_dir = work_dir / "maas-data"
         self.env = dict(env or {})
         """``MAAS_*`` settings for its services (``maas up`` passes its environment on)."""
@@ -241,7 +257,7 @@ class MaasUp:
                  "--registry-port", "0", "--data-dir", str(self.data_dir),
                  "--access-log-sample", str(self.access_log_sample),
                  "--no-auth"],  # the load generators send no API key (an HMAC per key per 5 s: noise)
-                stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, repo=self.repo,
             )  # fmt: skip
         self.endpoints = wait_json(self.data_dir / "run" / "endpoints.json", self.process, "maas up", self.log)
         self._redis = redis.Redis.from_url(str(self.endpoints["redis_url"]), socket_timeout=10)

@@ -141,7 +141,7 @@ def _mean_batch(maas: MaasUp | None, name: str, before: tuple[float, float] | No
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
-def _cpu_per_call(before: dict[str, float], after: dict[str, float], result: dict[str, object]) -> dict[str, float]:
+def cpu_per_call(before: dict[str, float], after: dict[str, float], result: dict[str, object]) -> dict[str, float]:
     """Each process's CPU µs per call served (the warm-up's calls and CPU included)."""
     calls = int(str(result["requests"])) + int(str(result.get("warmup_requests", 0)))
     if calls == 0:
@@ -158,7 +158,7 @@ def measure(
     before = maas.batch_totals(model.name) if system == "maas" and maas else None
     cpu_before = cpu_seconds(pids)
     result = run_load(url, model, clients, opts.seconds)
-    cpu_us = _cpu_per_call(cpu_before, cpu_seconds(pids), result)
+    cpu_us = cpu_per_call(cpu_before, cpu_seconds(pids), result)
     mean_batch = 1.0 if system != "maas" else _mean_batch(maas, model.name, before)
     row = Row(
         model=model.name, system=system, clients=clients, requests=int(str(result["requests"])),
