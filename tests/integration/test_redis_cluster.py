@@ -23,7 +23,7 @@ from services.common.auth import TenantQuota
 from services.common.queue import QueuedRequest, now_ms
 from services.common.redis_conn import create_redis, send_commands
 from services.gateway.admission import Admission
-from tests.integration.suite import Suite, start_worker_process
+from tests.integration.suite import Suite, queue_settled, start_worker_process
 from tests.integration.test_queue_faults import _KILLED, ROWS, _client
 from tests.integration.test_quotas import _affine, _infer, _tenant_key
 from tests.integration.test_rollout import _call, _eventually, _push_versions, _ready
@@ -197,18 +197,12 @@ async def test_worker_killed_while_answering_loses_no_call(cluster: RedisCluster
         assert all(value == 2.0 * index + 1 for index, value in results.items())
         # On a cluster a batch's replies go out before its XACK + XDEL (another slot's MULTI), so
         # the last replies can reach the clients a moment before their entries leave the queue.
-        await _eventually(lambda: _drained(running, keys.queue("pipelined", 1)), timeout_s=5.0)
+        assert await queue_settled(running.redis, keys.queue("pipelined", 1), timeout_s=5.0)
     finally:
         if worker is not None and worker.returncode is None:
             worker.send_signal(signal.SIGTERM)
             await worker.wait()
         await running.stop()
-
-
-async def _drained(suite: Suite, queue: str) -> bool:
-    """Whether ``queue`` holds no entry and none is pending (every entry acked and deleted)."""
-    pending = (await suite.redis.xpending(queue, keys.QUEUE_GROUP))["pending"]
-    return await suite.redis.xlen(queue) == 0 and pending == 0
 
 
 async def _eventually_answered(results: dict[int, float], count: int) -> None:
