@@ -271,6 +271,8 @@ class Reply:
 HELLO = b"MAAS-REPLIES/1 "
 WELCOME = b"+"
 ACK = b"."
+_TOKEN_LENGTH = struct.Struct("<H")
+MAX_TOKEN_BYTES = 256
 _COUNT = struct.Struct("<I")
 _REPLY_HEADER = struct.Struct("<HBII")
 MAX_FRAME_REPLIES = 65_536
@@ -279,6 +281,24 @@ MAX_FRAME_REPLIES = 65_536
 
 class FrameError(ValueError):
     """A reply frame that breaks the format or the gateway's limits."""
+
+
+def hello(token: bytes) -> bytes:
+    """A worker's first bytes on a reply connection: HELLO, the token's length, the token."""
+    return HELLO + _TOKEN_LENGTH.pack(len(token)) + token
+
+
+async def read_hello(reader: asyncio.StreamReader) -> bytes:
+    """The token a connection opened with (``hello``); b'' when it did not open with HELLO, or its token is too long.
+
+    Raises:
+        asyncio.IncompleteReadError: The connection closed first.
+    """
+    opening = await reader.readexactly(len(HELLO) + _TOKEN_LENGTH.size)
+    (length,) = _TOKEN_LENGTH.unpack(opening[len(HELLO) :])
+    if not opening.startswith(HELLO) or length > MAX_TOKEN_BYTES:
+        return b""
+    return await reader.readexactly(length)
 
 
 def pack_replies(replies: Sequence[Reply]) -> list[bytes]:

@@ -25,18 +25,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import secrets
-import struct
 
 import structlog
 
-from services.common.queue import ACK, HELLO, WELCOME, FrameError, read_replies
+from services.common.queue import ACK, WELCOME, FrameError, read_hello, read_replies
 from services.common.tasks import finish_tasks
 from services.gateway.replies import REPLIES, ReplyReader
 
 log = structlog.get_logger(__name__)
 
 _HELLO_TIMEOUT_S = 5.0
-_TOKEN_LENGTH = struct.Struct("<H")
 
 
 def _host_in_address(host: str) -> str:
@@ -112,9 +110,7 @@ class ReplyListener:
 
     async def _welcome(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         async with asyncio.timeout(_HELLO_TIMEOUT_S):
-            hello = await reader.readexactly(len(HELLO) + _TOKEN_LENGTH.size)
-            (length,) = _TOKEN_LENGTH.unpack(hello[len(HELLO) :])
-            token = await reader.readexactly(length) if hello.startswith(HELLO) and length <= 256 else b""
+            token = await read_hello(reader)
         if not token or not hmac.compare_digest(token, self._token):
             log.warning("reply_listener_refused", peer=str(writer.get_extra_info("peername")), reason="wrong token")
             return False

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from services.common.queue import ACK, HELLO, WELCOME, Reply, pack_replies
+from services.common.queue import ACK, WELCOME, Reply, hello, pack_replies
 from services.common.tasks import finish_tasks
 
 log = structlog.get_logger(__name__)
@@ -148,7 +148,7 @@ class DirectReplies:
             host, port, token = _split(reply_addr)
             async with asyncio.timeout(self._timeout_s):
                 reader, writer = await asyncio.open_connection(host, port)
-                writer.write(HELLO + len(token).to_bytes(2, "little") + token)
+                writer.write(hello(token))
                 welcome = await reader.readexactly(len(WELCOME))
             if welcome != WELCOME:
                 raise ConnectionError(f"the listener answered {welcome!r}")

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from inference import grpc_service_pb2 as pb
 from services.common import keys
 from services.common.embedded_redis import EmbeddedRedis
-from services.common.queue import HELLO, WELCOME, QueuedRequest, Reply, read_replies
+from services.common.queue import WELCOME, QueuedRequest, Reply, hello, read_hello, read_replies
 from services.inference.direct_replies import DirectReplies
 from tests.integration.suite import Suite, queue_settled
 from tests.models import affine_model
@@ -101,7 +101,7 @@ async def test_the_listener_closes_a_connection_without_its_token(started: Suite
     listener = started.gateway.listener
     assert listener is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-    writer.write(HELLO + (5).to_bytes(2, "little") + b"wrong")
+    writer.write(hello(b"wrong"))
     assert await asyncio.wait_for(reader.read(10), 5) == b""  # closed, no welcome
     writer.close()
     good = listener.address
@@ -126,7 +126,7 @@ async def _silent_listener(frames: list[list[Reply]]) -> tuple[asyncio.Server, i
     """A listener that welcomes any worker and reads its frames, but never acknowledges one."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readexactly(len(HELLO) + 2 + len(b"token"))
+        assert await read_hello(reader) == b"token"
         writer.write(WELCOME)
         try:
             while True:
@@ -159,7 +159,7 @@ async def test_a_gateway_that_restarts_gets_a_new_connection() -> None:
     frames: list[list[Reply]] = []
 
     async def acking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readexactly(len(HELLO) + 2 + len(b"token"))
+        assert await read_hello(reader) == b"token"
         writer.write(WELCOME)
         frames.append(await read_replies(reader, 1 << 20))
         writer.write(b".")

@@ -6,7 +6,16 @@ import asyncio
 
 import pytest
 
-from services.common.queue import MAX_FRAME_REPLIES, FrameError, Reply, pack_replies, read_replies
+from services.common.queue import (
+    MAX_FRAME_REPLIES,
+    MAX_TOKEN_BYTES,
+    FrameError,
+    Reply,
+    hello,
+    pack_replies,
+    read_hello,
+    read_replies,
+)
 
 
 def _reader(data: bytes) -> asyncio.StreamReader:
@@ -55,3 +64,11 @@ async def test_a_reply_id_that_is_not_utf8_is_refused() -> None:
 def test_a_generations_partial_replies_are_not_framed() -> None:
     with pytest.raises(AssertionError, match="in order"):
         pack_replies([Reply(id="gw-1", code=0, seq=0, piece=b"hi")])
+
+
+async def test_a_connection_opens_with_its_token_and_anything_else_reads_as_none() -> None:
+    assert await read_hello(_reader(hello(b"s3cret") + b"frames follow")) == b"s3cret"
+    assert await read_hello(_reader(b"GET / HTTP/1.1\r\n" + b"x" * 20)) == b""  # not a worker
+    assert await read_hello(_reader(hello(b"x" * (MAX_TOKEN_BYTES + 1)))) == b""
+    with pytest.raises(asyncio.IncompleteReadError):
+        await read_hello(_reader(hello(b"s3cret")[:-1]))
