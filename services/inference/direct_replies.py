@@ -75,8 +75,10 @@ class _Link:
                     error = ConnectionError(f"the gateway answered {data[:16]!r}, not ACKs")
                     break
                 for _ack in data:
-                    if self._waiting:
-                        self._waiting.popleft().set_result(None)
+                    # NOTE: a sender whose wait timed out cancelled its future: its ACK is just counted off.
+                    acked = self._waiting.popleft() if self._waiting else None
+                    if acked is not None and not acked.done():
+                        acked.set_result(None)
         except OSError as exc:
             error = ConnectionError(f"reply connection: {exc}")
         finally:
