@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -285,7 +285,13 @@ def count_redis_error(exc: BaseException) -> None:
         REDIS_ERRORS.labels(error=type(exc).__name__).inc()
 
 
-async def send_commands(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+async def send_commands(
+    client: aioredis.Redis,
+    commands: Sequence[Sequence[Any]],
+    *,
+    early: int = 0,
+    on_early: Callable[[list[Any]], None] | None = None,
+) -> list[Any]:
     """Send ``commands`` in one write on one pooled connection and return their raw replies.
 
     The request path's round trips use this instead of redis-py's ``Pipeline``, whose per-call
@@ -295,17 +301,24 @@ async def send_commands(client: aioredis.Redis, commands: Sequence[Sequence[Any]
     ``ResponseError``, in place; a connection error is retried once on a fresh connection (the
     commands may then run twice: at-least-once, as everywhere in MaaS).
 
+    ``on_early`` is called with the first ``early`` replies as soon as they are read, before the
+    others: commands followed by a blocking read learn their outcome without waiting for it (again
+    after a retry; on a Redis Cluster, once every reply is in).
+
     Raises:
         redis.exceptions.ConnectionError: Redis could not be reached, twice.
         redis.exceptions.TimeoutError: A reply took longer than the client's socket timeout.
     """
     if isinstance(client, RedisCluster):
-        return await _send_by_node(client, commands)
+        replies = await _send_by_node(client, commands)
+        if on_early is not None:
+            on_early(replies[:early])
+        return replies
     pool = client.connection_pool
     connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
 
     async def exchange() -> list[Any]:
-        return await _exchange(connection, commands)
+        return await _exchange(connection, commands, early, on_early)
 
     async def drop(_error: Exception) -> None:
         await connection.disconnect(nowait=True)  # the retry reconnects it
@@ -334,7 +347,12 @@ def _packed(command: Sequence[Any]) -> bytes:
     return packed
 
 
-async def _exchange(connection: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
+async def _exchange(
+    connection: AbstractConnection,
+    commands: Sequence[Sequence[Any]],
+    early: int = 0,
+    on_early: Callable[[list[Any]], None] | None = None,
+) -> list[Any]:
     """Write ``commands`` in one go and read their replies (errors in place).
 
     With hiredis (a dependency), straight through the connection's parser: what redis-py's
@@ -347,7 +365,10 @@ async def _exchange(connection: AbstractConnection, commands: Sequence[Sequence[
     parser = connection._parser
     if not isinstance(parser, _AsyncHiredisParser):
         await connection.send_packed_command(connection.pack_commands(commands))
-        return [await _read_reply(connection) for _command in commands]
+        first = [await _read_reply(connection) for _command in commands[:early]]
+        if on_early is not None:
+            on_early(first)
+        return first + [await _read_reply(connection) for _command in commands[early:]]
     if not connection.is_connected:
         await connection.connect()  # type: ignore[no-untyped-call]
     await connection.check_health()  # type: ignore[no-untyped-call]
@@ -357,7 +378,10 @@ async def _exchange(connection: AbstractConnection, commands: Sequence[Sequence[
         async with asyncio.timeout(connection.socket_timeout):
             writer.writelines([_packed(command) for command in commands])
             await writer.drain()
-            replies = [await parser.read_response() for _command in commands]
+            first = [await parser.read_response() for _command in commands[:early]]
+            if on_early is not None:
+                on_early(first)
+            replies = first + [await parser.read_response() for _command in commands[early:]]
     except TimeoutError:
         await connection.disconnect(nowait=True)
         raise redis.exceptions.TimeoutError("Timeout in an exchange with redis") from None

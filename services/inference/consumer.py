@@ -11,7 +11,10 @@ Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
   is read and run.
 - A batch's replies go first to their gateways' reply listeners, when the entries name one
   (``services.inference.direct_replies``); only those a listener acknowledged skip the MULTI's
-  XADD, and the MULTI waits for the acknowledgements, so no reply is lost to a listener.
+  XADD, and the MULTI waits for the acknowledgements, so no reply is lost to a listener. When
+  every reply of a batch was acknowledged, its MULTI (acks, deletes, statistics) is held back
+  and goes with the next XREADGROUP, in the same write, or alone after ``held_ack_ms``
+  (``services.inference.acks``): one round trip fewer a batch.
 - A batch's answers are one MULTI: an ``XADD reply NOMKSTREAM`` per answer (to whichever gateway
   waits for it), then one ``XACK`` and one ``XDEL`` of every entry, so XLEN is the backlog, a dead
   gateway's reply stream is never recreated, and a worker killed mid-write leaves either every
@@ -46,6 +49,7 @@ from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, n
 from services.common.redis_conn import command_slot, count_redis_error, is_cluster, send_commands
 from services.common.tasks import finish_tasks
 from services.inference import batcher, convert
+from services.inference.acks import HeldAcks
 from services.inference.direct_replies import DirectReplies
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime
 from services.inference.settings import InferenceSettings
@@ -227,11 +231,13 @@ class QueueConsumer:
         self._progress = progress
         self._last_read = 0
         """The last batch read (``busy_fill_min`` requests or more: the next read first looks without blocking)."""
+        self._acks = HeldAcks(self._send_commands, settings.held_ack_ms / 1000, self._notify)
+        """Acks of batches answered through reply listeners, sent with the next read."""
 
     @property
     def in_flight(self) -> int:
-        """Entries read and not yet answered (the heartbeat's ``in_flight``)."""
-        return len(self._in_flight)
+        """Entries read and not yet answered or acked (the heartbeat's ``in_flight``)."""
+        return len(self._in_flight) + len(self._acks)
 
     @property
     def _runtime(self) -> ModelRuntime:
@@ -265,6 +271,7 @@ class QueueConsumer:
         deadline = time.monotonic() + timeout_s
         await finish_tasks(self._loops, timeout_s)
         await finish_tasks(list(self._batches), max(0.0, deadline - time.monotonic()))
+        await self._acks.close()
 
     async def delete_consumer(self) -> bool:
         """Delete this worker's consumer from the group if its pending list is empty.
@@ -287,8 +294,8 @@ class QueueConsumer:
         return True
 
     async def is_idle(self) -> bool:
-        """Whether the queue is empty and nothing read is unanswered."""
-        return not self._in_flight and await self._redis.xlen(self.queue) == 0
+        """Whether the queue is empty and everything read is answered and acked."""
+        return not self._in_flight and not self._acks and await self._redis.xlen(self.queue) == 0
 
     async def ensure_group(self) -> None:
         """Create the queue's consumer group (and stream) if missing; an existing one is kept."""
@@ -394,7 +401,26 @@ class QueueConsumer:
         command: list[str | int] = ["XREADGROUP", "GROUP", keys.QUEUE_GROUP, self._settings.worker_id, "COUNT", count]
         if block_ms is not None:
             command += ["BLOCK", block_ms]
-        [reply] = await send_commands(self._redis, [[*command, "STREAMS", self.queue, ">"]])
+        # NOTE: the held-back acks ride in the same write (a MULTI before the read): one wake of
+        # Redis and of this worker fewer a batch. Redis runs them before the read blocks.
+        held, ids = self._acks.take()
+        settled = not held
+
+        def on_held(replies: list[Any]) -> None:  # the MULTI's outcome, before the read returns
+            nonlocal settled
+            if not settled:
+                settled = True
+                self._acks.settled(ids, replies[-1])
+
+        try:
+            replies = await send_commands(
+                self._redis, [*held, [*command, "STREAMS", self.queue, ">"]], early=len(held), on_early=on_held
+            )
+        except BaseException as exc:
+            if not settled:
+                self._acks.settled(ids, exc)
+            raise
+        reply = replies[-1]
         if isinstance(reply, redis.exceptions.ResponseError):
             raise reply  # NOGROUP: the supervisor restarts the loop, which recreates the group
         return stream_entries(reply)
@@ -534,6 +560,12 @@ class QueueConsumer:
             if answer.reply is not None and answer.reply_to is not None and answer.entry_id not in delivered
         ]
         ack = [("XACK", self.queue, keys.QUEUE_GROUP, *ids), ("XDEL", self.queue, *ids)]
+        if delivered and not replies and self._settings.held_ack_ms and not is_cluster(self._redis):
+            # Every reply reached its gateway: the acks wait for the next read (see the module's notes).
+            self._acks.hold(ids, [*first, *ack])
+            for answer in answers:
+                self._answered(answer.code)
+            return
         if is_cluster(self._redis):  # replies first, then the queue slot's MULTI (see the module's notes)
             slot = command_slot(ack[0])
             self._log_rejected(
@@ -548,6 +580,9 @@ class QueueConsumer:
         self._log_rejected(results)
         for answer in answers:
             self._answered(answer.code)
+
+    async def _send_commands(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        return await send_commands(self._redis, commands)
 
     async def _send_direct(self, answers: Sequence[_Answer]) -> set[bytes]:
         """Hand the replies to their gateways' listeners; return the entries whose replies were acknowledged."""
@@ -595,7 +630,7 @@ class QueueConsumer:
         assert self._stop is not None
         period_s = self._settings.reclaim_idle_ms / 3000
         while not await sleep_unless(self._stop, period_s):
-            ids: list[Any] = sorted(self._in_flight)
+            ids: list[Any] = sorted(self._in_flight | self._acks.ids)
             if ids:
                 await self._redis.xclaim(self.queue, keys.QUEUE_GROUP, self._settings.worker_id, 0, ids, justid=True)
 
@@ -625,7 +660,8 @@ class QueueConsumer:
             # NOTE: Redis >= 7 appends the ids of deleted entries (already dropped from the
             # pending list); 6.2 returns nil in their place and keeps them pending.
             cursor, claimed = reply[0], reply[1]
-            entries = [(i, f) for i, f in claimed if i is not None and i not in self._in_flight]
+            held = self._in_flight | self._acks.ids
+            entries = [(i, f) for i, f in claimed if i is not None and i not in held]
             if any(entry_id is None for entry_id, _fields in claimed):
                 await self._ack_vanished({entry_id for entry_id, _fields in entries})
             handled += await self._handle_claimed(entries)
@@ -640,7 +676,7 @@ class QueueConsumer:
         )
         for item in pending:
             entry_id: bytes = item["message_id"]
-            if entry_id in claimed or entry_id in self._in_flight:
+            if entry_id in claimed or entry_id in self._in_flight or entry_id in self._acks.ids:
                 continue
             if not await self._redis.xrange(self.queue, entry_id, entry_id, count=1):
                 await self._redis.xack(self.queue, keys.QUEUE_GROUP, entry_id)

@@ -96,6 +96,11 @@ class InferenceSettings(ServiceSettings):
     """How long a connect to a reply listener, or its acknowledgement of a batch's replies, may
     take before the replies go to the reply stream instead (a listener that failed is left alone
     for 5 s)."""
+    held_ack_ms: int = Field(default=10, ge=0, le=10_000)
+    """How long (in ms) the acks of a batch whose replies all reached reply listeners may wait to
+    go with the next XREADGROUP, in the same write, before they are sent alone; 0 sends them at
+    once, one round trip more a batch (services/inference/acks.py). Meanwhile the entries stay
+    pending and count as in flight."""
     reclaim_idle_ms: int = Field(default=15000, ge=100)
     """Idle time, in ms, after which another worker's pending entry is reclaimed.
 

@@ -7,18 +7,23 @@ plain asyncio servers standing in for a listener that misbehaves (refuses, never
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from prometheus_client import REGISTRY
 
 from inference import grpc_service_pb2 as pb
 from services.common import keys
 from services.common.embedded_redis import EmbeddedRedis
 from services.common.queue import WELCOME, QueuedRequest, Reply, hello, read_hello, read_replies
+from services.common.redis_conn import send_commands
+from services.inference.acks import HeldAcks
 from services.inference.direct_replies import DirectReplies
 from tests.integration.suite import Suite, queue_settled
 from tests.models import affine_model
@@ -177,3 +182,79 @@ async def test_a_gateway_that_restarts_gets_a_new_connection() -> None:
         await sender.close()
         server.close()
         await server.wait_closed()
+
+
+# Held acks (services/inference/acks.py) ----------------------------------------------------
+
+
+@pytest.fixture
+async def holding(redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Suite]:
+    """The suite with a worker that holds acks for 5 s: longer than any test waits."""
+    suite = await Suite(redis_server.url, tmp_path).start(with_worker=False)
+    await suite.start_worker(held_ack_ms=5000)
+    await suite.push("affine", affine_model(), max_batch_size=8)
+    yield suite
+    await suite.stop()
+
+
+async def _pending(redis: aioredis.Redis, queue: str) -> list[bytes]:
+    return [item["message_id"] for item in await redis.xpending_range(queue, keys.QUEUE_GROUP, "-", "+", 100)]
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 3.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_a_batch_acks_ride_with_the_next_read_and_a_stopping_worker_sends_the_rest(holding: Suite) -> None:
+    queue, worker = keys.queue("affine", 1), holding.worker
+    assert worker is not None
+    await holding.inference.ModelInfer(_request(1), timeout=20)
+    # The reply came through the listener; its entry's acks wait for a read: pending, in flight.
+    [first] = await _pending(holding.redis, queue)
+    await holding.inference.ModelInfer(_request(2), timeout=20)
+
+    # The read that follows the second call's run carries the first call's acks, long before 5 s.
+    async def only_second_pending() -> bool:
+        pending = await _pending(holding.redis, queue)
+        return len(pending) == 1 and pending[0] != first
+
+    assert await _eventually(only_second_pending)
+    assert await holding.redis.xlen(queue) == 1
+    await worker.beat()  # the held entry counts as in flight
+    assert json.loads(await holding.redis.get(keys.worker(worker.settings.worker_id)))["in_flight"] == 1
+    await worker.drain()  # a stopping consumer sends what it holds
+    assert await holding.redis.xlen(queue) == 0
+    assert await _pending(holding.redis, queue) == []
+    stats = await holding.redis.hgetall(keys.stats("affine", 1))
+    assert stats, "the held MULTI carried the batches' statistics"
+
+
+async def _exists(redis: aioredis.Redis, key: str) -> bool:
+    return bool(await redis.exists(key))
+
+
+async def test_held_acks_go_alone_once_their_delay_passes(redis_client: aioredis.Redis) -> None:
+    async def send(commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        return await send_commands(redis_client, commands)
+
+    settled: list[int] = []
+    acks = HeldAcks(send, 0.05, lambda: settled.append(1))
+    acks.hold([b"1-1"], [("SET", "held", "sent")])
+    assert len(acks) == 1 and acks.ids == {b"1-1"}
+    assert await _eventually(lambda: _exists(redis_client, "held"))  # no read took them: the timer sent them
+    assert len(acks) == 0 and settled == [1]
+
+    acks.hold([b"2-1"], [("SET", "taken", "by-a-read")])
+    block, ids = acks.take()  # a read takes them before the delay: the timer is off
+    assert block[0] == ("MULTI",) and block[-1] == ("EXEC",) and ids == {b"2-1"}
+    await asyncio.sleep(0.15)
+    assert not await redis_client.exists("taken")
+    assert acks.ids == {b"2-1"}  # still held until the read's reply settles them
+    acks.settled(ids, redis.exceptions.ConnectionError("gone"))  # lost: pending, a reclaim runs them again
+    assert len(acks) == 0
+    await acks.close()

@@ -1,0 +1,119 @@
+"""Acks held back to ride with the consumer's next read (``services.inference.consumer``).
+
+A batch whose replies every gateway acknowledged on its reply listener needs one more write to
+Redis: the MULTI that acks and deletes its entries (and counts its statistics). Sent on its own
+it costs a round trip a batch: the worker and Redis each wake once more, right when the gateway
+and its client need the CPU to answer. So those commands wait here and go with the consumer's
+next XREADGROUP, in the same write (``take``), or alone once ``delay_s`` has passed without a
+read (``flush``): an idle worker's acks land at most ``delay_s`` late.
+
+Nothing is lost by waiting: the entries stay pending until the MULTI runs, and they count as
+in flight (``ids``), so the consumer keeps them claimed and never reclaims them itself. A worker
+killed before the MULTI leaves them pending: another worker runs them again and the gateway
+drops the second reply, as for a worker killed before any ack (at-least-once, at most one reply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import redis.exceptions
+import structlog
+
+from services.common.redis_conn import count_redis_error
+
+log = structlog.get_logger(__name__)
+
+Command = tuple[Any, ...]
+
+
+class HeldAcks:
+    """The held-back MULTI of one consumer.
+
+    Args:
+        send: Sends a list of commands in one round trip and returns their replies.
+        delay_s: The longest a held command waits for a read to carry it.
+        on_sent: Called after a flush, sent or failed (the consumer's progress signal).
+    """
+
+    def __init__(
+        self,
+        send: Callable[[Sequence[Command]], Awaitable[list[Any]]],
+        delay_s: float,
+        on_sent: Callable[[], None],
+    ) -> None:
+        self._send = send
+        self._delay_s = delay_s
+        self._on_sent = on_sent
+        self._commands: list[Command] = []
+        self.ids: set[bytes] = set()
+        """Entries answered whose ack is held here (still pending in Redis)."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def hold(self, ids: Iterable[bytes], commands: Sequence[Command]) -> None:
+        """Hold ``commands`` (a MULTI's body) that ack ``ids``, until the next read or ``delay_s``."""
+        self.ids.update(ids)
+        self._commands += commands
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._flush_soon)
+
+    def take(self) -> tuple[list[Command], set[bytes]]:
+        """Take what is held, as a whole MULTI block ([] if nothing), and the ids it acks.
+
+        The caller sends the block and then calls ``settled`` with the ids, whatever happened.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        commands, self._commands = self._commands, []
+        return ([("MULTI",), *commands, ("EXEC",)] if commands else []), set(self.ids)
+
+    def settled(self, ids: set[bytes], result: Any) -> None:
+        """``ids``' block was sent (``result``: its EXEC reply) or failed (an exception).
+
+        Either way they are no longer held: acked, or pending for a reclaim to run them again.
+        """
+        self.ids -= ids
+        if isinstance(result, asyncio.CancelledError):
+            pass  # a stopping read: the block went out or not; those not acked are reclaimed
+        elif isinstance(result, BaseException):
+            count_redis_error(result)
+            log.warning("held_acks_failed", entries=len(ids), error=str(result) or type(result).__name__)
+        else:
+            for reply in result or ():
+                if isinstance(reply, redis.exceptions.ResponseError):
+                    log.warning("held_ack_rejected", error=str(reply))
+        self._on_sent()
+
+    async def flush(self) -> None:
+        """Send what is held now, alone (a stopping consumer, or ``delay_s`` passed)."""
+        block, ids = self.take()
+        if not block:
+            return
+        try:
+            result = (await self._send(block))[-1]
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self.settled(ids, exc)
+            return
+        except BaseException as exc:
+            self.settled(ids, exc)
+            raise
+        self.settled(ids, result)
+
+    async def close(self) -> None:
+        """Send what is held and wait for flushes under way."""
+        await self.flush()
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
+    def _flush_soon(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self.flush(), name="held-acks")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
