@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,20 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
-    @property
+    # NOTE: cached (frozen fields): read for every request and batch on the worker's path.
+    @cached_property
     def output_names(self) -> tuple[str, ...]:
         """Every output name, in the model's order."""
         return tuple(t.name for t in self.outputs)
 
-    @property
+    @cached_property
     def is_batchable(self) -> bool:
         """Whether every input and output has a variable first dimension."""
         return all(t.is_batchable for t in (*self.inputs, *self.outputs))
+
+    @cached_property
+    def _input_specs(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.inputs}
 
     def validate(self, request: InferRequest) -> None:
         """Check a request's input names, datatypes and shapes and its requested outputs.
@@ -101,7 +107,7 @@ class Signature:
         Raises:
             InvalidArgument: The request does not fit the signature (the message names the tensor).
         """
-        specs = {t.name: t for t in self.inputs}
+        specs = self._input_specs
         for name, array in request.inputs.items():
             spec = specs.get(name)
             if spec is None:
@@ -110,9 +116,8 @@ class Signature:
         missing = [name for name in specs if name not in request.inputs]
         if missing:
             raise InvalidArgument(f"missing input '{missing[0]}'; the model's inputs are {_names(self.inputs)}")
-        known = set(self.output_names)
         for name in request.outputs:
-            if name not in known:
+            if name not in self.output_names:
                 raise InvalidArgument(
                     f"unknown requested output '{name}'; the model's outputs are {_names(self.outputs)}"
                 )
