@@ -20,7 +20,7 @@ import redis.exceptions
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
 from services.common.embedded_redis import EmbeddedRedis
-from services.common.redis_conn import create_redis
+from services.common.redis_conn import create_redis, send_commands
 from tests.integration.suite import Suite
 from tests.models import affine_model
 
@@ -215,6 +215,24 @@ async def test_redis_down_fails_fast_despite_the_retry(tmp_path: Path) -> None:
             await client.ping()
         assert loop.time() - started < 1
         assert redis_sockets(server.port) == {}
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_a_pooled_connection_with_an_unread_reply_is_not_handed_out(tmp_path: Path) -> None:
+    # e.g. a command whose caller was cancelled between its write and its read, and a pool
+    # that missed it: the next user must get its own reply, not the stale one.
+    server = EmbeddedRedis(tmp_path / "redis", persistence=False).start()
+    client = create_redis(server.url, timeout_s=2)
+    pool = client.connection_pool
+    try:
+        connection = await pool.get_connection()
+        await connection.send_command("ECHO", "stale")
+        await asyncio.sleep(0.1)  # the reply is in: read off the socket into the connection's stream
+        await pool.release(connection)
+        assert await send_commands(client, [("ECHO", "mine")]) == [b"mine"]
+        assert await client.echo("also mine") == b"also mine"
     finally:
         await client.aclose()
         server.stop()
