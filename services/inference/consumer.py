@@ -596,7 +596,7 @@ class QueueConsumer:
         if len(by_gateway) == 1:
             # NOTE: awaited in place, not in a gather's task: the frame is then written before
             # the read loop (woken by ``ran``) writes its next XREADGROUP, so the reply leaves
-            # first (measured at 1 client: see bench/ab.py's docs).
+            # first (README, "The request path": measured side by side with bench/ab.py).
             [(address, group)] = by_gateway.items()
             ok = await self._direct.send(address, [answer.reply for answer in group if answer.reply])
             return {answer.entry_id for answer in group} if ok else set()

@@ -95,8 +95,12 @@ async def test_redis_killed_without_persistence_fails_waiting_calls_at_once(tmp_
         calls = [
             asyncio.ensure_future(running.inference.ModelInfer(_request("unserved", 1.0), timeout=10)) for _ in range(5)
         ]
-        await asyncio.sleep(0.5)  # queued, waiting for a worker that never comes
-        assert await running.redis.xlen(keys.queue("unserved", 1)) == 5
+        # Queued, waiting for a worker that never comes (a loaded machine may take a while to
+        # resolve the model and enqueue: wait for the five, not for a fixed time).
+        queue, deadline = keys.queue("unserved", 1), asyncio.get_running_loop().time() + 8
+        while await running.redis.xlen(queue) < 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert await running.redis.xlen(queue) == 5
         own_redis.kill()
         restarted.start()  # empty: the queued requests and the reply stream are gone
         loop = asyncio.get_running_loop()
