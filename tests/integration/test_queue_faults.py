@@ -86,6 +86,36 @@ async def test_worker_killed_while_writing_replies_loses_no_call(
 
 
 @pytest.mark.timeout(120)
+async def test_a_worker_killed_while_holding_acks_leaves_its_calls_to_another_once(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # The reply reached the gateway, the acks wait for a read that never comes (held for 10 s).
+    running = await Suite(redis_server.url, tmp_path).start(with_worker=False)
+    holder = other = None
+    try:
+        await running.push("held", affine_model(), max_batch_size=ROWS)
+        holder = await start_worker_process(running, tmp_path, "holder", held_ack_ms="10000")
+        response = await running.inference.ModelInfer(_request("held", 3.0), timeout=20)
+        assert np.all(np.frombuffer(response.raw_output_contents[0], np.float32) == 7.0)
+        queue = keys.queue("held", 1)
+        assert (await redis_client.xpending(queue, keys.QUEUE_GROUP))["pending"] == 1  # answered, not acked
+        holder.send_signal(signal.SIGKILL)
+        await holder.wait()
+        # Another worker reclaims the entry, runs it again and acks it; its second reply finds no
+        # call waiting and is dropped: the caller had its one reply.
+        other = await start_worker_process(running, tmp_path, "other", reclaim_idle_ms="300", reclaim_interval_s="0.2")
+        assert await queue_settled(redis_client, queue, timeout_s=20)
+        stats = await redis_client.hgetall(keys.stats("held", 1))
+        assert int(stats[b"inference_count"]) == ROWS, "the killed worker's statistics were lost with its acks"
+    finally:
+        for process in (holder, other):
+            if process is not None and process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                await process.wait()
+        await running.stop()
+
+
+@pytest.mark.timeout(120)
 async def test_redis_killed_without_persistence_fails_waiting_calls_at_once(tmp_path: Path) -> None:
     own_redis = EmbeddedRedis(tmp_path / "redis", persistence=False).start()
     restarted = EmbeddedRedis(tmp_path / "redis", port=own_redis.port, persistence=False)
