@@ -67,22 +67,30 @@ def request_size(request: pb.ModelInferRequest) -> int:
 def infer_call(request: pb.ModelInferRequest) -> InferCall:
     """Extract what the router validates; the serialized request travels on untouched."""
     raw = list(request.raw_input_contents)  # NOTE: each access to the field copies the bytes
+    outputs = list(request.outputs)
+    # NOTE: most calls carry no parameters: their tuples are skipped, not built empty (µs a call).
+    has_output_parameters = any(output.parameters for output in outputs)
+    inputs = [_input_view(tensor, raw[i] if i < len(raw) else None) for i, tensor in enumerate(request.inputs)]
     return InferCall(
         model=request.model_name,
         version=request.model_version,
-        inputs=tuple(_input_view(tensor, raw[i] if i < len(raw) else None) for i, tensor in enumerate(request.inputs)),
-        outputs=tuple(output.name for output in request.outputs),
+        inputs=tuple(inputs),
+        outputs=tuple([output.name for output in outputs]),
         raw_count=len(raw),
         payload=request.SerializeToString(),
         parameters=tuple(request.parameters),
-        output_parameters=tuple((output.name, name) for output in request.outputs for name in output.parameters),
-        class_counts=_class_counts(request.outputs),
-        typed_parameters=tuple(
-            (name, parameter.WhichOneof("parameter_choice"), value)
-            for (name, parameter), value in zip(
-                request.parameters.items(), _parameter_values(request.parameters).values(), strict=True
-            )
-        ),
+        output_parameters=tuple((output.name, name) for output in outputs for name in output.parameters)
+        if has_output_parameters
+        else (),
+        class_counts=_class_counts(outputs) if has_output_parameters else (),
+        typed_parameters=_typed_parameters(request.parameters) if request.parameters else (),
+    )
+
+
+def _typed_parameters(parameters: Mapping[str, pb.InferParameter]) -> tuple[generation.TypedParameter, ...]:
+    return tuple(
+        (name, parameter.WhichOneof("parameter_choice"), value)
+        for (name, parameter), value in zip(parameters.items(), _parameter_values(parameters).values(), strict=True)
     )
 
 
