@@ -49,7 +49,9 @@ class HeldAcks:
         self._on_sent = on_sent
         self._commands: list[Command] = []
         self.ids: set[bytes] = set()
-        """Entries answered whose ack is held here (still pending in Redis)."""
+        """Entries answered whose ack is held here or on its way (still pending in Redis)."""
+        self._untaken: set[bytes] = set()
+        """Those of ``ids`` whose commands no ``take`` has taken yet."""
         self._timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
 
@@ -59,6 +61,7 @@ class HeldAcks:
     def hold(self, ids: Iterable[bytes], commands: Sequence[Command]) -> None:
         """Hold ``commands`` (a MULTI's body) that ack ``ids``, until the next read or ``delay_s``."""
         self.ids.update(ids)
+        self._untaken.update(ids)
         self._commands += commands
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._flush_soon)
@@ -72,7 +75,8 @@ class HeldAcks:
             self._timer.cancel()
             self._timer = None
         commands, self._commands = self._commands, []
-        return ([("MULTI",), *commands, ("EXEC",)] if commands else []), set(self.ids)
+        ids, self._untaken = self._untaken, set()
+        return ([("MULTI",), *commands, ("EXEC",)] if commands else []), ids
 
     def settled(self, ids: set[bytes], result: Any) -> None:
         """``ids``' block was sent (``result``: its EXEC reply) or failed (an exception).

@@ -255,6 +255,11 @@ async def test_held_acks_go_alone_once_their_delay_passes(redis_client: aioredis
     await asyncio.sleep(0.15)
     assert not await redis_client.exists("taken")
     assert acks.ids == {b"2-1"}  # still held until the read's reply settles them
+    acks.hold([b"3-1"], [("SET", "later", "x")])  # held while the first read's block is on its way
+    later, later_ids = acks.take()  # the next read takes only what is new
+    assert later[1:-1] == [("SET", "later", "x")] and later_ids == {b"3-1"} and acks.ids == {b"2-1", b"3-1"}
+    acks.settled(later_ids, [b"OK"])
+    assert acks.ids == {b"2-1"}, "a block settles its own entries only"
     acks.settled(ids, redis.exceptions.ConnectionError("gone"))  # lost: pending, a reclaim runs them again
     assert len(acks) == 0
     await acks.close()
