@@ -598,16 +598,15 @@ class QueueConsumer:
             # the read loop (woken by ``ran``) writes its next XREADGROUP, so the reply leaves
             # first (README, "The request path": measured side by side with bench/ab.py).
             [(address, group)] = by_gateway.items()
-            ok = await self._direct.send(address, [answer.reply for answer in group if answer.reply])
-            return {answer.entry_id for answer in group} if ok else set()
-        groups = list(by_gateway.items())
-        sent = await asyncio.gather(
-            *(
-                self._direct.send(address, [answer.reply for answer in group if answer.reply])
-                for address, group in groups
-            )
-        )
-        return {answer.entry_id for (_address, group), ok in zip(groups, sent, strict=True) if ok for answer in group}
+            return await self._send_to(address, group)
+        sent = await asyncio.gather(*(self._send_to(address, group) for address, group in by_gateway.items()))
+        return set().union(*sent)
+
+    async def _send_to(self, address: str, group: Sequence[_Answer]) -> set[bytes]:
+        """Hand ``group``'s replies to the listener at ``address``; return their entries if it acknowledged them."""
+        assert self._direct is not None
+        ok = await self._direct.send(address, [answer.reply for answer in group if answer.reply])
+        return {answer.entry_id for answer in group} if ok else set()
 
     def _log_rejected(self, results: Sequence[Any]) -> None:
         for result in results:
