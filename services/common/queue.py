@@ -10,6 +10,7 @@ frames are below). Tensor bytes travel inside the serialized ``ModelInferRequest
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import time
 from collections.abc import Sequence
@@ -260,8 +261,8 @@ class Reply:
         )
 
 
-# The reply listener's frames (``services.gateway.direct_replies``), on one TCP connection per
-# worker and gateway:
+# The reply listener's frames (``services.gateway.direct_replies``), on one connection (TCP, or
+# a Unix socket on the gateway's host) per worker and gateway:
 # - the worker opens with HELLO + the token's length (u16) + the token; the gateway answers
 #   WELCOME, or closes the connection (wrong token);
 # - then each frame is a count (u32) of replies, each a header (``_REPLY_HEADER``: id length,
@@ -281,6 +282,46 @@ MAX_FRAME_REPLIES = 65_536
 
 class FrameError(ValueError):
     """A reply frame that breaks the format or the gateway's limits."""
+
+
+@dataclass(frozen=True)
+class ReplyAddress:
+    """Where a gateway's reply listener is: what its queue entries carry (``reply_addr``).
+
+    ``host:port/token`` (IPv6 hosts in brackets), then ``;path@hostname`` when the listener also
+    binds a Unix socket: a worker on that host connects there, for about half the CPU per frame.
+    """
+
+    host: str
+    port: int
+    token: bytes
+    socket_path: str = ""
+    socket_host: str = ""
+    """The host name (``socket.gethostname``) whose processes can reach ``socket_path``."""
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        local = f";{self.socket_path}@{self.socket_host}" if self.socket_path else ""
+        return f"{host}:{self.port}/{self.token.decode()}{local}"
+
+    @classmethod
+    def parse(cls, text: str) -> ReplyAddress:
+        """Read an address ``str`` wrote.
+
+        Raises:
+            ValueError: It is not of that form.
+        """
+        location, _slash, rest = text.partition("/")
+        token, semicolon, local = rest.partition(";")
+        host, _colon, port = location.rpartition(":")
+        path, _at, socket_host = local.rpartition("@")
+        if not host or not token or not port.isdigit() or (semicolon and not (path and socket_host)):
+            raise ValueError(f"reply address {text!r} is not host:port/token[;path@hostname]")
+        return cls(host.strip("[]"), int(port), token.encode(), path, socket_host)
+
+    def local_socket(self) -> str:
+        """The Unix socket to use from this host ('': none, or the listener is on another host)."""
+        return self.socket_path if self.socket_path and self.socket_host == socket.gethostname() else ""
 
 
 def hello(token: bytes) -> bytes:

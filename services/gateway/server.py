@@ -105,7 +105,7 @@ def create_listener(settings: GatewaySettings, replies: ReplyReader) -> ReplyLis
         return None
     return ReplyListener(
         replies, host=host, port=settings.reply_port, advertise_host=advertise,
-        max_payload_bytes=settings.max_message_bytes,
+        max_payload_bytes=settings.max_message_bytes, socket_path=settings.reply_socket,
     )  # fmt: skip
 
 

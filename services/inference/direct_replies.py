@@ -6,7 +6,8 @@ consumer acks the queue entries only then. It returns False when the gateway can
 refuses the token or does not acknowledge in time: the consumer then XADDs those replies to the
 gateway's reply stream, as without a listener. An address that failed is not tried again for
 ``retry_after_s``, so a gateway whose listener workers cannot reach costs them one failed connect
-per interval, not one per batch.
+per interval, not one per batch. A listener that also binds a Unix socket on this worker's host
+is reached there (``ReplyAddress.local_socket``), else, or when that fails, over TCP.
 """
 
 from __future__ import annotations
@@ -14,27 +15,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import structlog
 
-from services.common.queue import ACK, WELCOME, Reply, hello, pack_replies
+from services.common.queue import ACK, WELCOME, Reply, ReplyAddress, hello, pack_replies
 from services.common.tasks import finish_tasks
 
 log = structlog.get_logger(__name__)
 
 
-def _split(reply_addr: str) -> tuple[str, int, bytes]:
-    """``host:port/token`` (IPv6 hosts in brackets) as host, port and token.
-
-    Raises:
-        ValueError: It is not of that form.
-    """
-    location, _slash, token = reply_addr.partition("/")
-    host, _colon, port = location.rpartition(":")
-    if not host or not token:
-        raise ValueError(f"reply address {reply_addr!r} is not host:port/token")
-    return host.strip("[]"), int(port), token.encode()
+_CONNECT_ERRORS = (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError)
 
 
 class _Link:
@@ -145,24 +136,44 @@ class DirectReplies:
         return await asyncio.shield(task)
 
     async def _connect(self, reply_addr: str) -> _Link | None:
+        try:
+            address = ReplyAddress.parse(reply_addr)
+            local = address.local_socket()
+            if local:
+                try:
+                    return await self._open(address.token, asyncio.open_unix_connection(local), via="unix")
+                except _CONNECT_ERRORS as exc:
+                    log.info("direct_replies_socket_unreachable", path=local, error=_describe(exc), fallback="tcp")
+            return await self._open(address.token, asyncio.open_connection(address.host, address.port), via="tcp")
+        except _CONNECT_ERRORS as exc:
+            self._forget(reply_addr)
+            log.info(
+                "direct_replies_unreachable", address=reply_addr.partition("/")[0],
+                error=_describe(exc), retry_in_s=self._retry_after_s,
+            )  # fmt: skip
+            return None
+
+    async def _open(
+        self, token: bytes, opening: Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]], *, via: str
+    ) -> _Link:
+        """Open a connection, say hello with ``token`` and take the listener's welcome.
+
+        Raises:
+            OSError, TimeoutError, asyncio.IncompleteReadError: It could not (the connection is closed).
+        """
         writer = None
         try:
-            host, port, token = _split(reply_addr)
             async with asyncio.timeout(self._timeout_s):
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await opening
                 writer.write(hello(token))
                 welcome = await reader.readexactly(len(WELCOME))
             if welcome != WELCOME:
                 raise ConnectionError(f"the listener answered {welcome!r}")
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+        except BaseException:
             if writer is not None:
                 writer.close()
-            self._forget(reply_addr)
-            log.info(
-                "direct_replies_unreachable", address=reply_addr.partition("/")[0],
-                error=str(exc) or type(exc).__name__, retry_in_s=self._retry_after_s,
-            )  # fmt: skip
-            return None
+            raise
+        log.info("direct_replies_connected", peer=str(writer.get_extra_info("peername") or ""), via=via)
         return _Link(reader, writer)
 
     def _forget(self, reply_addr: str) -> None:
@@ -179,6 +190,10 @@ class DirectReplies:
             for addr, task in self._links.items()
             if not task.done() or (not task.cancelled() and _is_open(task.result()))
         }
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _is_open(link: _Link | None) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,10 @@ from prometheus_client import REGISTRY
 from inference import grpc_service_pb2 as pb
 from services.common import keys
 from services.common.embedded_redis import EmbeddedRedis
-from services.common.queue import WELCOME, QueuedRequest, Reply, hello, read_hello, read_replies
+from services.common.queue import WELCOME, QueuedRequest, Reply, ReplyAddress, hello, read_hello, read_replies
 from services.common.redis_conn import send_commands
+from services.gateway.direct_replies import ReplyListener
+from services.gateway.replies import ReplyReader
 from services.inference.acks import HeldAcks
 from services.inference.direct_replies import DirectReplies
 from tests.integration.suite import Suite, queue_settled
@@ -182,6 +186,115 @@ async def test_a_gateway_that_restarts_gets_a_new_connection() -> None:
         await sender.close()
         server.close()
         await server.wait_closed()
+
+
+# Over a Unix socket on the gateway's host ---------------------------------------------------
+
+
+async def test_a_worker_on_the_gateways_host_sends_its_replies_over_the_unix_socket(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    path = tmp_path / "replies.sock"
+    # NOTE: nothing listens on 127.0.0.2 (loopback): a reply can only arrive through the socket.
+    suite = await Suite(
+        redis_server.url, tmp_path, gateway={"reply_socket": str(path), "reply_advertise_host": "127.0.0.2"}
+    ).start()
+    try:
+        await suite.push("affine", affine_model(), max_batch_size=8)
+        listener = suite.gateway.listener
+        assert listener is not None and listener.address.endswith(f";{path}@{socket.gethostname()}")
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        direct, stream = _replies("direct"), _replies("stream")
+        await _call_all(suite)
+        assert _replies("direct") - direct == CALLS
+        assert _replies("stream") - stream == 0
+        assert await queue_settled(suite.redis, keys.queue("affine", 1))
+    finally:
+        await suite.stop()
+    assert not path.exists()
+
+
+async def _acking_server(frames: list[str], where: str | int, token: bytes = b"token") -> asyncio.Server:
+    """A listener (TCP port 0, or a Unix socket path) that acknowledges every frame; ``frames`` gets their ids."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await read_hello(reader) != token:
+            writer.close()
+            return
+        writer.write(WELCOME)
+        try:
+            while True:
+                frames.extend(reply.id for reply in await read_replies(reader, 1 << 20))
+                writer.write(b".")
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    if isinstance(where, str):
+        return await asyncio.start_unix_server(serve, where)
+    return await asyncio.start_server(serve, "127.0.0.1", where)
+
+
+async def test_a_reply_socket_that_refuses_falls_back_to_tcp_and_another_hosts_is_not_tried(tmp_path: Path) -> None:
+    over_tcp: list[str] = []
+    over_socket: list[str] = []
+    tcp = await _acking_server(over_tcp, 0)
+    path = str(tmp_path / "other-gateway.sock")
+    other = await _acking_server(over_socket, path, b"its-own")  # another gateway's socket: it refuses our token
+    port = tcp.sockets[0].getsockname()[1]
+    sender = DirectReplies(timeout_s=2, retry_after_s=60)
+    try:
+        here = ReplyAddress("127.0.0.1", port, b"token", path, socket.gethostname())
+        assert await sender.send(str(here), [Reply(id="a", code=0)])
+        elsewhere = ReplyAddress("127.0.0.1", port, b"token", "/nonexistent/replies.sock", "another-host")
+        assert await sender.send(str(elsewhere), [Reply(id="b", code=0)])
+        assert over_tcp == ["a", "b"]
+        assert over_socket == []
+    finally:
+        await sender.close()
+        for server in (tcp, other):
+            server.close()
+            await server.wait_closed()
+    right = await _acking_server(over_socket, path)  # now the socket is the right gateway's
+    sender = DirectReplies(timeout_s=2, retry_after_s=60)
+    try:
+        assert await sender.send(
+            str(ReplyAddress("127.0.0.1", 1, b"token", path, socket.gethostname())), [Reply(id="c", code=0)]
+        )
+        assert over_socket == ["c"]  # TCP port 1 has no listener: the socket carried it
+    finally:
+        await sender.close()
+        right.close()
+        await right.wait_closed()
+
+
+async def test_a_reply_socket_left_by_a_dead_gateway_is_replaced_and_a_live_or_foreign_one_is_refused(
+    redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    def listener(path: Path) -> ReplyListener:
+        replies = ReplyReader(redis_client, "replies:test", ttl_s=60, block_ms=100)
+        return ReplyListener(
+            replies, host="127.0.0.1", port=0, advertise_host="127.0.0.1", max_payload_bytes=1 << 20,
+            socket_path=str(path),
+        )  # fmt: skip
+
+    stale = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale))
+    dead.close()  # the file stays, nothing listens: what a killed gateway leaves
+    first = listener(stale)
+    await first.start()
+    try:
+        assert ";" in first.address
+        with pytest.raises(RuntimeError, match="is in use by another process"):
+            await listener(stale).start()
+    finally:
+        await first.stop()
+    assert not stale.exists()
+    regular = tmp_path / "regular"
+    regular.write_text("not a socket")
+    with pytest.raises(RuntimeError, match="exists and is not a socket"):
+        await listener(regular).start()
+    assert regular.read_text() == "not a socket"
 
 
 # Held acks (services/inference/acks.py) ----------------------------------------------------

@@ -295,7 +295,8 @@ def test_maas_up_runs_every_service_as_its_own_user(tmp_path: Path) -> None:
         for child, role in (("gateway", "gateway"), ("registry", "registry"), ("worker-0", "worker")):
             pid = endpoints["pids"][child]  # type: ignore[index]
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            assert f"MAAS_REDIS_URL=redis://{role}:{passwords[role]}@".encode() in b"\n".join(environ)
+            # over the embedded Redis's Unix socket (UpOptions.unix_sockets)
+            assert f"MAAS_REDIS_URL=unix://{role}:{passwords[role]}@/".encode() in b"\n".join(environ)
 
         model = tmp_path / "affine.onnx"
         model.write_bytes(affine_model())

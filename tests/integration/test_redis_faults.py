@@ -236,3 +236,38 @@ async def test_a_pooled_connection_with_an_unread_reply_is_not_handed_out(tmp_pa
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_a_client_over_the_unix_socket_survives_a_restart_and_fails_fast_when_redis_is_down(
+    tmp_path: Path,
+) -> None:
+    # maas up's services reach its embedded Redis this way (services/cli/supervisor.py)
+    path = tmp_path / "redis.sock"
+    server = EmbeddedRedis(tmp_path / "redis", persistence=False, unix_socket=path).start()
+    assert server.local_url == f"unix://{path}?db=0"
+    client = create_redis(server.local_url, timeout_s=2)
+    admin = redis.Redis(host=server.host, port=server.port)
+
+    def clients_on_the_socket() -> int:
+        return sum(1 for entry in admin.client_list() if "U" in entry["flags"])  # flag U: a Unix socket client
+
+    try:
+        await asyncio.gather(*(client.xread({"nothing": "0-0"}, block=100) for _ in range(20)))
+        assert clients_on_the_socket() == 20
+        await _restart(server)
+        admin = redis.Redis(host=server.host, port=server.port)
+        replies = await asyncio.gather(
+            *(client.xread({"nothing": "0-0"}, block=100) for _ in range(20)), return_exceptions=True
+        )
+        assert [reply for reply in replies if isinstance(reply, BaseException)] == []
+        assert await send_commands(client, [("ECHO", "mine")]) == [b"mine"]
+        assert clients_on_the_socket() == 20  # the dead connections were replaced, not added to
+        server.stop()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await client.ping()
+        assert asyncio.get_running_loop().time() - started < 1
+    finally:
+        admin.close()
+        await client.aclose()
+        server.stop()

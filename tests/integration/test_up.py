@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.models import affine_model
 from tests.triton import triton_calls
@@ -107,6 +108,14 @@ def _infer_affine(up: Up) -> list[list[float]]:
     return outputs
 
 
+def _socket_users(up: Up) -> set[str]:
+    """The Redis users connected over the embedded Redis's Unix socket (CLIENT LIST's flag U, as the admin)."""
+    path = str(up.endpoints["unix_sockets"]["redis"])  # type: ignore[index]
+    passwords = dict(line.split("=", 1) for line in (up.data_dir / "redis" / "passwords.env").read_text().split())
+    with redis.Redis(unix_socket_path=path, password=passwords["default"], decode_responses=True) as admin:
+        return {entry["user"] for entry in admin.client_list() if "U" in entry["flags"]} - {"default"}
+
+
 @pytest.fixture
 def up_process(tmp_path: Path) -> Iterator[Up]:
     up = Up(tmp_path / "data", tmp_path / "up.log")
@@ -126,6 +135,11 @@ def test_up_push_infer_restart(up_process: Up, model_file: Path, tmp_path: Path)
     assert "deployed 'affine' version 1" in pushed.stdout
 
     assert _infer_affine(up) == [[3.0, 5.0, 7.0, 9.0]]
+    # the local links go over Unix sockets: every service to Redis, the worker to the gateway
+    assert _socket_users(up) == {"registry", "gateway", "worker"}
+    assert Path(str(up.endpoints["unix_sockets"]["gateway_replies"])).is_socket()  # type: ignore[index]
+    log = re.sub(r"\x1b\[[0-9;]*m", "", (tmp_path / "up.log").read_text())  # the console log's colours
+    assert re.search(r"direct_replies_connected .*via=unix", log)
     [refused] = triton_calls(str(up.endpoints["gateway"]), [{"op": "metadata", "model": "affine"}])
     assert refused["error"]["status"] == "StatusCode.UNAUTHENTICATED", refused
     assert (up.data_dir / "auth" / "admin.key").stat().st_mode & 0o777 == 0o600

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -11,6 +12,7 @@ from services.common.queue import (
     MAX_TOKEN_BYTES,
     FrameError,
     Reply,
+    ReplyAddress,
     hello,
     pack_replies,
     read_hello,
@@ -72,3 +74,34 @@ async def test_a_connection_opens_with_its_token_and_anything_else_reads_as_none
     assert await read_hello(_reader(hello(b"x" * (MAX_TOKEN_BYTES + 1)))) == b""
     with pytest.raises(asyncio.IncompleteReadError):
         await read_hello(_reader(hello(b"s3cret")[:-1]))
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        (ReplyAddress("10.0.0.7", 4100, b"tok-en_1"), "10.0.0.7:4100/tok-en_1"),
+        (ReplyAddress("::1", 9, b"t"), "[::1]:9/t"),
+        (
+            ReplyAddress("127.0.0.1", 5, b"t", "/run/maas@x/gateway;replies.sock", "node-1"),
+            "127.0.0.1:5/t;/run/maas@x/gateway;replies.sock@node-1",
+        ),
+    ],
+)
+def test_a_reply_address_reads_back_as_it_was_written(address: ReplyAddress, text: str) -> None:
+    assert str(address) == text
+    assert ReplyAddress.parse(text) == address
+
+
+@pytest.mark.parametrize(
+    "text", ["", "127.0.0.1:5", "127.0.0.1/t", ":5/t", "127.0.0.1:x/t", "127.0.0.1:5/t;", "127.0.0.1:5/t;/p", "h:5/t;@"]
+)
+def test_a_reply_address_of_another_form_is_refused_with_the_form_it_should_have(text: str) -> None:
+    with pytest.raises(ValueError, match=r"is not host:port/token\[;path@hostname\]"):
+        ReplyAddress.parse(text)
+
+
+def test_a_reply_socket_is_used_only_from_the_host_that_bound_it() -> None:
+    here = ReplyAddress("127.0.0.1", 5, b"t", "/run/r.sock", socket.gethostname())
+    assert here.local_socket() == "/run/r.sock"
+    assert ReplyAddress("127.0.0.1", 5, b"t", "/run/r.sock", "another-host").local_socket() == ""
+    assert ReplyAddress("127.0.0.1", 5, b"t").local_socket() == ""
