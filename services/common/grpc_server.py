@@ -10,16 +10,16 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
-from services.common.interceptors import ErrorInterceptor, RequestContextInterceptor
+from services.common.interceptors import ErrorInterceptor, RequestContextInterceptor, WrappingInterceptor
 from services.common.settings import ServiceSettings
 from services.common.tls import server_credentials
 
@@ -64,13 +64,60 @@ async def drain_requests(requests: AsyncIterator[Any], seconds: float = REFUSAL_
                 pass
 
 
+class _WrappedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose methods' handlers come wrapped (``_WrappingRegistrar``)."""
+
+    def __init__(
+        self,
+        inner: grpc.GenericRpcHandler,
+        wrap: Callable[[grpc.RpcMethodHandler | None, str], grpc.RpcMethodHandler | None],
+    ) -> None:
+        self._inner = inner
+        self._wrap = wrap
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._wrap(self._inner.service(handler_call_details), handler_call_details.method)
+
+
+class _WrappingRegistrar:
+    """Registers servicers on ``server`` with every method's handler wrapped once, up front.
+
+    The same wrappers as installing them as interceptors (the first is the outermost), without
+    gRPC's interceptor pipeline, which runs an ``intercept_service`` coroutine per interceptor on
+    every call: with MaaS's three on a bare grpc.aio server (a handler that only answers, 32
+    clients, 2 cores), 217-312 µs of server CPU a call against 191-256 µs wrapped here, lower in
+    each of 5 alternating pairs.
+    """
+
+    def __init__(self, server: grpc.aio.Server, wrappers: Sequence[WrappingInterceptor]) -> None:
+        self._server = server
+        self._wrappers = list(reversed(wrappers))
+
+    def _wrap(self, handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
+        for wrapper in self._wrappers:
+            handler = wrapper.wrap(handler, method)
+        return handler
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        """Register ``service``'s methods (gRPC's fast path: looked up by name), wrapped."""
+        wrapped = {name: self._wrap(handler, f"/{service}/{name}") for name, handler in handlers.items()}
+        self._server.add_registered_method_handlers(service, wrapped)
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Register generic handlers whose handlers come wrapped."""
+        self._server.add_generic_rpc_handlers(tuple(_WrappedGenericHandler(h, self._wrap) for h in handlers))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
 def create_grpc_server(
     settings: ServiceSettings,
     service_names: Sequence[str],
     add_servicers: Callable[[grpc.aio.Server], None],
-    auth: grpc.aio.ServerInterceptor | None = None,
+    auth: WrappingInterceptor | None = None,
 ) -> GrpcServer:
-    """Build a ``grpc.aio`` server with MaaS interceptors, health and reflection, and bind it.
+    """Build a ``grpc.aio`` server with MaaS's wrappers (``_WrappingRegistrar``), health and reflection; bind it.
 
     Args:
         settings: Host and port to bind (port 0 picks a free one); TLS (mutual TLS) when its
@@ -87,7 +134,7 @@ def create_grpc_server(
         TlsConfigError: The TLS settings are incomplete or name a file that cannot be read.
     """
     credentials = server_credentials(settings)  # first: bad TLS settings fail before anything is built
-    interceptors: list[grpc.aio.ServerInterceptor] = [
+    wrappers: list[WrappingInterceptor] = [
         RequestContextInterceptor(settings.access_log_sample),
         ErrorInterceptor(),
         *([auth] if auth is not None else []),
@@ -97,12 +144,17 @@ def create_grpc_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
-    add_servicers(server)
+    server = grpc.aio.server(options=options)
+    # NOTE: the registrar is not a grpc.aio.Server, but has what the generated add_*_to_server
+    # functions and reflection call (and hands anything else to the server).
+    registrar = cast(grpc.aio.Server, _WrappingRegistrar(server, wrappers))
+    add_servicers(registrar)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    # NOTE: not reflection.enable_server_reflection, which picks its servicer by the server's type.
+    reflection_service = reflection.aio.ReflectionServicer([*names, reflection.SERVICE_NAME])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_service, registrar)
     address = f"{settings.host}:{settings.port}"
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     return GrpcServer(server=server, health=health, port=port, service_names=list(service_names))

@@ -158,8 +158,14 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         """Wrap the RPC's handler (see the class docstring)."""
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
+        return self.wrap(await continuation(handler_call_details), handler_call_details.method)
+
+    def wrap(self, handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
+        """``handler`` wrapped, or as it is (None, or a method left unwrapped): what a call gets.
+
+        ``services.common.grpc_server`` applies it once per method when the servicers are
+        registered, instead of installing the interceptor (gRPC runs an interceptor per call).
+        """
         if handler is None or method.startswith(self._unwrapped):
             return handler
         return self._cache.get(handler, method)
