@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -403,10 +403,7 @@ async def _exchange(
     parser = connection._parser
     if not isinstance(parser, _AsyncHiredisParser):
         await connection.send_packed_command(connection.pack_commands(commands))
-        first = [await _read_reply(connection) for _command in commands[:early]]
-        if on_early is not None:
-            on_early(first)
-        return first + [await _read_reply(connection) for _command in commands[early:]]
+        return await _read_replies(lambda: _read_reply(connection), len(commands), early, on_early)
     if not connection.is_connected:
         await connection.connect()  # type: ignore[no-untyped-call]
     await connection.check_health()  # type: ignore[no-untyped-call]
@@ -416,10 +413,7 @@ async def _exchange(
         async with asyncio.timeout(connection.socket_timeout):
             writer.writelines([_packed(command) for command in commands])
             await writer.drain()
-            first = [await parser.read_response() for _command in commands[:early]]
-            if on_early is not None:
-                on_early(first)
-            replies = first + [await parser.read_response() for _command in commands[early:]]
+            replies = await _read_replies(parser.read_response, len(commands), early, on_early)
     except TimeoutError:
         await connection.disconnect(nowait=True)
         raise redis.exceptions.TimeoutError("Timeout in an exchange with redis") from None
@@ -429,6 +423,16 @@ async def _exchange(
     if connection.health_check_interval:
         connection.next_health_check = asyncio.get_running_loop().time() + connection.health_check_interval
     return replies
+
+
+async def _read_replies(
+    read: Callable[[], Awaitable[Any]], count: int, early: int, on_early: Callable[[list[Any]], None] | None
+) -> list[Any]:
+    """Read ``count`` replies with ``read``, handing the first ``early`` to ``on_early`` before the rest."""
+    first = [await read() for _index in range(min(early, count))]
+    if on_early is not None:
+        on_early(first)
+    return first + [await read() for _index in range(count - len(first))]
 
 
 async def _read_reply(connection: AbstractConnection) -> Any:

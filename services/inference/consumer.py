@@ -49,7 +49,7 @@ from services.common.queue import Entry, MalformedEntry, QueuedRequest, Reply, n
 from services.common.redis_conn import command_slot, count_redis_error, is_cluster, send_commands
 from services.common.tasks import finish_tasks
 from services.inference import batcher, convert
-from services.inference.acks import HeldAcks
+from services.inference.acks import Command, HeldAcks
 from services.inference.direct_replies import DirectReplies
 from services.inference.runtime import InferRequest, InferResult, ModelRuntime
 from services.inference.settings import InferenceSettings
@@ -544,7 +544,7 @@ class QueueConsumer:
         reply = Reply(id=job.queued.id, code=0, payload=convert.encode_infer_response(result))
         return _Answer(job.entry_id, job.queued.reply_to, reply, grpc.StatusCode.OK, job.queued.reply_addr)
 
-    async def _send_all(self, answers: Sequence[_Answer], *, first: Sequence[tuple[Any, ...]] = ()) -> None:
+    async def _send_all(self, answers: Sequence[_Answer], *, first: Sequence[Command] = ()) -> None:
         """Reply to, ack and delete ``answers`` in one MULTI, after the commands in ``first``.
 
         The replies whose gateways have a reply listener go there first; the MULTI then XADDs
@@ -563,9 +563,13 @@ class QueueConsumer:
         if delivered and not replies and self._settings.held_ack_ms and not is_cluster(self._redis):
             # Every reply reached its gateway: the acks wait for the next read (see the module's notes).
             self._acks.hold(ids, [*first, *ack])
-            for answer in answers:
-                self._answered(answer.code)
-            return
+        else:
+            await self._send_multi(first, replies, ack)
+        for answer in answers:
+            self._answered(answer.code)
+
+    async def _send_multi(self, first: Sequence[Command], replies: Sequence[Command], ack: Sequence[Command]) -> None:
+        """Send ``first``, the stream ``replies`` and ``ack`` in one MULTI (on a Redis Cluster, as slots allow)."""
         if is_cluster(self._redis):  # replies first, then the queue slot's MULTI (see the module's notes)
             slot = command_slot(ack[0])
             self._log_rejected(
@@ -578,8 +582,6 @@ class QueueConsumer:
         if isinstance(results, redis.exceptions.ResponseError):
             raise results  # EXECABORT: nothing was applied, the entries stay pending
         self._log_rejected(results)
-        for answer in answers:
-            self._answered(answer.code)
 
     async def _send_commands(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         return await send_commands(self._redis, commands)
@@ -629,9 +631,13 @@ class QueueConsumer:
         assert self._stop is not None
         period_s = self._settings.reclaim_idle_ms / 3000
         while not await sleep_unless(self._stop, period_s):
-            ids: list[Any] = sorted(self._in_flight | self._acks.ids)
+            ids: list[Any] = sorted(self._owned())
             if ids:
                 await self._redis.xclaim(self.queue, keys.QUEUE_GROUP, self._settings.worker_id, 0, ids, justid=True)
+
+    def _owned(self) -> set[bytes]:
+        """Entries this consumer holds in Redis: read and unanswered, or answered with their ack held."""
+        return self._in_flight | self._acks.ids
 
     async def _reclaim_loop(self) -> None:
         assert self._stop is not None
@@ -659,8 +665,8 @@ class QueueConsumer:
             # NOTE: Redis >= 7 appends the ids of deleted entries (already dropped from the
             # pending list); 6.2 returns nil in their place and keeps them pending.
             cursor, claimed = reply[0], reply[1]
-            held = self._in_flight | self._acks.ids
-            entries = [(i, f) for i, f in claimed if i is not None and i not in held]
+            owned = self._owned()
+            entries = [(i, f) for i, f in claimed if i is not None and i not in owned]
             if any(entry_id is None for entry_id, _fields in claimed):
                 await self._ack_vanished({entry_id for entry_id, _fields in entries})
             handled += await self._handle_claimed(entries)
@@ -675,7 +681,7 @@ class QueueConsumer:
         )
         for item in pending:
             entry_id: bytes = item["message_id"]
-            if entry_id in claimed or entry_id in self._in_flight or entry_id in self._acks.ids:
+            if entry_id in claimed or entry_id in self._owned():  # looked at afresh: the awaits below
                 continue
             if not await self._redis.xrange(self.queue, entry_id, entry_id, count=1):
                 await self._redis.xack(self.queue, keys.QUEUE_GROUP, entry_id)
