@@ -7,6 +7,7 @@ else runs one request at a time.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,9 +89,9 @@ def split(outputs: Mapping[str, Array], rows: Sequence[int]) -> list[dict[str, A
         got = array.shape[0] if array.ndim > 0 else 0
         if got != total:
             raise MaasError(f"model output '{name}' has {got} rows for a batch of {total} rows")
-    bounds = np.cumsum(rows)[:-1]
-    parts = {name: np.split(array, bounds) for name, array in outputs.items()}
-    return [{name: parts[name][index] for name in outputs} for index in range(len(rows))]
+    # NOTE: slices (views), not np.split: its array_split costs about 10 µs of Python a call.
+    bounds = itertools.pairwise(itertools.accumulate(rows, initial=0))
+    return [{name: array[start:stop] for name, array in outputs.items()} for start, stop in bounds]
 
 
 def wanted_outputs(request: InferRequest, signature: Signature) -> tuple[str, ...]:
