@@ -10,8 +10,9 @@ docs/protocol/extension_statistics.md):
   adds its counts every ``FLUSH_INTERVAL_S`` in one round trip, so a call costs no Redis command;
   it adds its own unsent counts to what it reads, so it reports its own calls at once and other
   gateways' calls within a flush interval.
-- Workers, per batch, inside the MULTI that answers the batch (``BatchStats.commands``): for each
-  request that ran successfully, its ``queue`` wait (from its stream entry id's timestamp to the
+- Workers, per batch once it is answered and acked (``BatchStats``), counted in memory and added every
+  ``MAAS_INFERENCE_STATS_FLUSH_MS`` in one round trip (``RunStats``): for each request that ran
+  successfully, its ``queue`` wait (from its stream entry id's timestamp to the
   start of the batch), ``compute_input`` (decoding the request, stacking the batch),
   ``compute_infer`` (the model run of its batch) and ``compute_output`` (splitting the batch,
   encoding the response); as in Triton, every request of a batch is charged its batch's run, so
@@ -34,9 +35,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -91,6 +92,14 @@ _LATENCY_PREFIX = "le:"
 """Window histogram fields: ``le:<index into LATENCY_BUCKETS_MS>`` (the last index: slower)."""
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class _Addable(Protocol):
+    def add(self, other: Self) -> None: ...
+
+
+_Key = TypeVar("_Key")
+_Counts = TypeVar("_Counts", bound=_Addable)
 
 
 @dataclass(frozen=True)
@@ -181,10 +190,11 @@ encode times (ns) and its batch rows."""
 
 
 class BatchStats:
-    """What one worker batch adds to its model version's statistics.
+    """What worker batches add to their model version's statistics.
 
-    Filled while the batch runs; ``commands`` returns its HINCRBYs, one per field that changed,
-    for the MULTI that answers the batch (so a batch that is not answered adds nothing).
+    Filled while a batch runs; once the batch is answered and acked it is added to the worker's
+    ``RunStats`` (so a batch that is not acked adds nothing), whose ``commands`` are the HINCRBYs,
+    one per field that changed.
     """
 
     __slots__ = ("_batches", "computed", "executions", "infer_ns", "input_ns", "output_ns", "queue_ns", "rows")
@@ -228,8 +238,22 @@ class BatchStats:
             totals[3] += encode_ns + output_ns
             decode_ns = encode_ns = 0
 
+    def add(self, other: BatchStats) -> None:
+        """Count ``other``'s batches here too."""
+        self.computed += other.computed
+        self.rows += other.rows
+        self.executions += other.executions
+        self.queue_ns += other.queue_ns
+        self.input_ns += other.input_ns
+        self.infer_ns += other.infer_ns
+        self.output_ns += other.output_ns
+        for size, values in other._batches.items():
+            totals = self._batches.setdefault(size, [0, 0, 0, 0])
+            for index, value in enumerate(values):
+                totals[index] += value
+
     def commands(self, key: str) -> list[tuple[Any, ...]]:
-        """The HINCRBY commands that add this batch to the hash ``key`` (none if nothing ran)."""
+        """The HINCRBY commands that add these batches to the hash ``key`` (none if nothing ran)."""
         if not self.computed and not self.executions:
             return []
         fields = {
@@ -278,35 +302,35 @@ class _Calls:
         return fields | {f"{_LATENCY_PREFIX}{bucket}": count for bucket, count in self.latency.items()}
 
 
-class CallStats:
-    """A gateway's end-to-end call statistics: counted in memory, added to Redis every ``interval_s``.
+class _PeriodicCounts(Generic[_Key, _Counts]):
+    """Counts kept in memory by key and added to Redis every ``interval_s``, in one round trip.
 
-    ``start`` starts the flush task; ``stop`` ends it and sends what is left.
+    ``start`` starts the flush task; ``stop`` ends it and sends what is left. A flush that fails
+    keeps its counts for the next one. Subclasses count into ``_pending`` and say how a key's
+    counts become commands (``_commands``).
     """
 
-    def __init__(self, redis: aioredis.Redis, *, interval_s: float = FLUSH_INTERVAL_S) -> None:
-        """Count calls for ``redis``'s statistics hashes (nothing is sent before ``start``)."""
+    def __init__(self, redis: aioredis.Redis, *, interval_s: float, new: Callable[[], _Counts]) -> None:
+        """Count for ``redis``'s statistics hashes (nothing is sent before ``start``); ``new``: empty counts."""
         self.redis = redis
         self.interval_s = interval_s
-        self._pending: dict[tuple[str, int], _Calls] = {}
+        self._new = new
+        self._pending: dict[_Key, _Counts] = {}
         self._lock: asyncio.Lock | None = None
-        """Held by a flush and by a read, so a read sees every call exactly once."""
+        """Held by a flush (and a gateway's read, so it sees every call exactly once)."""
         self._task: asyncio.Task[None] | None = None
 
-    def record(self, model: str, version: int, ok: bool, duration_ns: int) -> None:
-        """Count one finished call (no I/O: it is sent with the next flush)."""
-        calls = self._pending.get((model, version))
-        if calls is None:
-            calls = self._pending[(model, version)] = _Calls()
-        if ok:
-            calls.success += 1
-            calls.success_ns += duration_ns
-        else:
-            calls.fail += 1
-            calls.fail_ns += duration_ns
-        calls.last_ms = now_ms()
-        bucket = bisect.bisect_left(LATENCY_BUCKETS_MS, duration_ns / 1e6)
-        calls.latency[bucket] = calls.latency.get(bucket, 0) + 1
+    @property
+    def is_empty(self) -> bool:
+        """Whether everything counted was sent."""
+        return not self._pending
+
+    def _counts(self, key: _Key) -> _Counts:
+        """The counts pending for ``key`` (new ones if none)."""
+        counts = self._pending.get(key)
+        if counts is None:
+            counts = self._pending[key] = self._new()
+        return counts
 
     async def start(self) -> None:
         """Start adding the counts to Redis every ``interval_s``."""
@@ -335,37 +359,69 @@ class CallStats:
                 log.exception("stats_flush_crashed")
 
     async def flush(self) -> None:
-        """Add the counted calls to Redis in one round trip; on failure they are kept for the next one.
+        """Add the counts to Redis in one round trip; on failure they are kept for the next one.
 
         Raises:
             redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: Redis is away.
         """
-        assert self._lock is not None, "CallStats.start() was not called"
+        assert self._lock is not None, f"{type(self).__name__}.start() was not called"
         async with self._lock:
             taken, self._pending = self._pending, {}
             if not taken:
                 return
-            commands: list[tuple[Any, ...]] = []
-            slot = window_slot(time.time())
-            for (model, version), calls in taken.items():
-                key = keys.stats(model, version)
-                commands += _increments(key, calls.fields())
-                commands.append(("EVAL", MAX_FIELD_LUA, 1, key, LAST_INFERENCE, calls.last_ms))
-                window = keys.stats_window(model, version, slot)
-                commands += [*_increments(window, calls.window_fields()), ("EXPIRE", window, WINDOW_TTL_S)]
+            commands = [command for key, counts in taken.items() for command in self._commands(key, counts)]
             try:
                 replies = await send_commands(self.redis, commands)
             except BaseException:
                 # NOTE: at-least-once, as everywhere: a flush cut off after Redis applied it counts twice.
-                self._restore(taken)
+                for key, counts in taken.items():
+                    self._counts(key).add(counts)
                 raise
         for reply in replies:
             if isinstance(reply, redis.exceptions.ResponseError):  # e.g. WRONGTYPE: someone else's key
                 log.warning("stats_flush_rejected", error=str(reply))
 
-    def _restore(self, taken: Mapping[tuple[str, int], _Calls]) -> None:
-        for key, calls in taken.items():
-            self._pending.setdefault(key, _Calls()).add(calls)
+    def _commands(self, key: _Key, counts: _Counts) -> list[tuple[Any, ...]]:
+        """The commands that add ``key``'s ``counts`` to Redis."""
+        raise NotImplementedError
+
+
+class CallStats(_PeriodicCounts[tuple[str, int], _Calls]):
+    """A gateway's end-to-end call statistics: counted in memory, added to Redis every ``interval_s``."""
+
+    def __init__(self, redis: aioredis.Redis, *, interval_s: float = FLUSH_INTERVAL_S) -> None:
+        """Count calls for ``redis``'s statistics hashes (nothing is sent before ``start``)."""
+        super().__init__(redis, interval_s=interval_s, new=_Calls)
+        self._slot = 0
+
+    def record(self, model: str, version: int, ok: bool, duration_ns: int) -> None:
+        """Count one finished call (no I/O: it is sent with the next flush)."""
+        calls = self._counts((model, version))
+        if ok:
+            calls.success += 1
+            calls.success_ns += duration_ns
+        else:
+            calls.fail += 1
+            calls.fail_ns += duration_ns
+        calls.last_ms = now_ms()
+        bucket = bisect.bisect_left(LATENCY_BUCKETS_MS, duration_ns / 1e6)
+        calls.latency[bucket] = calls.latency.get(bucket, 0) + 1
+
+    async def flush(self) -> None:
+        """Add the counted calls to Redis in one round trip (with the current window slot's)."""
+        self._slot = window_slot(time.time())
+        await super().flush()
+
+    def _commands(self, key: tuple[str, int], counts: _Calls) -> list[tuple[Any, ...]]:
+        model, version = key
+        stats_key = keys.stats(model, version)
+        window = keys.stats_window(model, version, self._slot)
+        return [
+            *_increments(stats_key, counts.fields()),
+            ("EVAL", MAX_FIELD_LUA, 1, stats_key, LAST_INFERENCE, counts.last_ms),
+            *_increments(window, counts.window_fields()),
+            ("EXPIRE", window, WINDOW_TTL_S),
+        ]
 
     async def read(self, versions: Iterable[tuple[str, int]]) -> list[VersionStats]:
         """Return the cluster-wide statistics of ``versions`` (one round trip), in their order.
@@ -398,6 +454,30 @@ class CallStats:
             if fields:
                 found.append(parse(model, version, fields))
         return found
+
+
+class RunStats(_PeriodicCounts[str, BatchStats]):
+    """A worker's statistics of the batches it answered, by hash key, added to Redis every ``interval_s``.
+
+    Not in each batch's MULTI, as they were: a batch's statistics are up to 11 HINCRBYs (7 fields
+    and 4 of its batch size), more than its other commands together, and Redis, shared by every
+    worker and gateway, ran them for every batch. Counted here they cost one round trip an
+    interval, whatever the load. A batch is added once its entries are acked, so a batch that
+    runs again (its worker died before the ack) counts once. The price: a worker killed before
+    its next flush loses the counts of its last ``interval_s``, as a gateway does.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, interval_s: float) -> None:
+        """Count batches for ``redis``'s statistics hashes (nothing is sent before ``start``)."""
+        super().__init__(redis, interval_s=interval_s, new=BatchStats)
+
+    def add(self, key: str, batch: BatchStats) -> None:
+        """Count an answered and acked batch of the version whose hash is ``key`` (sent with the next flush)."""
+        if batch.computed or batch.executions:  # nothing ran (every request failed): nothing to send
+            self._counts(key).add(batch)
+
+    def _commands(self, key: str, counts: BatchStats) -> list[tuple[Any, ...]]:
+        return counts.commands(key)
 
 
 def window_slot(epoch_s: float) -> int:

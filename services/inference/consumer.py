@@ -12,7 +12,7 @@ Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
 - A batch's replies go first to their gateways' reply listeners, when the entries name one
   (``services.inference.direct_replies``); only those a listener acknowledged skip the MULTI's
   XADD, and the MULTI waits for the acknowledgements, so no reply is lost to a listener. When
-  every reply of a batch was acknowledged, its MULTI (acks, deletes, statistics) is held back
+  every reply of a batch was acknowledged, its MULTI (acks, deletes) is held back
   and goes with the next XREADGROUP, in the same write, or alone after ``held_ack_ms``
   (``services.inference.acks``): one round trip fewer a batch.
 - A batch's answers are one MULTI: an ``XADD reply NOMKSTREAM`` per answer (to whichever gateway
@@ -21,8 +21,10 @@ Protocol (DESIGN.md, "Queue protocol: traps to avoid"):
   entry answered and acked or every entry pending (to be reclaimed and run again).
   On a Redis Cluster each reply stream is its own slot, which a MULTI cannot span: the replies
   (and the tenants' usage counts) go first, then the MULTI of the queue's slot (XACK, XDEL,
-  statistics, dead letter). A worker killed in between leaves entries answered but pending:
+  dead letter). A worker killed in between leaves entries answered but pending:
   they run again and their second reply is dropped by the gateway (at most one reply).
+- A batch answered and acked is counted in the worker's ``RunStats`` (``ModelStatistics``), which adds
+  every model version's counts to Redis in one round trip every ``stats_flush_ms``.
 - Every ``reclaim_interval_s`` entries idle longer than ``reclaim_idle_ms`` are claimed with
   XAUTOCLAIM and run one by one; those delivered more than ``max_deliveries`` times go to the
   dead-letter stream with an INTERNAL reply.
@@ -34,6 +36,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -197,11 +200,13 @@ class QueueConsumer:
         deployment: DeploymentRecord,
         settings: InferenceSettings,
         *,
+        run_stats: stats.RunStats,
         progress: asyncio.Event | None = None,
         direct: DirectReplies | None = None,
     ) -> None:
         """Create a consumer; ``progress`` is set whenever entries were answered (run_until_empty).
 
+        ``run_stats``: the worker's statistics, which each batch answered is added to.
         ``runtime`` is None only for a subclass that runs entries otherwise (``services.inference.generation``).
         ``direct``: the worker's connections to reply listeners (None: replies through the reply streams only).
         """
@@ -211,6 +216,7 @@ class QueueConsumer:
         self.queue = keys.queue(deployment.model, deployment.version)
         self.dead_letter = keys.dead_letter(deployment.model, deployment.version)
         self._stats_key = keys.stats(deployment.model, deployment.version)
+        self._run_stats = run_stats
         self._redis = redis
         self._session_runtime = runtime
         self._settings = settings
@@ -403,14 +409,14 @@ class QueueConsumer:
             command += ["BLOCK", block_ms]
         # NOTE: the held-back acks ride in the same write (a MULTI before the read): one wake of
         # Redis and of this worker fewer a batch. Redis runs them before the read blocks.
-        held, ids = self._acks.take()
+        held, taken = self._acks.take()
         settled = not held
 
         def on_held(replies: list[Any]) -> None:  # the MULTI's outcome, before the read returns
             nonlocal settled
             if not settled:
                 settled = True
-                self._acks.settled(ids, replies[-1])
+                self._acks.settled(taken, replies[-1])
 
         try:
             replies = await send_commands(
@@ -418,7 +424,7 @@ class QueueConsumer:
             )
         except BaseException as exc:
             if not settled:
-                self._acks.settled(ids, exc)
+                self._acks.settled(taken, exc)
             raise
         reply = replies[-1]
         if isinstance(reply, redis.exceptions.ResponseError):
@@ -478,7 +484,7 @@ class QueueConsumer:
             trace.ran([job.entry_id for job in jobs], assembled_ns, time.time_ns())
         if ran is not None:
             ran()  # the next batch may be read and run while these replies are written
-        await self._send_all(answers, first=[*batch_stats.commands(self._stats_key), *charges.commands()])
+        await self._send_all(answers, first=charges.commands(), batch_stats=batch_stats)
         if trace is not None:
             trace.replied({answer.entry_id: answer.code.name for answer in answers}, time.time_ns())
 
@@ -544,11 +550,18 @@ class QueueConsumer:
         reply = Reply(id=job.queued.id, code=0, payload=convert.encode_infer_response(result))
         return _Answer(job.entry_id, job.queued.reply_to, reply, grpc.StatusCode.OK, job.queued.reply_addr)
 
-    async def _send_all(self, answers: Sequence[_Answer], *, first: Sequence[Command] = ()) -> None:
+    async def _send_all(
+        self,
+        answers: Sequence[_Answer],
+        *,
+        first: Sequence[Command] = (),
+        batch_stats: stats.BatchStats | None = None,
+    ) -> None:
         """Reply to, ack and delete ``answers`` in one MULTI, after the commands in ``first``.
 
         The replies whose gateways have a reply listener go there first; the MULTI then XADDs
-        only those it did not acknowledge (``services.inference.direct_replies``).
+        only those it did not acknowledge (``services.inference.direct_replies``). The batch's
+        statistics count once its entries are acked (so a batch that runs again counts once).
         """
         if not answers:
             return
@@ -562,11 +575,17 @@ class QueueConsumer:
         ack = [("XACK", self.queue, keys.QUEUE_GROUP, *ids), ("XDEL", self.queue, *ids)]
         if delivered and not replies and self._settings.held_ack_ms and not is_cluster(self._redis):
             # Every reply reached its gateway: the acks wait for the next read (see the module's notes).
-            self._acks.hold(ids, [*first, *ack])
+            self._acks.hold(ids, [*first, *ack], None if batch_stats is None else partial(self._count, batch_stats))
         else:
             await self._send_multi(first, replies, ack)
+            if batch_stats is not None:
+                self._count(batch_stats)
         for answer in answers:
             self._answered(answer.code)
+
+    def _count(self, batch: stats.BatchStats) -> None:
+        """Count an answered and acked batch in the worker's statistics."""
+        self._run_stats.add(self._stats_key, batch)
 
     async def _send_multi(self, first: Sequence[Command], replies: Sequence[Command], ack: Sequence[Command]) -> None:
         """Send ``first``, the stream ``replies`` and ``ack`` in one MULTI (on a Redis Cluster, as slots allow)."""

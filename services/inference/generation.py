@@ -232,10 +232,11 @@ class GenerationConsumer(QueueConsumer):
         settings: InferenceSettings,
         pool: GenerationPool,
         *,
+        run_stats: stats.RunStats,
         progress: asyncio.Event | None = None,
     ) -> None:
         """Create a consumer of ``model``'s queue whose generations run in ``pool``."""
-        super().__init__(redis, None, deployment, settings, progress=progress)
+        super().__init__(redis, None, deployment, settings, run_stats=run_stats, progress=progress)
         self._model = model
         self._pool = pool
 
@@ -248,7 +249,8 @@ class GenerationConsumer(QueueConsumer):
     async def _process(self, entries: Sequence[Entry], *, ran: Callable[[], None] | None = None) -> None:
         try:
             for entry_id, fields in entries:
-                # As a batch of one: its statistics and the tenant's compute go in the MULTI that ends it.
+                # As a batch of one: the tenant's compute goes in the MULTI that ends it, and once
+                # acked, its statistics count in the worker's.
                 started_ns = time.time_ns()
                 trace = tracing.batch_trace([(entry_id, fields)], started_ns, self._labels)  # None: tracing off
                 times = _Times(queue_ns=max(0, started_ns - stats.entry_time_ns(entry_id)))
@@ -256,25 +258,26 @@ class GenerationConsumer(QueueConsumer):
                 answer = await self._generate(entry_id, fields, times)
                 if trace is not None and times.has_run:
                     trace.generated(entry_id, times.run_started_ns, times.run_ended_ns, times.tokens, times.reason)
-                await self._send_all([answer], first=self._accounting(answer, times))
+                batch_stats, charges = self._accounting(answer, times)
+                await self._send_all([answer], first=charges, batch_stats=batch_stats)
                 if trace is not None:
                     trace.replied({entry_id: answer.code.name}, time.time_ns())
         finally:
             if ran is not None:
                 ran()
 
-    def _accounting(self, answer: _Answer, times: _Times) -> list[tuple[Any, ...]]:
-        """Count a generation that ran in the version's statistics and metrics; return its HINCRBYs."""
-        if answer.code is not grpc.StatusCode.OK or not times.has_run:
-            return []
+    def _accounting(self, answer: _Answer, times: _Times) -> tuple[stats.BatchStats, list[tuple[Any, ...]]]:
+        """Count a generation that ran in the metrics; return its statistics and the tenant's HINCRBYs."""
         batch_stats, charges = stats.BatchStats(), usage.ComputeCharges(self._labels)
+        if answer.code is not grpc.StatusCode.OK or not times.has_run:
+            return batch_stats, []
         batch_stats.group_ran(
             [(times.queue_ns, times.decode_ns, times.encode_ns, 1)], input_ns=0, output_ns=0, runs=[(1, times.run_ns)]
         )
         charges.charge(times.tenant, times.decode_ns + times.run_ns + times.encode_ns)
         self._batch_size.observe(1)
         self._run_seconds.observe(times.run_ns / 1e9)
-        return [*batch_stats.commands(self._stats_key), *charges.commands()]
+        return batch_stats, charges.commands()
 
     async def _generate(self, entry_id: bytes, fields: dict[bytes, bytes], times: _Times) -> _Answer:
         try:

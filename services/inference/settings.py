@@ -101,6 +101,11 @@ class InferenceSettings(ServiceSettings):
     go with the next XREADGROUP, in the same write, before they are sent alone; 0 sends them at
     once, one round trip more a batch (services/inference/acks.py). Meanwhile the entries stay
     pending and count as in flight."""
+    stats_flush_ms: int = Field(default=100, ge=1, le=60_000)
+    """How often (in ms) the statistics of the batches answered and acked (``ModelStatistics``' queue and
+    compute times, counts by batch size) are added to Redis, in one round trip for every model
+    version, instead of with each batch's ack (services/common/stats.py, ``RunStats``); a worker
+    killed loses at most this much of them."""
     reclaim_idle_ms: int = Field(default=15000, ge=100)
     """Idle time, in ms, after which another worker's pending entry is reclaimed.
 

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from services.common import events, generation, keys
+from services.common import events, generation, keys, stats
 from services.common.errors import FailedPrecondition, MaasError, NotFound
 from services.common.metadata import DeploymentRecord, VersionRecord
 from services.common.queue import now_ms
@@ -115,6 +115,8 @@ class InferenceWorker:
         self._generations: GenerationPool | None = None
         self._direct = DirectReplies(settings.direct_reply_timeout_s) if settings.direct_replies else None
         """Connections to the gateways' reply listeners, shared by every consumer."""
+        self._run_stats = stats.RunStats(redis, interval_s=settings.stats_flush_ms / 1000)
+        """The statistics of the batches every consumer answered, not yet in Redis."""
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
@@ -145,6 +147,7 @@ class InferenceWorker:
         self._lock = asyncio.Lock()
         self._progress = asyncio.Event()
         self._events_id = await self._last_event_id()
+        await self._run_stats.start()
         queue_metrics.watch_worker(self, self.settings.pool, lambda: self.served_models, self._redis)
         await self.reconcile()
         self._loops = [
@@ -211,12 +214,14 @@ class InferenceWorker:
         consumer: QueueConsumer
         if isinstance(runtime, GenerationModel):
             consumer = GenerationConsumer(
-                self._redis, runtime, deployment, self.settings, self._generations, progress=self._progress
-            )
+                self._redis, runtime, deployment, self.settings, self._generations,
+                run_stats=self._run_stats, progress=self._progress,
+            )  # fmt: skip
         else:
             consumer = QueueConsumer(
-                self._redis, runtime, deployment, self.settings, progress=self._progress, direct=self._direct
-            )
+                self._redis, runtime, deployment, self.settings,
+                run_stats=self._run_stats, progress=self._progress, direct=self._direct,
+            )  # fmt: skip
         consumer.start()
         self._served[key] = _Served(runtime, consumer)
 
@@ -375,6 +380,7 @@ class InferenceWorker:
         await asyncio.gather(*(entry.consumer.stop(grace_s) for entry in served))
         for entry in served:
             await self._delete_consumer(entry.consumer)
+        await self._run_stats.stop()  # the answered batches' statistics that are left
         try:
             await self._redis.delete(keys.worker(self.settings.worker_id))
         except _REDIS_ERRORS as exc:
@@ -389,7 +395,7 @@ class InferenceWorker:
         log.info("worker_drained", worker_id=self.settings.worker_id)
 
     async def run_until_empty(self, timeout_s: float = 30.0) -> None:
-        """Wait until every served queue is empty and nothing read is unanswered (for tests).
+        """Wait until every served queue is empty, nothing read is unanswered and its statistics are sent (for tests).
 
         Raises:
             TimeoutError: Work remained after ``timeout_s``.
@@ -399,8 +405,9 @@ class InferenceWorker:
             while True:
                 self._progress.clear()
                 if await self._is_idle():
-                    return
+                    break
                 await self._progress.wait()
+            await self._run_stats.flush()  # what was answered is counted in Redis too
 
     async def _is_idle(self) -> bool:
         states = await asyncio.gather(*(entry.consumer.is_idle() for entry in self._served.values()))

@@ -344,7 +344,7 @@ async def test_a_batch_acks_ride_with_the_next_read_and_a_stopping_worker_sends_
     assert await holding.redis.xlen(queue) == 0
     assert await _pending(holding.redis, queue) == []
     stats = await holding.redis.hgetall(keys.stats("affine", 1))
-    assert stats, "the held MULTI carried the batches' statistics"
+    assert stats, "the batches count in the statistics once their held acks went through"
 
 
 async def _exists(redis: aioredis.Redis, key: str) -> bool:
@@ -362,17 +362,20 @@ async def test_held_acks_go_alone_once_their_delay_passes(redis_client: aioredis
     assert await _eventually(lambda: _exists(redis_client, "held"))  # no read took them: the timer sent them
     assert len(acks) == 0 and settled == [1]
 
-    acks.hold([b"2-1"], [("SET", "taken", "by-a-read")])
-    block, ids = acks.take()  # a read takes them before the delay: the timer is off
-    assert block[0] == ("MULTI",) and block[-1] == ("EXEC",) and ids == {b"2-1"}
+    acked: list[str] = []
+    acks.hold([b"2-1"], [("SET", "taken", "by-a-read")], lambda: acked.append("2-1"))
+    block, taken = acks.take()  # a read takes them before the delay: the timer is off
+    assert block[0] == ("MULTI",) and block[-1] == ("EXEC",) and taken.ids == {b"2-1"}
     await asyncio.sleep(0.15)
     assert not await redis_client.exists("taken")
     assert acks.ids == {b"2-1"}  # still held until the read's reply settles them
-    acks.hold([b"3-1"], [("SET", "later", "x")])  # held while the first read's block is on its way
-    later, later_ids = acks.take()  # the next read takes only what is new
-    assert later[1:-1] == [("SET", "later", "x")] and later_ids == {b"3-1"} and acks.ids == {b"2-1", b"3-1"}
-    acks.settled(later_ids, [b"OK"])
+    acks.hold([b"3-1"], [("SET", "later", "x")], lambda: acked.append("3-1"))  # while the first is on its way
+    later, later_taken = acks.take()  # the next read takes only what is new
+    assert later[1:-1] == [("SET", "later", "x")] and later_taken.ids == {b"3-1"} and acks.ids == {b"2-1", b"3-1"}
+    acks.settled(later_taken, [b"OK"])
     assert acks.ids == {b"2-1"}, "a block settles its own entries only"
-    acks.settled(ids, redis.exceptions.ConnectionError("gone"))  # lost: pending, a reclaim runs them again
+    assert acked == ["3-1"], "what counts once acked counts when its own block went through"
+    acks.settled(taken, redis.exceptions.ConnectionError("gone"))  # lost: pending, a reclaim runs them again
     assert len(acks) == 0
+    assert acked == ["3-1"], "a block that failed counts nothing: its entries run again"
     await acks.close()

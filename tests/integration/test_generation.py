@@ -397,6 +397,7 @@ async def test_generation_compute_is_charged_to_the_tenant_and_counted_in_statis
     assert _sample("maas_inference_requests_total", code="OK", **labels) >= 2
     usage = {tenant.name: used for tenant, used in await auth_suite.registry.tenant_report()}["team-g"]
     assert usage.compute_ns > 0
+    await auth_suite.worker.run_until_empty()  # which sends the worker's statistics
     statistics = await auth_suite.inference.ModelStatistics(
         pb.ModelStatisticsRequest(name="llm"), metadata=bearer(auth_suite.admin_key)
     )

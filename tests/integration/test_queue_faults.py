@@ -94,19 +94,26 @@ async def test_a_worker_killed_while_holding_acks_leaves_its_calls_to_another_on
     holder = other = None
     try:
         await running.push("held", affine_model(), max_batch_size=ROWS)
-        holder = await start_worker_process(running, tmp_path, "holder", held_ack_ms="10000")
+        # Its statistics go to Redis every 10 ms: had it counted the batch before its ack, they would be there.
+        holder = await start_worker_process(running, tmp_path, "holder", held_ack_ms="10000", stats_flush_ms="10")
         response = await running.inference.ModelInfer(_request("held", 3.0), timeout=20)
         assert np.all(np.frombuffer(response.raw_output_contents[0], np.float32) == 7.0)
         queue = keys.queue("held", 1)
         assert (await redis_client.xpending(queue, keys.QUEUE_GROUP))["pending"] == 1  # answered, not acked
+        await asyncio.sleep(0.2)  # many of its flushes
+        assert b"inference_count" not in await redis_client.hgetall(keys.stats("held", 1)), "it counts once acked"
         holder.send_signal(signal.SIGKILL)
         await holder.wait()
         # Another worker reclaims the entry, runs it again and acks it; its second reply finds no
         # call waiting and is dropped: the caller had its one reply.
         other = await start_worker_process(running, tmp_path, "other", reclaim_idle_ms="300", reclaim_interval_s="0.2")
         assert await queue_settled(redis_client, queue, timeout_s=20)
+        async with asyncio.timeout(10):  # the other worker adds its statistics every 100 ms
+            while b"inference_count" not in await redis_client.hgetall(keys.stats("held", 1)):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a few flushes more: nothing else comes
         stats = await redis_client.hgetall(keys.stats("held", 1))
-        assert int(stats[b"inference_count"]) == ROWS, "the killed worker's statistics were lost with its acks"
+        assert int(stats[b"inference_count"]) == ROWS, "the killed worker never counted what it did not ack"
     finally:
         for process in (holder, other):
             if process is not None and process.returncode is None:

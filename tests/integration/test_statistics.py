@@ -9,10 +9,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 from onnx import TensorProto, helper
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
+from services.common import keys
+from services.common.embedded_redis import EmbeddedRedis
 from services.common.queue import now_ms
 from tests.integration.suite import Suite, start_gateway_process
 from tests.models import affine_model
@@ -31,8 +34,8 @@ def _request(rows: int, *, columns: int = 4, model: str = "affine") -> pb.ModelI
 async def _statistics(suite: Suite, name: str = "affine") -> pb.ModelStatisticsResponse:
     """The model's statistics once the worker recorded its calls.
 
-    A worker records a batch's statistics with its entries' ack, after the gateway has the
-    replies (``services.gateway.direct_replies``): within a round trip, not before the reply.
+    A worker counts a batch once it is answered and adds its counts to Redis every
+    ``stats_flush_ms``: after the reply. ``run_until_empty`` waits for the answers and sends them.
     """
     assert suite.worker is not None
     await suite.worker.run_until_empty()
@@ -125,13 +128,16 @@ async def test_a_failed_model_run_is_a_fail_with_no_compute(suite: Suite) -> Non
     assert [(batch.batch_size, batch.compute_infer.count) for batch in stats.batch_stats] == [(1, 1)]
 
 
-async def _wait_for_calls(stub: pb_grpc.GRPCInferenceServiceStub, calls: int) -> pb.ModelStatistics:
-    async with asyncio.timeout(15):  # a gateway adds its counts to Redis every second
+async def _wait_for_calls(stub: pb_grpc.GRPCInferenceServiceStub, calls: int, rows: int) -> pb.ModelStatistics:
+    """The statistics once ``calls`` calls (gateways' counts) and ``rows`` rows (the worker's) are in."""
+    async with asyncio.timeout(15):  # a gateway adds its counts to Redis every second, a worker every 100 ms
         while True:
             found = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="affine"), timeout=5)).model_stats
-            if found and found[0].inference_stats.success.count + found[0].inference_stats.fail.count >= calls:
-                return found[0]
-            await asyncio.sleep(0.2)
+            if found:
+                inference = found[0].inference_stats
+                if inference.success.count + inference.fail.count >= calls and found[0].inference_count >= rows:
+                    return found[0]
+            await asyncio.sleep(0.1)
 
 
 @pytest.mark.timeout(120)
@@ -147,8 +153,8 @@ async def test_every_gateway_reports_the_whole_cluster(suite: Suite, tmp_path: P
             await suite.inference.ModelInfer(_request(2), timeout=10)  # through gateway B
 
             # B sees A's calls once A has flushed them; A sees B's likewise.
-            from_b = await _wait_for_calls(suite.inference, 5)
-            from_a = await _wait_for_calls(gateway_a, 5)
+            from_b = await _wait_for_calls(suite.inference, 5, 5)
+            from_a = await _wait_for_calls(gateway_a, 5, 5)
             for stats in (from_b, from_a):
                 assert stats.inference_stats.success.count == 4
                 assert stats.inference_stats.fail.count == 1
@@ -177,7 +183,7 @@ async def test_tritonclient_reads_the_statistics(suite: Suite) -> None:
     infer = {"op": "infer", "model": "affine", "inputs": x}
     assert all("ok" in result for result in await asyncio.to_thread(triton_calls, suite.gateway_address, [infer] * 2))
     assert suite.worker is not None
-    await suite.worker.run_until_empty()  # the worker records statistics with the ack, after the reply
+    await suite.worker.run_until_empty()  # it also sends the worker's statistics (every 100 ms otherwise)
     statistics = [{"op": "statistics", "model": "affine"}, {"op": "statistics"}]
     results = await asyncio.to_thread(triton_calls, suite.gateway_address, statistics)
     one, every = results[0]["ok"], results[1]["ok"]
@@ -209,3 +215,39 @@ async def test_statistics_survive_a_redeploy_and_go_with_the_model(suite: Suite)
     await suite.push("affine", affine_model())  # the same name and version number again
     assert list((await _statistics(suite)).model_stats) == []
     assert list((await suite.inference.ModelStatistics(pb.ModelStatisticsRequest(), timeout=5)).model_stats) == []
+
+
+async def test_a_worker_adds_its_statistics_every_interval_and_what_is_left_when_it_drains(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # Not in each batch's MULTI (11 HINCRBYs a batch here): counted in memory, added in one
+    # round trip every stats_flush_ms (60 s here: longer than the test) and when it drains.
+    suite = await Suite(redis_server.url, tmp_path).start(with_worker=False)
+    try:
+        worker = await suite.start_worker(stats_flush_ms=60_000)
+        await suite.push("affine", affine_model())
+        for count in (1, 2, 1, 3, 1, 1):  # one at a time: one batch each
+            await suite.inference.ModelInfer(_request(count), timeout=10)
+        await asyncio.sleep(0.3)  # past the held acks (10 ms), which carried the counts before
+        stored = await redis_client.hgetall(keys.stats("affine", 1))  # the gateway's, if it flushed
+        assert b"inference_count" not in stored and b"compute_count" not in stored
+        [stats] = (await suite.inference.ModelStatistics(pb.ModelStatisticsRequest(name="affine"))).model_stats
+        assert stats.inference_stats.success.count == 6  # the gateway adds its unsent counts
+        assert (stats.inference_count, stats.execution_count, stats.inference_stats.queue.count) == (0, 0, 0)
+
+        await worker.drain()
+        [stats] = (await suite.inference.ModelStatistics(pb.ModelStatisticsRequest(name="affine"))).model_stats
+        assert (stats.inference_count, stats.execution_count) == (9, 6)
+        assert stats.inference_stats.queue.count == stats.inference_stats.compute_infer.count == 6
+        by_size = {batch.batch_size: batch.compute_infer.count for batch in stats.batch_stats}
+        assert by_size == {1: 4, 2: 1, 3: 1}
+    finally:
+        await suite.stop()
+
+
+async def test_a_workers_statistics_reach_redis_within_its_interval_without_a_drain(suite: Suite) -> None:
+    await suite.push("affine", affine_model())
+    for _ in range(5):
+        await suite.inference.ModelInfer(_request(2), timeout=10)
+    stats = await _wait_for_calls(suite.inference, 5, 10)  # every 100 ms, by default
+    assert (stats.inference_count, stats.execution_count, stats.inference_stats.compute_infer.count) == (10, 5, 5)
