@@ -104,10 +104,10 @@ async def test_calls_to_models_on_three_masters_are_answered(suite: Suite, clust
         assert np.all(values == 2.0 * (index // 3) + 1)
     assert {cluster.node_of(keys.queue(name, 1)) for name in names} == set(cluster.ports)
     assert suite.worker is not None
-    await suite.worker.run_until_empty()  # entries are acked with their statistics after the replies
+    await suite.worker.run_until_empty()  # entries are acked after the replies, then the statistics sent
     for name in names:  # acked and deleted: XLEN is the backlog, and the statistics were counted
         assert await suite.redis.xlen(keys.queue(name, 1)) == 0
-        assert int(await suite.redis.hget(keys.stats(name, 1), "compute_count") or 0) == 6  # in the ack MULTI
+        assert int(await suite.redis.hget(keys.stats(name, 1), "compute_count") or 0) == 6  # one flush, 3 masters
 
 
 async def test_tenant_quota_holds_across_slots(cluster: RedisCluster, tmp_path: Path) -> None:
