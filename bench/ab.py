@@ -10,12 +10,14 @@ read as the median of the pairs' own ratios (B / A), with their range. Another t
 with its generated protos (``git worktree add DIR REF``, then ``make protos`` or grpc_tools there);
 its services run from it, the load clients from this one.
 
-Prints one line per pair, then one summary line per client count.
+Prints one line per pair, then one summary line per client count: each side's req/s, p50, CPU
+per call (gateway, workers and Redis) and mean executed batch, then B / A.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from bench import models as bench_models
 from bench.suite import REPO, MaasUp, cpu_seconds, probe
-from bench.throughput import cpu_per_call, run_load
+from bench.throughput import cpu_per_call, mean_batch, run_load
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Pair:
     cpu_us: tuple[float, float]
     """MaaS's CPU per call (gateway, workers and Redis together)."""
     errors: int
+    batch: tuple[float, float] = (math.nan, math.nan)
+    """The mean executed batch size (NaN when the workers' metrics could not be read)."""
 
 
 def _ratio(values: tuple[float, float]) -> float:
@@ -51,12 +55,14 @@ def summary(pairs: Sequence[Pair]) -> str:
     p50 = [_ratio(p.p50_ms) for p in pairs]
 
     def median(index: int, field: str) -> float:
-        return statistics.median(getattr(p, field)[index] for p in pairs)
+        known = [value for p in pairs if not math.isnan(value := getattr(p, field)[index])]
+        return statistics.median(known) if known else math.nan
 
+    side_a = f"A {median(0, 'rps'):,.0f} req/s p50 {median(0, 'p50_ms'):.2f} ms cpu {median(0, 'cpu_us'):,.0f} us"
+    side_b = f"B {median(1, 'rps'):,.0f} req/s p50 {median(1, 'p50_ms'):.2f} ms cpu {median(1, 'cpu_us'):,.0f} us"
     return (
-        f"c={pairs[0].clients:>2}: A {median(0, 'rps'):,.0f} req/s p50 {median(0, 'p50_ms'):.2f} ms "
-        f"cpu {median(0, 'cpu_us'):,.0f} us | B {median(1, 'rps'):,.0f} req/s p50 {median(1, 'p50_ms'):.2f} ms "
-        f"cpu {median(1, 'cpu_us'):,.0f} us | B/A req/s {statistics.median(rps):.3f} [{min(rps):.2f}-{max(rps):.2f}] "
+        f"c={pairs[0].clients:>2}: {side_a} batch {median(0, 'batch'):.1f} | {side_b} batch {median(1, 'batch'):.1f} "
+        f"| B/A req/s {statistics.median(rps):.3f} [{min(rps):.2f}-{max(rps):.2f}] "
         f"p50 {statistics.median(p50):.3f} [{min(p50):.2f}-{max(p50):.2f}] ({len(pairs)} pairs, "
         f"{sum(p.errors for p in pairs)} errors)"
     )
@@ -72,17 +78,19 @@ def _env(items: Sequence[str]) -> dict[str, str]:
 
 def _measure(
     maas: MaasUp, model: bench_models.BenchModel, clients: int, seconds: float
-) -> tuple[float, float, float, int]:
+) -> tuple[float, float, float, int, float]:
     pids = maas.pids()
-    before = cpu_seconds(pids)
+    before, batches = cpu_seconds(pids), maas.batch_totals(model.name)
     result = run_load(maas.gateway, model, clients, seconds)
     cpu = sum(cpu_per_call(before, cpu_seconds(pids), result).values())
     p50 = result.get("p50_ms")
+    batch = mean_batch(maas, model.name, batches)
     return (
         float(str(result["rps"])),
-        float(str(p50)) if p50 is not None else float("nan"),
+        float(str(p50)) if p50 is not None else math.nan,
         cpu,
         int(str(result["errors"])),
+        math.nan if batch is None else batch,
     )
 
 
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 for clients in counts:
                     got = {label: _measure(ups[label], built[name], clients, args.seconds) for label in order}
                     a, b = got["A"], got["B"]
-                    pair = Pair(clients, (a[0], b[0]), (a[1], b[1]), (a[2], b[2]), a[3] + b[3])
+                    pair = Pair(clients, (a[0], b[0]), (a[1], b[1]), (a[2], b[2]), a[3] + b[3], (a[4], b[4]))
                     results.setdefault((name, clients), []).append(pair)
                     print(f"round {round_index + 1} {name} {summary([pair])}", flush=True)
         for (name, _clients), pairs in results.items():

@@ -133,7 +133,7 @@ def _ms(value: object) -> float | None:
     return None if value is None else float(str(value))
 
 
-def _mean_batch(maas: MaasUp | None, name: str, before: tuple[float, float] | None) -> float | None:
+def mean_batch(maas: MaasUp | None, name: str, before: tuple[float, float] | None) -> float | None:
     """Mean executed batch size since ``before``, from the workers' histograms (None if unknown)."""
     after = maas.batch_totals(name) if maas is not None else None
     if before is None or after is None or after[1] <= before[1]:
@@ -159,11 +159,11 @@ def measure(
     cpu_before = cpu_seconds(pids)
     result = run_load(url, model, clients, opts.seconds)
     cpu_us = cpu_per_call(cpu_before, cpu_seconds(pids), result)
-    mean_batch = 1.0 if system != "maas" else _mean_batch(maas, model.name, before)
+    batch = 1.0 if system != "maas" else mean_batch(maas, model.name, before)
     row = Row(
         model=model.name, system=system, clients=clients, requests=int(str(result["requests"])),
         errors=int(str(result["errors"])), rps=float(str(result["rps"])), p50_ms=_ms(result["p50_ms"]),
-        p99_ms=_ms(result["p99_ms"]), mean_batch=mean_batch, first_error=str(result.get("first_error") or ""),
+        p99_ms=_ms(result["p99_ms"]), mean_batch=batch, first_error=str(result.get("first_error") or ""),
         cpu_us=cpu_us,
     )  # fmt: skip
     p50 = "-" if row.p50_ms is None else f"{row.p50_ms:.2f}"
