@@ -1,11 +1,11 @@
-"""Server interceptors: request context and logging, and the one error mapper."""
+"""Handler wrappers (the "interceptors"): request context and logging, and the one error mapper."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -138,8 +138,11 @@ class HandlerCache:
         return cached[1]
 
 
-class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor that wraps each method's handler, once per method (``HandlerCache``).
+class WrappingInterceptor:
+    """Wraps each method's handler, once per method (``HandlerCache``).
+
+    Not installed as a gRPC interceptor (gRPC would run one per call): ``services.common.grpc_server``
+    wraps the handlers when the servicers are registered.
 
     Args:
         wrap: Builds the wrapped handler of ``(handler, method)``.
@@ -152,20 +155,8 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         self._cache = HandlerCache(wrap)
         self._unwrapped = unwrapped
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Wrap the RPC's handler (see the class docstring)."""
-        return self.wrap(await continuation(handler_call_details), handler_call_details.method)
-
     def wrap(self, handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
-        """``handler`` wrapped, or as it is (None, or a method left unwrapped): what a call gets.
-
-        ``services.common.grpc_server`` applies it once per method when the servicers are
-        registered, instead of installing the interceptor (gRPC runs an interceptor per call).
-        """
+        """``handler`` wrapped, or as it is (None, or a method left unwrapped): what a call gets."""
         if handler is None or method.startswith(self._unwrapped):
             return handler
         return self._cache.get(handler, method)
