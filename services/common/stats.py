@@ -306,8 +306,8 @@ class _PeriodicCounts(Generic[_Key, _Counts]):
     """Counts kept in memory by key and added to Redis every ``interval_s``, in one round trip.
 
     ``start`` starts the flush task; ``stop`` ends it and sends what is left. A flush that fails
-    keeps its counts for the next one. Subclasses count into ``_pending`` and say how a key's
-    counts become commands (``_commands``).
+    keeps its counts for the next one. Subclasses count into ``_pending`` (``_counts``) and say
+    how the counts taken become commands (``_commands``).
     """
 
     def __init__(self, redis: aioredis.Redis, *, interval_s: float, new: Callable[[], _Counts]) -> None:
@@ -369,7 +369,7 @@ class _PeriodicCounts(Generic[_Key, _Counts]):
             taken, self._pending = self._pending, {}
             if not taken:
                 return
-            commands = [command for key, counts in taken.items() for command in self._commands(key, counts)]
+            commands = self._commands(taken)
             try:
                 replies = await send_commands(self.redis, commands)
             except BaseException:
@@ -381,8 +381,8 @@ class _PeriodicCounts(Generic[_Key, _Counts]):
             if isinstance(reply, redis.exceptions.ResponseError):  # e.g. WRONGTYPE: someone else's key
                 log.warning("stats_flush_rejected", error=str(reply))
 
-    def _commands(self, key: _Key, counts: _Counts) -> list[tuple[Any, ...]]:
-        """The commands that add ``key``'s ``counts`` to Redis."""
+    def _commands(self, taken: Mapping[_Key, _Counts]) -> list[tuple[Any, ...]]:
+        """The commands that add the ``taken`` counts to Redis."""
         raise NotImplementedError
 
 
@@ -392,7 +392,6 @@ class CallStats(_PeriodicCounts[tuple[str, int], _Calls]):
     def __init__(self, redis: aioredis.Redis, *, interval_s: float = FLUSH_INTERVAL_S) -> None:
         """Count calls for ``redis``'s statistics hashes (nothing is sent before ``start``)."""
         super().__init__(redis, interval_s=interval_s, new=_Calls)
-        self._slot = 0
 
     def record(self, model: str, version: int, ok: bool, duration_ns: int) -> None:
         """Count one finished call (no I/O: it is sent with the next flush)."""
@@ -407,21 +406,16 @@ class CallStats(_PeriodicCounts[tuple[str, int], _Calls]):
         bucket = bisect.bisect_left(LATENCY_BUCKETS_MS, duration_ns / 1e6)
         calls.latency[bucket] = calls.latency.get(bucket, 0) + 1
 
-    async def flush(self) -> None:
-        """Add the counted calls to Redis in one round trip (with the current window slot's)."""
-        self._slot = window_slot(time.time())
-        await super().flush()
-
-    def _commands(self, key: tuple[str, int], counts: _Calls) -> list[tuple[Any, ...]]:
-        model, version = key
-        stats_key = keys.stats(model, version)
-        window = keys.stats_window(model, version, self._slot)
-        return [
-            *_increments(stats_key, counts.fields()),
-            ("EVAL", MAX_FIELD_LUA, 1, stats_key, LAST_INFERENCE, counts.last_ms),
-            *_increments(window, counts.window_fields()),
-            ("EXPIRE", window, WINDOW_TTL_S),
-        ]
+    def _commands(self, taken: Mapping[tuple[str, int], _Calls]) -> list[tuple[Any, ...]]:
+        """Each version's counts, and its calls in the current window slot."""
+        slot = window_slot(time.time())
+        commands: list[tuple[Any, ...]] = []
+        for (model, version), calls in taken.items():
+            key, window = keys.stats(model, version), keys.stats_window(model, version, slot)
+            commands += _increments(key, calls.fields())
+            commands.append(("EVAL", MAX_FIELD_LUA, 1, key, LAST_INFERENCE, calls.last_ms))
+            commands += [*_increments(window, calls.window_fields()), ("EXPIRE", window, WINDOW_TTL_S)]
+        return commands
 
     async def read(self, versions: Iterable[tuple[str, int]]) -> list[VersionStats]:
         """Return the cluster-wide statistics of ``versions`` (one round trip), in their order.
@@ -476,8 +470,8 @@ class RunStats(_PeriodicCounts[str, BatchStats]):
         if batch.computed or batch.executions:  # nothing ran (every request failed): nothing to send
             self._counts(key).add(batch)
 
-    def _commands(self, key: str, counts: BatchStats) -> list[tuple[Any, ...]]:
-        return counts.commands(key)
+    def _commands(self, taken: Mapping[str, BatchStats]) -> list[tuple[Any, ...]]:
+        return [command for key, batches in taken.items() for command in batches.commands(key)]
 
 
 def window_slot(epoch_s: float) -> int:
