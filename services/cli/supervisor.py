@@ -169,6 +169,8 @@ class Child:
 
 _SOCKET_PATH_MAX = 100
 """Longest Unix socket path used (the kernel takes 107 bytes)."""
+_REDIS_SOCKET = "redis.sock"
+_REPLY_SOCKET = "gateway-replies.sock"
 
 
 def _socket_dir(run_dir: Path) -> tuple[Path, bool]:
@@ -178,7 +180,7 @@ def _socket_dir(run_dir: Path) -> tuple[Path, bool]:
         The dir, and whether it is a temporary one (to remove at stop).
     """
     run_dir = run_dir.resolve()
-    if len(os.fsencode(run_dir / "gateway-replies.sock")) <= _SOCKET_PATH_MAX:
+    if all(len(os.fsencode(run_dir / name)) <= _SOCKET_PATH_MAX for name in (_REDIS_SOCKET, _REPLY_SOCKET)):
         return run_dir, False
     return Path(tempfile.mkdtemp(prefix="maas-")), True
 
@@ -312,7 +314,7 @@ class Supervisor:
         redis_acl.write_private(redis_dir / "users.acl", redis_acl.acl_file(passwords))
         self.redis = EmbeddedRedis(
             redis_dir, port=opts.redis_port, host=opts.host, aclfile=redis_dir / "users.acl",
-            password=passwords[redis_acl.ADMIN], unix_socket=self._socket_path("redis.sock"),
+            password=passwords[redis_acl.ADMIN], unix_socket=self._socket_path(_REDIS_SOCKET),
         ).start()  # fmt: skip
         local_url = self.redis.local_url
         self.role_urls = {role: redis_acl.role_url(local_url, role, passwords[role]) for role in redis_acl.ROLES}
@@ -323,7 +325,7 @@ class Supervisor:
 
     def _reply_socket_name(self) -> str | None:
         """The gateway reply listener's socket (none under TLS: the listener is off, ``gateway.server``)."""
-        return None if self.options.tls or self.options.mtls else "gateway-replies.sock"
+        return None if self.options.tls or self.options.mtls else _REPLY_SOCKET
 
     def _unix_socket_env(self, variable: str, name: str | None) -> dict[str, str]:
         path = self._socket_path(name)
